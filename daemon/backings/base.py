@@ -1,0 +1,84 @@
+"""The Backing interface: an fd plus what its errors mean.
+
+A backing knows how to allocate, populate and release byte ranges of its fd
+and what an errno means for it (ENOSPC is an empty huge page pool for
+hugetlb, a full filesystem for FILE). It never decides *what* to do: order,
+locking, rollback and bookkeeping belong to the engine.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+from abc import ABC, abstractmethod
+
+from memplug.daemon.errors import FailedPrecondition, Internal, MemplugError, ResourceExhausted
+from memplug.daemon.kernel import ops, toucher
+
+# errnos that mean "no memory to back this" during allocation or population
+EXHAUSTION_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFAULT, errno.EDQUOT})
+
+
+class BackingKind(enum.StrEnum):
+    SHMEM = "shmem"
+    HUGETLB = "hugetlb"
+    FILE = "file"
+
+
+class Backing(ABC):
+    kind: BackingKind
+
+    def __init__(self, fd: int, size: int, page_size: int, path: str = "") -> None:
+        self.fd = fd
+        self.size = size
+        self.page_size = page_size
+        self.path = path
+
+    # ------------------------------------------------------------------ work on ranges
+
+    def allocate(self, offset: int, length: int) -> None:
+        ops.fallocate(self.fd, offset, length)
+
+    def populate(self, offset: int, length: int, *, write: bool) -> None:
+        with ops.map_shared(self.fd, offset, length) as mapping:
+            ops.populate(mapping.address, length, write=write)
+
+    def touch(self, offset: int, length: int) -> None:
+        toucher.touch_in_helper(self.fd, offset, length, self.page_size)
+
+    def release(self, offset: int, length: int) -> None:
+        ops.punch_hole(self.fd, offset, length)
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents that held data before a plug; its rollback leaves them alone."""
+        return ops.data_extents(self.fd, offset, length)
+
+    def allocated_bytes(self) -> int:
+        return ops.allocated_bytes(self.fd)
+
+    # ------------------------------------------------------------------ errors
+
+    @abstractmethod
+    def exhausted(self, missing: int) -> ResourceExhausted:
+        """The error for "could not back `missing` more bytes", worded for this backing."""
+
+    def translate(self, exc: OSError, missing: int) -> MemplugError:
+        """What an OSError from allocate/populate means here."""
+        if exc.errno in EXHAUSTION_ERRNOS:
+            return self.exhausted(missing)
+        if exc.errno == errno.EPERM:
+            return FailedPrecondition(
+                f"the kernel refused ({exc.strerror}): a seal on the region's fd forbids it"
+            )
+        return Internal(f"unexpected kernel error: {exc.strerror}", errno=exc.errno)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def describe(self) -> str:
+        return self.kind.value
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

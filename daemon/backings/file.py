@@ -1,0 +1,135 @@
+"""FILE: a sparse regular file confined to the daemon's allowed directories."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from memplug.daemon.backings.base import Backing, BackingKind
+from memplug.daemon.engine.ranges import format_size
+from memplug.daemon.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NoSpace,
+    PermissionDenied,
+)
+from memplug.daemon.kernel import ops, probe
+
+
+def _locate(path: str, allow_dirs: list[Path]) -> tuple[Path, str]:
+    """(allowed dir, path relative to it) for path, with symlinks and '..' resolved."""
+    if not allow_dirs:
+        raise FailedPrecondition(
+            "FILE regions are disabled: start memplugd with --allow-dir DIR to allow them"
+        )
+    if not path:
+        raise InvalidArgument("FILE regions need a path")
+    if "\0" in path:
+        raise InvalidArgument("path contains a NUL byte")
+    candidate = Path(path) if os.path.isabs(path) else allow_dirs[0] / path
+    real = Path(os.path.realpath(candidate))
+    for base in allow_dirs:
+        if real != base and real.is_relative_to(base):
+            return base, str(real.relative_to(base))
+    allowed = ", ".join(str(d) for d in allow_dirs)
+    raise PermissionDenied(
+        f"path {path!r} resolves to {real}, outside the allowed dirs ({allowed})"
+    )
+
+
+def _open_beneath(base: Path, rel: str, flags: int) -> int:
+    dirfd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            return ops.open_beneath(dirfd, rel, flags)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            # Pre-5.6 kernel: the realpath check above plus O_NOFOLLOW on the
+            # last component; a swap of an inner directory is not caught.
+            return os.open(rel, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+    finally:
+        os.close(dirfd)
+
+
+class FileBacking(Backing):
+    kind = BackingKind.FILE
+
+    def __init__(self, fd: int, size: int, page_size: int, path: str, created: bool) -> None:
+        super().__init__(fd, size, page_size, path)
+        self.created = created
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def open(cls, path: str, size: int, allow_dirs: list[Path]) -> FileBacking:
+        """Open (or create) the file; size 0 adopts an existing file's size."""
+        base, rel = _locate(path, allow_dirs)
+        full = str(base / rel)
+        flags = os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY
+        created = False
+        try:
+            try:
+                fd = _open_beneath(base, rel, flags)
+            except FileNotFoundError:
+                fd = _open_beneath(base, rel, flags | os.O_CREAT | os.O_EXCL)
+                created = True
+        except OSError as exc:
+            raise _open_error(path, full, exc) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(f"{full} is not a regular file")
+            if created:
+                if size == 0:
+                    raise InvalidArgument(f"size must be > 0 to create {full}")
+                os.ftruncate(fd, size)
+            elif size == 0:
+                size = st.st_size
+                if size == 0:
+                    raise InvalidArgument(f"{full} is empty: give a size to use it")
+            elif size != st.st_size:
+                raise FailedPrecondition(
+                    f"{full} exists with size {st.st_size}; ask for that size, or 0 to adopt it"
+                )
+            return cls(fd, size, probe.BASE_PAGE_SIZE, full, created)
+        except BaseException:
+            os.close(fd)
+            if created:
+                os.unlink(full)
+            raise
+
+    def discard_file(self) -> None:
+        """Undo a creation that never became a region."""
+        if self.created:
+            os.unlink(self.path)
+
+    def exhausted(self, missing: int) -> NoSpace:
+        try:
+            vfs = os.statvfs(self.path)
+            free = f"{format_size(vfs.f_bavail * vfs.f_frsize)} free"
+        except OSError:
+            free = "free space unknown"
+        return NoSpace(
+            f"the filesystem holding {self.path} is full: {format_size(missing)} more "
+            f"needed, {free}"
+        )
+
+    def describe(self) -> str:
+        return f"file {self.path}"
+
+
+def _open_error(path: str, full: str, exc: OSError) -> Exception:
+    if exc.errno in (errno.EXDEV, errno.ELOOP):
+        return PermissionDenied(f"path {path!r} leaves the allowed dir through a symlink or '..'")
+    if exc.errno == errno.ENOENT:
+        return InvalidArgument(f"the directory of {full} does not exist")
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR):
+        return InvalidArgument(f"{full} is not a regular file")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"cannot open {full}: {exc.strerror}")
+    if exc.errno == errno.EEXIST:
+        return FailedPrecondition(f"{full} appeared while it was being created; try again")
+    return InvalidArgument(f"cannot open {full}: {exc.strerror}")

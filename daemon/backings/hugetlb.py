@@ -1,0 +1,38 @@
+"""HUGETLB: a sealed memfd on hugetlbfs, drawing from the pool of one page size."""
+
+from __future__ import annotations
+
+from memplug.daemon.backings.base import Backing, BackingKind
+from memplug.daemon.backings.shmem import create_memfd
+from memplug.daemon.engine.ranges import format_size
+from memplug.daemon.errors import PoolExhausted
+from memplug.daemon.kernel import ops, probe
+
+
+class HugetlbBacking(Backing):
+    kind = BackingKind.HUGETLB
+
+    @classmethod
+    def create(cls, name: str, size: int, page_size: int) -> HugetlbBacking:
+        return cls(create_memfd(name, size, ops.huge_page_flag(page_size)), size, page_size)
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        # hugetlbfs reports the whole file as data: SEEK_DATA tells nothing. By
+        # contract unplugged blocks hold no data, so a rollback frees them all.
+        return []
+
+    def exhausted(self, missing: int) -> PoolExhausted:
+        pages = -(-missing // self.page_size)
+        try:
+            pool = probe.huge_pool(self.page_size)
+            state = f"the pool has {pool.free} free of {pool.total}"
+        except OSError:
+            state = "the pool's state is unreadable"
+        return PoolExhausted(
+            f"hugetlb {format_size(self.page_size)} pool exhausted: {pages} more pages "
+            f"({format_size(missing)}) needed, {state}; grow it with "
+            f"/sys/kernel/mm/hugepages/hugepages-{self.page_size // 1024}kB/nr_hugepages"
+        )
+
+    def describe(self) -> str:
+        return f"hugetlb {format_size(self.page_size)}"

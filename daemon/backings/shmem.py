@@ -1,0 +1,43 @@
+"""SHMEM: a sealed memfd on the kernel's internal tmpfs, 4 KiB pages."""
+
+from __future__ import annotations
+
+import os
+
+from memplug.daemon.backings.base import Backing, BackingKind
+from memplug.daemon.engine.ranges import format_size
+from memplug.daemon.errors import ResourceExhausted
+from memplug.daemon.kernel import ops, probe
+
+# Nobody holding the fd may resize it (shrinking SIGBUSes every other mapper)
+# or add seals (F_SEAL_WRITE/FUTURE_WRITE would make our punch-hole fail).
+REGION_SEALS = ops.F_SEAL_SHRINK | ops.F_SEAL_GROW | ops.F_SEAL_SEAL
+
+
+def create_memfd(name: str, size: int, extra_flags: int = 0) -> int:
+    """memfd_create + ftruncate + seals, closing the fd if any step fails."""
+    flags = ops.MFD_CLOEXEC | ops.MFD_ALLOW_SEALING | extra_flags
+    if probe.has_memfd_noexec_seal():
+        flags |= ops.MFD_NOEXEC_SEAL
+    fd = ops.memfd_create(f"memplug:{name}", flags)
+    try:
+        os.ftruncate(fd, size)
+        ops.add_seals(fd, REGION_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class ShmemBacking(Backing):
+    kind = BackingKind.SHMEM
+
+    @classmethod
+    def create(cls, name: str, size: int) -> ShmemBacking:
+        return cls(create_memfd(name, size), size, probe.BASE_PAGE_SIZE)
+
+    def exhausted(self, missing: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"shmem: the kernel could not allocate {format_size(missing)} more "
+            "(out of memory, or a memory limit reached)"
+        )

@@ -1,0 +1,176 @@
+"""Daemon configuration: embedded defaults <- TOML file (--config) <- flags, merged once."""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from memplug.daemon.engine.ranges import parse_size
+from memplug.daemon.errors import InvalidArgument
+
+
+def runtime_dir() -> Path:
+    """/run/memplug as root, $XDG_RUNTIME_DIR/memplug (or /tmp/memplug-UID) otherwise."""
+    if os.geteuid() == 0:
+        return Path("/run/memplug")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "memplug" if xdg else Path(f"/tmp/memplug-{os.geteuid()}")
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/memplug")
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "memplug"
+
+
+def default_socket() -> Path:
+    """Where clients look for the daemon: $MEMPLUG_SOCKET, else the runtime dir."""
+    env = os.environ.get("MEMPLUG_SOCKET")
+    return Path(env) if env else runtime_dir() / "memplug.sock"
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: Path = field(default_factory=lambda: runtime_dir() / "memplug.sock")
+    fd_socket: Path = field(default_factory=lambda: runtime_dir() / "fd.sock")
+    state_dir: Path = field(default_factory=default_state_dir)
+    allow_dirs: tuple[Path, ...] = ()
+    max_bytes: int | None = None  # quota on plugged bytes across regions; None: no quota
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    log_level: str = "info"
+
+    def validate(self) -> Config:
+        if self.threads < 1:
+            raise InvalidArgument("threads must be >= 1")
+        if self.max_bytes is not None and self.max_bytes < 0:
+            raise InvalidArgument("max-bytes must be >= 0")
+        if self.socket_mode & ~0o777:
+            raise InvalidArgument(f"socket-mode {self.socket_mode:o} is not a file mode")
+        if self.socket_group is not None:
+            try:
+                grp.getgrnam(self.socket_group)
+            except KeyError:
+                raise InvalidArgument(
+                    f"socket-group {self.socket_group!r}: no such group"
+                ) from None
+        for d in self.allow_dirs:
+            if not d.is_dir():
+                raise InvalidArgument(f"allow-dir {d} is not a directory")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise InvalidArgument(
+                f"log-level {self.log_level!r}: use debug, info, warning or error"
+            )
+        return self
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a TOML or flag value into the field's type."""
+    if key in ("socket", "fd_socket", "state_dir"):
+        return Path(value)
+    if key == "allow_dirs":
+        values = [value] if isinstance(value, str) else list(value)
+        return tuple(Path(v).resolve() for v in values)
+    if key == "max_bytes":
+        return (
+            None
+            if value in (None, "", "none")
+            else (value if isinstance(value, int) else parse_size(str(value)))
+        )
+    if key == "threads":
+        return int(value)
+    if key == "socket_mode":
+        return value if isinstance(value, int) else int(str(value), 8)
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memplugd",
+        description="memplug daemon: plugs and populates memfd-backed memory regions "
+        "and hands them to other processes.",
+    )
+    p.add_argument("--config", type=Path, help="TOML file; its keys are these flags' names")
+    p.add_argument(
+        "--socket",
+        help="gRPC Unix socket (default /run/memplug/memplug.sock as root)",
+        default=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--fd-socket", dest="fd_socket", default=argparse.SUPPRESS, help="fd hand-off Unix socket"
+    )
+    p.add_argument(
+        "--state-dir",
+        dest="state_dir",
+        default=argparse.SUPPRESS,
+        help="directory for the daemon's state",
+    )
+    p.add_argument(
+        "--allow-dir",
+        dest="allow_dirs",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="directory where FILE regions may live (repeatable)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        dest="max_bytes",
+        default=argparse.SUPPRESS,
+        help="quota on plugged bytes across all regions, e.g. 64G",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="worker threads for plug and populate (default: CPUs available)",
+    )
+    p.add_argument(
+        "--socket-mode",
+        dest="socket_mode",
+        default=argparse.SUPPRESS,
+        help="octal mode of the gRPC socket (default 660)",
+    )
+    p.add_argument(
+        "--socket-group",
+        dest="socket_group",
+        default=argparse.SUPPRESS,
+        help="group owning the gRPC socket (its members manage regions)",
+    )
+    p.add_argument(
+        "--log-level",
+        dest="log_level",
+        default=argparse.SUPPRESS,
+        help="debug, info, warning or error (default info)",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def load(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    args = parser().parse_args(argv)
+    settings: dict[str, Any] = {}
+    names = {f.name for f in fields(Config)}
+    if args.config is not None:
+        try:
+            with args.config.open("rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidArgument(f"cannot read config {args.config}: {exc}") from exc
+        for key, value in data.items():
+            norm = key.replace("-", "_")
+            norm = {"allow_dir": "allow_dirs"}.get(norm, norm)
+            if norm not in names:
+                raise InvalidArgument(f"config {args.config}: unknown key {key!r}")
+            settings[norm] = value
+    for name in names:
+        if name in vars(args):
+            settings[name] = getattr(args, name)
+    config = replace(Config(), **{k: _coerce(k, v) for k, v in settings.items()})
+    return config.validate(), args

@@ -1,0 +1,561 @@
+"""RegionEngine: the one façade the transports call.
+
+Every operation runs in a fixed order:
+
+    validate -> find region (counted as busy) -> range lock -> quota ->
+    work on the worker threads -> record -> unlock
+
+and on any failure during the work: roll back what this call did, then raise.
+A plug that fails leaves the region exactly as it found it: the blocks it
+allocated are punched again, blocks plugged before keep their contents, and
+the quota is returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from memplug.daemon.backings import (
+    Backing,
+    BackingKind,
+    FileBacking,
+    HugetlbBacking,
+    ShmemBacking,
+)
+from memplug.daemon.engine.cancel import CancelToken
+from memplug.daemon.engine.ranges import (
+    MiB,
+    Range,
+    check_range,
+    format_size,
+    subtract,
+)
+from memplug.daemon.engine.region import (
+    Region,
+    RegionInfo,
+    RegionSpec,
+    check_labels,
+    check_name,
+)
+from memplug.daemon.engine.runner import ProgressCallback, Runner
+from memplug.daemon.engine.strategy import (
+    Method,
+    Requested,
+    make_plan,
+    plug_method,
+    populate_method,
+)
+from memplug.daemon.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MemplugError,
+    NotFound,
+    QuotaExceeded,
+)
+from memplug.daemon.kernel import probe
+
+log = logging.getLogger("memplug.engine")
+
+DEFAULT_BLOCK_SIZE = 2 * MiB
+MAX_REGION_SIZE = 1 << 56  # 64 PiB: far beyond any machine, well inside off_t
+
+
+@dataclass(frozen=True)
+class OpResult:
+    """Outcome of Plug and Populate."""
+
+    bytes: int
+    seconds: float
+    strategy: str
+    threads: int
+    region: RegionInfo
+
+
+@dataclass(frozen=True)
+class RangeOutcome:
+    """Outcome of Unplug and Discard."""
+
+    bytes: int
+    seconds: float
+    region: RegionInfo
+
+
+class RegionEngine:
+    def __init__(
+        self,
+        *,
+        threads: int,
+        max_bytes: int | None = None,
+        allow_dirs: list[Path] | None = None,
+    ) -> None:
+        self.threads = threads
+        self.max_bytes = max_bytes
+        self.allow_dirs = [Path(d).resolve() for d in (allow_dirs or [])]
+        self._runner = Runner(threads)
+        self._lock = threading.Condition()
+        self._regions: dict[str, Region] = {}
+        self._creating: set[str] = set()
+        self._plugged_total = 0
+        self._running: set[CancelToken] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def plugged_total(self) -> int:
+        with self._lock:
+            return self._plugged_total
+
+    @contextmanager
+    def _operation(self, name: str, token: CancelToken) -> Iterator[Region]:
+        """Find the region and count the operation as in flight until it ends."""
+        with self._lock:
+            if self._closing:
+                raise Cancelled("the daemon is shutting down")
+            region = self._regions.get(name)
+            if region is None:
+                raise NotFound(f"no region named {name!r}")
+            region.active += 1
+            self._running.add(token)
+        try:
+            yield region
+        finally:
+            with self._lock:
+                region.active -= 1
+                self._running.discard(token)
+                self._lock.notify_all()
+
+    def _reserve_quota(self, region: Region, nbytes: int) -> None:
+        with self._lock:
+            if self.max_bytes is not None and self._plugged_total + nbytes > self.max_bytes:
+                left = max(0, self.max_bytes - self._plugged_total)
+                raise QuotaExceeded(
+                    f"region {region.name!r}: plugging {format_size(nbytes)} more would exceed "
+                    f"the daemon's quota of {format_size(self.max_bytes)} "
+                    f"({format_size(left)} left); unplug or delete regions, or raise --max-bytes",
+                    region=region.name,
+                )
+            self._plugged_total += nbytes
+
+    def _release_quota(self, nbytes: int) -> None:
+        with self._lock:
+            self._plugged_total -= nbytes
+
+    # ------------------------------------------------------------------ regions
+
+    def create_region(self, spec: RegionSpec) -> RegionInfo:
+        name = check_name(spec.name)
+        labels = check_labels(spec.labels)
+        with self._lock:
+            if self._closing:
+                raise Cancelled("the daemon is shutting down")
+            if name in self._regions or name in self._creating:
+                raise AlreadyExists(f"a region named {name!r} already exists")
+            self._creating.add(name)
+        try:
+            backing, block_size = self._make_backing(spec)
+            try:
+                region = Region(name, backing, block_size, labels, time.time())
+                with self._lock:
+                    if isinstance(backing, FileBacking):
+                        self._check_file_unused(backing)
+                    self._regions[name] = region
+            except BaseException:
+                backing.close()
+                if isinstance(backing, FileBacking):
+                    backing.discard_file()
+                raise
+        finally:
+            with self._lock:
+                self._creating.discard(name)
+        log.info("created region %s: %s, %s", name, backing.describe(), format_size(backing.size))
+        return region.info()
+
+    def _check_file_unused(self, backing: FileBacking) -> None:
+        for other in self._regions.values():
+            if (
+                isinstance(other.backing, FileBacking)
+                and other.backing.identity == backing.identity
+            ):
+                raise AlreadyExists(f"{backing.path} already backs region {other.name!r}")
+
+    def _make_backing(self, spec: RegionSpec) -> tuple[Backing, int]:
+        if spec.backing is None:
+            raise InvalidArgument("backing is required: shmem, hugetlb or file")
+        if spec.backing is not BackingKind.FILE and spec.path:
+            raise InvalidArgument("path is only for FILE regions")
+        page_size = self._page_size(spec)
+        block_size = spec.block_size or max(DEFAULT_BLOCK_SIZE, page_size)
+        if block_size & (block_size - 1) or block_size < page_size:
+            raise InvalidArgument(
+                f"block size {block_size} must be a power of two and at least the page size "
+                f"({format_size(page_size)})"
+            )
+        if spec.backing is BackingKind.FILE:
+            if spec.size:
+                self._check_size(spec.size, block_size)
+            file_backing = FileBacking.open(spec.path, spec.size, self.allow_dirs)
+            try:
+                self._check_size(file_backing.size, block_size)
+            except BaseException:
+                file_backing.close()
+                file_backing.discard_file()
+                raise
+            return file_backing, block_size
+        self._check_size(spec.size, block_size)
+        if spec.backing is BackingKind.HUGETLB:
+            return HugetlbBacking.create(spec.name, spec.size, page_size), block_size
+        return ShmemBacking.create(spec.name, spec.size), block_size
+
+    @staticmethod
+    def _check_size(size: int, block_size: int) -> None:
+        if size <= 0:
+            raise InvalidArgument("size must be > 0")
+        if size > MAX_REGION_SIZE:
+            raise InvalidArgument(f"size {size} is larger than {format_size(MAX_REGION_SIZE)}")
+        if size % block_size:
+            raise InvalidArgument(
+                f"size {size} is not a multiple of the block size ({format_size(block_size)})"
+            )
+
+    @staticmethod
+    def _page_size(spec: RegionSpec) -> int:
+        if spec.backing is not BackingKind.HUGETLB:
+            if spec.page_size not in (0, probe.BASE_PAGE_SIZE):
+                raise InvalidArgument(
+                    f"page size {spec.page_size} is not available for {spec.backing} regions "
+                    f"(only {probe.BASE_PAGE_SIZE}); use a HUGETLB region for huge pages"
+                )
+            return probe.BASE_PAGE_SIZE
+        offered = probe.huge_page_sizes()
+        page_size = spec.page_size or probe.default_huge_page_size() or 0
+        if page_size not in offered:
+            sizes = ", ".join(format_size(s) for s in offered) or "none"
+            raise InvalidArgument(
+                f"huge page size {format_size(page_size)} is not offered by this kernel "
+                f"(it offers: {sizes})"
+            )
+        if not probe.has_memfd_hugetlb(page_size):
+            raise FailedPrecondition(
+                f"this kernel cannot create hugetlb memfds of {format_size(page_size)} pages"
+            )
+        return page_size
+
+    def get_region(self, name: str) -> RegionInfo:
+        return self._get(name).info()
+
+    def _get(self, name: str) -> Region:
+        with self._lock:
+            region = self._regions.get(name)
+        if region is None:
+            raise NotFound(f"no region named {name!r}")
+        return region
+
+    def list_regions(self, selector: Mapping[str, str] | None = None) -> list[RegionInfo]:
+        with self._lock:
+            regions = sorted(self._regions.values(), key=lambda r: r.name)
+        return [r.info() for r in regions if r.label_match(selector or {})]
+
+    def delete_region(self, name: str) -> None:
+        with self._lock:
+            region = self._regions.get(name)
+            if region is None:
+                raise NotFound(f"no region named {name!r}")
+            if region.active:
+                raise FailedPrecondition(
+                    f"region {name!r} is busy: {region.active} operation(s) still running; "
+                    "cancel them or wait, then delete"
+                )
+            del self._regions[name]
+            with region.mutex:
+                self._plugged_total -= region.plugged.total
+        region.backing.close()
+        log.info("deleted region %s", name)
+
+    # ------------------------------------------------------------------ plug
+
+    def plug(
+        self,
+        name: str,
+        offset: int,
+        length: int,
+        *,
+        requested: Requested = Requested.AUTO,
+        threads: int = 0,
+        token: CancelToken | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> OpResult:
+        token = token or CancelToken()
+        with self._operation(name, token) as region:
+            r = check_range(
+                offset, length, size=region.size, align=region.block_size, what=f"plug of {name!r}"
+            )
+            backing = region.backing
+            method = plug_method(
+                hugetlb=backing.kind is BackingKind.HUGETLB,
+                requested=requested,
+                has_populate=probe.has_madv_populate(),
+            )
+            with region.locks.hold(r, token):
+                with region.mutex:
+                    gaps = region.plugged.gaps(r)
+                new = sum(g.length for g in gaps)
+                if not new:
+                    if progress is not None:
+                        progress(0, 0)
+                    return OpResult(0, 0.0, "none", 0, region.info())
+                plan = make_plan(
+                    method, gaps, max_threads=threads or self.threads, align=region.block_size
+                )
+                self._reserve_quota(region, new)
+                before = backing.allocated_bytes()
+                keep = [
+                    Range(o, n) for g in gaps for o, n in backing.data_extents(g.offset, g.length)
+                ]
+                started = time.monotonic()
+                try:
+                    self._runner.run(plan, self._plug_work(backing, method), token, progress)
+                except BaseException as exc:
+                    got = max(0, backing.allocated_bytes() - before)
+                    self._rollback(region, subtract(gaps, keep))
+                    self._release_quota(new)
+                    raise self._failure(region, "plug", r, exc, missing=new - got) from exc
+                seconds = time.monotonic() - started
+                with region.mutex:
+                    for g in gaps:
+                        region.plugged.add(g)
+            return OpResult(new, seconds, method.value, plan.threads, region.info())
+
+    @staticmethod
+    def _plug_work(backing: Backing, method: Method) -> Callable[[int, int], None]:
+        if method is Method.FALLOCATE:
+            return backing.allocate
+        return functools.partial(backing.populate, write=True)
+
+    def _rollback(self, region: Region, ranges: list[Range]) -> None:
+        """Free what a failed plug allocated; blocks that held data before are kept."""
+        for r in ranges:
+            try:
+                region.backing.release(r.offset, r.length)
+            except OSError:
+                # The region's seals forbid the usual causes; if it happens the
+                # memory stays allocated (allocated_bytes shows it), never lost data.
+                log.exception("region %s: rollback of %s failed", region.name, r)
+
+    def _failure(
+        self, region: Region, op: str, r: Range, exc: BaseException, *, missing: int
+    ) -> MemplugError:
+        """The error a failed operation raises, with what was done about it."""
+        undo = "rolled back: every page it allocated was released"
+        if isinstance(exc, Cancelled | DeadlineExceeded):
+            return type(exc)(
+                f"region {region.name!r}: {op} of {r} {exc.message}; {undo}", region=region.name
+            )
+        if isinstance(exc, OSError):
+            err = region.backing.translate(exc, missing)
+            return type(err)(
+                f"region {region.name!r}: {op} of {r} failed: {err.message}; {undo}",
+                region=region.name,
+                errno=exc.errno,
+                step=exc.strerror,
+            )
+        if isinstance(exc, MemplugError):
+            return exc
+        log.error("region %s: %s of %s failed unexpectedly", region.name, op, r, exc_info=exc)
+        return Internal(f"region {region.name!r}: {op} of {r} failed: internal error; {undo}")
+
+    # ------------------------------------------------------------------ populate
+
+    def populate(
+        self,
+        name: str,
+        offset: int,
+        length: int,
+        *,
+        write: bool,
+        threads: int = 0,
+        token: CancelToken | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> OpResult:
+        token = token or CancelToken()
+        with self._operation(name, token) as region:
+            r = check_range(
+                offset,
+                length,
+                size=region.size,
+                align=region.block_size,
+                what=f"populate of {name!r}",
+            )
+            method = populate_method(write=write, has_populate=probe.has_madv_populate())
+            with region.locks.hold(r, token):
+                self._require_plugged(region, "populate", r)
+                plan = make_plan(
+                    method, [r], max_threads=threads or self.threads, align=region.block_size
+                )
+                backing = region.backing
+                work: Callable[[int, int], None] = (
+                    backing.touch
+                    if method is Method.TOUCH_READ
+                    else functools.partial(backing.populate, write=write)
+                )
+                started = time.monotonic()
+                try:
+                    self._runner.run(plan, work, token, progress)
+                except BaseException as exc:
+                    raise self._populate_failure(region, r, exc) from exc
+                seconds = time.monotonic() - started
+            return OpResult(r.length, seconds, method.value, plan.threads, region.info())
+
+    def _populate_failure(self, region: Region, r: Range, exc: BaseException) -> MemplugError:
+        # Nothing to roll back: populating plugged memory allocates nothing new.
+        if isinstance(exc, Cancelled | DeadlineExceeded):
+            return type(exc)(f"region {region.name!r}: populate of {r} {exc.message}")
+        if isinstance(exc, OSError):
+            # Plugged memory failing to populate means someone punched holes
+            # into it from outside (any holder of a read-write fd can).
+            err = region.backing.translate(exc, r.length)
+            return type(err)(
+                f"region {region.name!r}: populate of {r} failed: {err.message} "
+                "(was memory discarded through a client's fd?)",
+                region=region.name,
+                errno=exc.errno,
+            )
+        return self._failure(region, "populate", r, exc, missing=0)
+
+    def _require_plugged(self, region: Region, op: str, r: Range) -> None:
+        with region.mutex:
+            gaps = region.plugged.gaps(r)
+        if gaps:
+            raise FailedPrecondition(
+                f"region {region.name!r}: {op} of {r}: {format_size(sum(g.length for g in gaps))} "
+                f"of it is unplugged (first at {gaps[0]}); plug it first",
+                region=region.name,
+            )
+
+    # ------------------------------------------------------------------ unplug and discard
+
+    def unplug(
+        self, name: str, offset: int, length: int, *, token: CancelToken | None = None
+    ) -> RangeOutcome:
+        """Punch the range and mark it unplugged, one chunk at a time.
+
+        State is updated after each chunk, so whatever stops this midway
+        leaves the record true: punched blocks are unplugged, the rest stay.
+        """
+        token = token or CancelToken()
+        with self._operation(name, token) as region:
+            r = check_range(
+                offset,
+                length,
+                size=region.size,
+                align=region.block_size,
+                what=f"unplug of {name!r}",
+            )
+            with region.locks.hold(r, token):
+                started = time.monotonic()
+                released = 0
+                plan = make_plan(Method.FALLOCATE, [r], max_threads=1, align=region.block_size)
+                for piece in plan.slices[0]:
+                    try:
+                        region.backing.release(piece.offset, piece.length)
+                    except OSError as exc:
+                        err = region.backing.translate(exc, 0)
+                        raise type(err)(
+                            f"region {region.name!r}: unplug of {r} failed at {piece}: "
+                            f"{err.message}; {format_size(released)} before it were unplugged",
+                            region=region.name,
+                        ) from exc
+                    released += self._mark_unplugged(region, piece)
+                seconds = time.monotonic() - started
+            return RangeOutcome(released, seconds, region.info())
+
+    def _mark_unplugged(self, region: Region, r: Range) -> int:
+        with region.mutex:
+            was = sum(p.length for p in region.plugged.intersection(r))
+            region.plugged.remove(r)
+        self._release_quota(was)
+        return was
+
+    def discard(
+        self, name: str, offset: int, length: int, *, token: CancelToken | None = None
+    ) -> RangeOutcome:
+        """Zero plugged blocks and keep them backed: punch, then allocate again.
+
+        Between the two calls another process could take the freed memory; a
+        block that cannot be backed again is marked unplugged and reported, so
+        no access to a "plugged" block can ever SIGBUS. The window is one block.
+        """
+        token = token or CancelToken()
+        with self._operation(name, token) as region:
+            r = check_range(
+                offset,
+                length,
+                size=region.size,
+                align=region.block_size,
+                what=f"discard of {name!r}",
+            )
+            with region.locks.hold(r, token):
+                self._require_plugged(region, "discard", r)
+                started = time.monotonic()
+                backing = region.backing
+                lost: list[Range] = []
+                cause: MemplugError | None = None
+                for block in range(r.offset, r.end, region.block_size):
+                    try:
+                        backing.release(block, region.block_size)
+                    except OSError as exc:
+                        err = backing.translate(exc, 0)
+                        raise type(err)(
+                            f"region {region.name!r}: discard of {r} failed at {block:#x}: "
+                            f"{err.message}",
+                            region=region.name,
+                        ) from exc
+                    try:
+                        backing.allocate(block, region.block_size)
+                    except OSError as exc:
+                        backing.release(block, region.block_size)  # hugetlb keeps partial pages
+                        self._mark_unplugged(region, Range(block, region.block_size))
+                        lost.append(Range(block, region.block_size))
+                        cause = cause or backing.translate(exc, region.block_size)
+                seconds = time.monotonic() - started
+                if cause is not None:
+                    nbytes = len(lost) * region.block_size
+                    raise type(cause)(
+                        f"region {region.name!r}: discard of {r}: contents dropped, but "
+                        f"{format_size(nbytes)} could not be backed again ({cause.message}); "
+                        f"those blocks are now unplugged, first at {lost[0]}: plug them again",
+                        region=region.name,
+                    )
+            return RangeOutcome(r.length, seconds, region.info())
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel every running operation, wait for their rollbacks, release everything."""
+        with self._lock:
+            self._closing = True
+            for token in self._running:
+                token.cancel("cancelled: the daemon is shutting down")
+            deadline = time.monotonic() + timeout
+            while any(r.active for r in self._regions.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("shutdown: operations still running after %.0fs", timeout)
+                    break
+                self._lock.wait(left)
+            regions = list(self._regions.values())
+            self._regions.clear()
+        self._runner.shutdown()
+        for region in regions:
+            region.backing.close()

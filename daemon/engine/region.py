@@ -1,0 +1,127 @@
+"""A region: a backing fd, its frozen configuration, and which blocks are plugged."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from memplug.daemon.backings import Backing, BackingKind
+from memplug.daemon.engine.rangelock import RangeLock
+from memplug.daemon.engine.ranges import IntervalSet, Range
+from memplug.daemon.errors import InvalidArgument
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,252}")
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 1024
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"invalid region name {name!r}: use 1-63 characters of a-z, 0-9, '.', '_' "
+            "and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"too many labels ({len(labels)}); at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.fullmatch(key):
+            raise InvalidArgument(
+                f"invalid label key {key!r}: 1-253 characters of A-Z, a-z, 0-9, '.', '_', "
+                "'/' and '-', starting with a letter or digit"
+            )
+        if len(value) > MAX_LABEL_VALUE or "\0" in value:
+            raise InvalidArgument(
+                f"label {key!r}: value must be at most {MAX_LABEL_VALUE} characters, no NUL"
+            )
+    return dict(labels)
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """What CreateRegion asks for, before defaults are applied."""
+
+    name: str
+    size: int
+    backing: BackingKind | None
+    page_size: int = 0
+    block_size: int = 0
+    path: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """A snapshot of a region, as the API reports it."""
+
+    name: str
+    size: int
+    backing: BackingKind
+    page_size: int
+    block_size: int
+    path: str
+    labels: Mapping[str, str]
+    plugged: tuple[Range, ...]
+    plugged_bytes: int
+    allocated_bytes: int
+    created_at: float
+
+
+class Region:
+    """Configuration is frozen at creation; only the plugged set changes.
+
+    `plugged` is guarded by `mutex` (held briefly, never across syscalls);
+    work on ranges is serialized by `locks` (held for the whole operation).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backing: Backing,
+        block_size: int,
+        labels: Mapping[str, str],
+        created_at: float,
+    ) -> None:
+        self.name = name
+        self.backing = backing
+        self.block_size = block_size
+        self.labels = dict(labels)
+        self.created_at = created_at
+        self.plugged = IntervalSet()
+        self.mutex = threading.Lock()
+        self.locks = RangeLock()
+        self.active = 0  # operations in flight; guarded by the engine's lock
+
+    @property
+    def size(self) -> int:
+        return self.backing.size
+
+    def label_match(self, selector: Mapping[str, str]) -> bool:
+        return all(self.labels.get(k) == v for k, v in selector.items())
+
+    def plugged_in(self, r: Range) -> int:
+        with self.mutex:
+            return sum(p.length for p in self.plugged.intersection(r))
+
+    def info(self) -> RegionInfo:
+        with self.mutex:
+            plugged = tuple(self.plugged)
+        return RegionInfo(
+            name=self.name,
+            size=self.size,
+            backing=self.backing.kind,
+            page_size=self.backing.page_size,
+            block_size=self.block_size,
+            path=self.backing.path,
+            labels=dict(self.labels),
+            plugged=plugged,
+            plugged_bytes=sum(p.length for p in plugged),
+            allocated_bytes=self.backing.allocated_bytes() if self.backing.fd >= 0 else 0,
+            created_at=self.created_at,
+        )

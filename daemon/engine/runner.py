@@ -1,0 +1,90 @@
+"""Runs a Plan on the shared worker threads, with progress, cancel and deadline."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+from memplug.daemon.engine.cancel import CancelToken
+from memplug.daemon.engine.ranges import Range
+from memplug.daemon.engine.strategy import Plan
+from memplug.daemon.errors import Cancelled, DeadlineExceeded
+from memplug.daemon.kernel.ops import iter_chunks
+
+Work = Callable[[int, int], None]  # (offset, length) -> None; raises on failure
+ProgressCallback = Callable[[int, int], None]  # (done_bytes, total_bytes)
+
+_POLL = 0.05
+
+
+class Runner:
+    """A fixed pool of --threads workers shared by every operation of the daemon.
+
+    The syscalls themselves run here, never on gRPC threads; ctypes releases
+    the GIL so the workers really run in parallel.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memplug-worker")
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(
+        self,
+        plan: Plan,
+        work: Work,
+        token: CancelToken,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Run work over every chunk of the plan; raise the first real error.
+
+        On any failure the other slices stop at their next chunk boundary and
+        every worker has returned before this raises, so the caller can roll
+        back without racing its own workers.
+        """
+        stop = threading.Event()
+        done = 0
+        total = plan.total
+        lock = threading.Lock()
+
+        def advance(n: int) -> None:
+            nonlocal done
+            with lock:
+                done += n
+                now = done
+            if progress is not None:
+                progress(now, total)
+
+        def run_slice(pieces: tuple[Range, ...]) -> None:
+            for piece in pieces:
+                for offset, length in iter_chunks(piece.offset, piece.length, plan.chunk):
+                    if stop.is_set():
+                        return
+                    token.check()
+                    work(offset, length)
+                    advance(length)
+
+        futures: list[Future[None]] = [self._pool.submit(run_slice, s) for s in plan.slices]
+        try:
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=_POLL, return_when=FIRST_EXCEPTION)
+                if any(f.exception() is not None for f in finished) or token.cancelled:
+                    break
+                if token.deadline is not None and (token.remaining() or 0.0) <= 0:
+                    break
+        finally:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            wait(futures)
+        errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+        # A real failure (pool empty, disk full) explains more than the
+        # cancellation it caused in the sibling slices.
+        errors.sort(key=lambda e: isinstance(e, Cancelled | DeadlineExceeded))
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        token.check()

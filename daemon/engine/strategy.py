@@ -1,0 +1,102 @@
+"""How to do the work: the method per backing and how to slice it over threads (pure).
+
+Rules, from measurements on a 2-vCPU VM (1 GiB, steady state; see docs/strategies.md):
+- shmem and FILE (4 KiB pages): fallocate on one thread, 4.75 GB/s. More threads
+  do not help (the inode lock serializes fallocate), and MADV_POPULATE_WRITE is
+  slower (1.9 GB/s per thread) because it also builds page tables.
+- hugetlb: MADV_POPULATE_WRITE, 12 GB/s per thread and scaling with threads;
+  fallocate is single-threaded. Without MADV_POPULATE_* the fallback is fallocate.
+- Threads as QEMU's touch_all_pages counts them: no more than one per 64 MiB.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from memplug.daemon.engine.ranges import MiB, Range
+from memplug.daemon.errors import FailedPrecondition
+
+MIN_BYTES_PER_THREAD = 64 * MiB
+CHUNK_BYTES = 64 * MiB  # granularity of progress reports and cancellation
+
+
+class Method(enum.StrEnum):
+    FALLOCATE = "fallocate"
+    POPULATE_WRITE = "populate-write"
+    POPULATE_READ = "populate-read"
+    TOUCH_READ = "touch-read"  # no MADV_POPULATE_*: read one byte per page in a helper
+
+
+class Requested(enum.Enum):
+    """What the caller asked for (the API's Strategy enum)."""
+
+    AUTO = "auto"
+    FALLOCATE = "fallocate"
+    POPULATE_WRITE = "populate-write"
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: Method
+    slices: tuple[tuple[Range, ...], ...]  # one tuple of pieces per worker thread
+    chunk: int
+
+    @property
+    def threads(self) -> int:
+        return len(self.slices)
+
+    @property
+    def total(self) -> int:
+        return sum(r.length for s in self.slices for r in s)
+
+
+def plug_method(*, hugetlb: bool, requested: Requested, has_populate: bool) -> Method:
+    if requested is Requested.FALLOCATE:
+        return Method.FALLOCATE
+    if requested is Requested.POPULATE_WRITE:
+        if not has_populate:
+            raise FailedPrecondition(
+                "strategy populate-write needs MADV_POPULATE_WRITE (Linux >= 5.14), "
+                "which this kernel lacks; use the automatic strategy"
+            )
+        return Method.POPULATE_WRITE
+    if hugetlb and has_populate:
+        return Method.POPULATE_WRITE
+    return Method.FALLOCATE
+
+
+def populate_method(*, write: bool, has_populate: bool) -> Method:
+    if not has_populate:
+        return Method.TOUCH_READ
+    return Method.POPULATE_WRITE if write else Method.POPULATE_READ
+
+
+def thread_count(method: Method, total: int, max_threads: int) -> int:
+    if method in (Method.FALLOCATE, Method.TOUCH_READ):
+        return 1
+    return max(1, min(max_threads, total // MIN_BYTES_PER_THREAD))
+
+
+def make_plan(method: Method, work: list[Range], *, max_threads: int, align: int) -> Plan:
+    """Split work into contiguous per-thread slices of near-equal size, cut at align."""
+    total = sum(r.length for r in work)
+    threads = thread_count(method, total, max_threads)
+    per_thread = -(-total // threads)  # ceil
+    per_thread = -(-per_thread // align) * align
+    slices: list[tuple[Range, ...]] = []
+    current: list[Range] = []
+    room = per_thread
+    for r in work:
+        offset, length = r.offset, r.length
+        while length:
+            take = min(length, room)
+            current.append(Range(offset, take))
+            offset, length, room = offset + take, length - take, room - take
+            if room == 0:
+                slices.append(tuple(current))
+                current, room = [], per_thread
+    if current:
+        slices.append(tuple(current))
+    chunk = max(align, CHUNK_BYTES // align * align)
+    return Plan(method, tuple(slices), chunk)

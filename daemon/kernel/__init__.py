@@ -1,0 +1,1 @@
+"""Kernel layer: syscalls on fds and mappings, nothing else (see ops.py)."""

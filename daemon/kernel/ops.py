@@ -1,0 +1,230 @@
+"""Syscalls on fds and mappings: ints and fds in, OSError(errno, "step: reason") out.
+
+Nothing here knows about regions or gRPC; the engine and the backings decide
+what an errno means (ENOSPC from a hugetlb fallocate is an empty pool, from a
+tmpfs one a full filesystem).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from memplug.daemon.kernel import libc
+
+# madvise(2)
+MADV_POPULATE_READ: Final = 22  # Linux 5.14; Python 3.11's mmap module lacks them
+MADV_POPULATE_WRITE: Final = 23
+MADV_HUGEPAGE: Final = 14
+
+# fallocate(2)
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+# memfd_create(2)
+MFD_CLOEXEC: Final = 0x0001
+MFD_ALLOW_SEALING: Final = 0x0002
+MFD_HUGETLB: Final = 0x0004
+MFD_NOEXEC_SEAL: Final = 0x0008  # Linux 6.3
+MFD_HUGE_SHIFT: Final = 26
+
+# fcntl(2) seals
+F_ADD_SEALS: Final = 1033
+F_GET_SEALS: Final = 1034
+F_SEAL_SEAL: Final = 0x0001
+F_SEAL_SHRINK: Final = 0x0002
+F_SEAL_GROW: Final = 0x0004
+F_SEAL_WRITE: Final = 0x0008
+F_SEAL_FUTURE_WRITE: Final = 0x0010
+F_SEAL_EXEC: Final = 0x0020
+
+# mmap(2)
+PROT_READ: Final = 0x1
+PROT_WRITE: Final = 0x2
+MAP_SHARED: Final = 0x01
+MAP_NORESERVE: Final = 0x4000
+
+# openat2(2)
+SYS_openat2: Final = 437  # the same number on every architecture (new syscall table)
+RESOLVE_NO_MAGICLINKS: Final = 0x02
+RESOLVE_BENEATH: Final = 0x08
+
+SEEK_DATA: Final = 3
+SEEK_HOLE: Final = 4
+
+
+def _fail(step: str, err: int | None = None) -> OSError:
+    err = libc.errno() if err is None else err
+    return OSError(err, f"{step}: {os.strerror(err)}")
+
+
+# --------------------------------------------------------------------------- memfd and seals
+
+
+def memfd_create(name: str, flags: int) -> int:
+    fd = libc.memfd_create(name.encode(), flags)
+    if fd < 0:
+        raise _fail("memfd_create")
+    return int(fd)
+
+
+def huge_page_flag(page_size: int) -> int:
+    """MFD_HUGETLB plus the encoded page size (log2 in bits 26..31)."""
+    return MFD_HUGETLB | ((page_size.bit_length() - 1) << MFD_HUGE_SHIFT)
+
+
+def add_seals(fd: int, seals: int) -> None:
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, F_ADD_SEALS, seals)
+    except OSError as exc:
+        raise _fail("fcntl(F_ADD_SEALS)", exc.errno) from exc
+
+
+def get_seals(fd: int) -> int:
+    import fcntl
+
+    try:
+        return fcntl.fcntl(fd, F_GET_SEALS)
+    except OSError as exc:
+        raise _fail("fcntl(F_GET_SEALS)", exc.errno) from exc
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate backing for [offset, offset+length) without changing the size."""
+    if libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        raise _fail("fallocate")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the backing of [offset, offset+length); it reads back as zeros."""
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        raise _fail("fallocate(PUNCH_HOLE)")
+
+
+def allocated_bytes(fd: int) -> int:
+    """Bytes the filesystem has allocated to the file, as st_blocks counts them."""
+    return os.fstat(fd).st_blocks * 512
+
+
+def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """Extents of [offset, offset+length) that SEEK_DATA reports as data.
+
+    On shmem, fallocated-but-never-written pages count as holes (they hold
+    zeros, so losing them loses nothing); on hugetlbfs everything is data.
+    """
+    end = offset + length
+    extents: list[tuple[int, int]] = []
+    pos = offset
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == 6:  # ENXIO: no data at or after pos
+                break
+            raise _fail("lseek(SEEK_DATA)", exc.errno) from exc
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, SEEK_HOLE), end)
+        extents.append((start, stop - start))
+        pos = stop
+    return extents
+
+
+# --------------------------------------------------------------------------- mappings
+
+
+@dataclass
+class Mapping:
+    """A MAP_SHARED mapping of part of a file, unmapped by close()."""
+
+    address: int
+    length: int
+
+    def close(self) -> None:
+        if self.length:
+            if libc.munmap(self.address, self.length) != 0:
+                raise _fail("munmap")
+            self.length = 0
+
+    def __enter__(self) -> Mapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def map_shared(fd: int, offset: int, length: int, *, writable: bool = True) -> Mapping:
+    """Map [offset, offset+length) of fd shared, without reserving huge pages.
+
+    MAP_NORESERVE matters for hugetlb: without it the kernel reserves pages for
+    the whole mapping at mmap time and a sparse region larger than the pool
+    cannot be mapped at all.
+    """
+    prot = PROT_READ | (PROT_WRITE if writable else 0)
+    address = libc.mmap(None, length, prot, MAP_SHARED | MAP_NORESERVE, fd, offset)
+    if address is None or address == libc.MAP_FAILED:
+        raise _fail("mmap")
+    return Mapping(int(address), length)
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    if libc.madvise(address, length, advice) != 0:
+        raise _fail(f"madvise({_ADVICE_NAMES.get(advice, advice)})")
+
+
+_ADVICE_NAMES: Final = {
+    MADV_POPULATE_READ: "MADV_POPULATE_READ",
+    MADV_POPULATE_WRITE: "MADV_POPULATE_WRITE",
+    MADV_HUGEPAGE: "MADV_HUGEPAGE",
+}
+
+
+def populate(address: int, length: int, *, write: bool) -> None:
+    """Fault in page tables (and backing pages) without SIGBUS: errors return EFAULT etc."""
+    madvise(address, length, MADV_POPULATE_WRITE if write else MADV_POPULATE_READ)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
+    """openat2(2): open path relative to dirfd under the resolve restrictions."""
+    how = struct.pack("QQQ", flags, mode, resolve)
+    buf = ctypes.create_string_buffer(how, len(how))
+    fd = libc.syscall(
+        libc.c_long(SYS_openat2),
+        libc.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(path)),
+        buf,
+        libc.c_size_t(len(how)),
+    )
+    if fd < 0:
+        raise _fail("openat2")
+    return int(fd)
+
+
+def open_beneath(dirfd: int, path: str, flags: int, mode: int = 0o600) -> int:
+    """Open path so that no symlink, '..' or magic link resolves outside dirfd.
+
+    Uses RESOLVE_BENEATH, so the check and the open are one atomic kernel
+    step: a symlink swapped in between cannot redirect it.
+    """
+    return openat2(dirfd, path, flags | os.O_CLOEXEC, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+
+
+def iter_chunks(offset: int, length: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """Split [offset, offset+length) into consecutive pieces of at most chunk bytes."""
+    end = offset + length
+    while offset < end:
+        step = min(chunk, end - offset)
+        yield offset, step
+        offset += step

@@ -1,0 +1,1 @@
+"""Transports: the gRPC servicer and its translation tables; no memory logic here."""

@@ -1,0 +1,93 @@
+"""Engine types <-> protobuf messages. The only module that knows both."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from memplug.daemon.backings import BackingKind
+from memplug.daemon.engine.engine import OpResult, RangeOutcome
+from memplug.daemon.engine.ranges import Range
+from memplug.daemon.engine.region import RegionInfo, RegionSpec
+from memplug.daemon.engine.strategy import Requested
+from memplug.daemon.errors import InvalidArgument
+from memplug.v1 import memplug_pb2 as pb
+
+BACKING_TO_PROTO: Final = {
+    BackingKind.SHMEM: pb.BACKING_SHMEM,
+    BackingKind.HUGETLB: pb.BACKING_HUGETLB,
+    BackingKind.FILE: pb.BACKING_FILE,
+}
+BACKING_FROM_PROTO: Final = {v: k for k, v in BACKING_TO_PROTO.items()}
+
+STRATEGY_FROM_PROTO: Final = {
+    pb.STRATEGY_AUTO: Requested.AUTO,
+    pb.STRATEGY_FALLOCATE: Requested.FALLOCATE,
+    pb.STRATEGY_POPULATE_WRITE: Requested.POPULATE_WRITE,
+}
+
+
+def range_to_proto(r: Range) -> pb.Range:
+    return pb.Range(offset=r.offset, length=r.length)
+
+
+def region_to_proto(info: RegionInfo) -> pb.Region:
+    return pb.Region(
+        name=info.name,
+        size=info.size,
+        backing=BACKING_TO_PROTO[info.backing],
+        page_size=info.page_size,
+        block_size=info.block_size,
+        path=info.path,
+        labels=dict(info.labels),
+        plugged=[range_to_proto(r) for r in info.plugged],
+        plugged_bytes=info.plugged_bytes,
+        allocated_bytes=info.allocated_bytes,
+        created_at=info.created_at,
+    )
+
+
+def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
+    backing: BackingKind | None = None
+    if request.backing != pb.BACKING_UNSPECIFIED:
+        if request.backing not in BACKING_FROM_PROTO:
+            raise InvalidArgument(f"unknown backing {request.backing}: use shmem, hugetlb or file")
+        backing = BACKING_FROM_PROTO[request.backing]
+    return RegionSpec(
+        name=request.name,
+        size=request.size,
+        backing=backing,
+        page_size=request.page_size,
+        block_size=request.block_size,
+        path=request.path,
+        labels=dict(request.labels),
+    )
+
+
+def strategy_from_proto(value: int) -> Requested:
+    if value not in STRATEGY_FROM_PROTO:
+        raise InvalidArgument(f"unknown strategy {value}: use auto, fallocate or populate-write")
+    return STRATEGY_FROM_PROTO[value]  # type: ignore[index]
+
+
+def populate_write_from_proto(mode: int) -> bool:
+    if mode == pb.POPULATE_MODE_READ:
+        return False
+    if mode == pb.POPULATE_MODE_WRITE:
+        return True
+    raise InvalidArgument(f"populate mode {mode} is not READ or WRITE: say which")
+
+
+def result_to_proto(result: OpResult) -> pb.OperationResult:
+    return pb.OperationResult(
+        bytes=result.bytes,
+        seconds=result.seconds,
+        strategy=result.strategy,
+        threads=result.threads,
+        region=region_to_proto(result.region),
+    )
+
+
+def outcome_to_proto(outcome: RangeOutcome) -> pb.RangeResult:
+    return pb.RangeResult(
+        bytes=outcome.bytes, seconds=outcome.seconds, region=region_to_proto(outcome.region)
+    )

@@ -1,0 +1,110 @@
+"""The Memplug gRPC service: convert, call the engine, convert back. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from memplug.daemon.engine.engine import OpResult, RegionEngine
+from memplug.daemon.transport import convert
+from memplug.daemon.transport.status import translate
+from memplug.daemon.transport.streaming import stream_operation, token_for
+from memplug.v1 import memplug_pb2 as pb
+from memplug.v1 import memplug_pb2_grpc as pb_grpc
+
+
+def _progress_stream(events: Iterator[tuple[int, int] | OpResult]) -> Iterator[pb.Progress]:
+    for event in events:
+        if isinstance(event, OpResult):
+            total = event.bytes
+            yield pb.Progress(
+                done_bytes=total, total_bytes=total, result=convert.result_to_proto(event)
+            )
+        else:
+            yield pb.Progress(done_bytes=event[0], total_bytes=event[1])
+
+
+class MemplugServicer(pb_grpc.MemplugServicer):
+    def __init__(self, engine: RegionEngine) -> None:
+        self._engine = engine
+
+    @translate("CreateRegion")
+    def CreateRegion(
+        self, request: pb.CreateRegionRequest, context: grpc.ServicerContext
+    ) -> pb.Region:
+        return convert.region_to_proto(self._engine.create_region(convert.spec_from_proto(request)))
+
+    @translate("GetRegion")
+    def GetRegion(self, request: pb.GetRegionRequest, context: grpc.ServicerContext) -> pb.Region:
+        return convert.region_to_proto(self._engine.get_region(request.name))
+
+    @translate("ListRegions")
+    def ListRegions(
+        self, request: pb.ListRegionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRegionsResponse:
+        regions = self._engine.list_regions(dict(request.label_selector))
+        return pb.ListRegionsResponse(regions=[convert.region_to_proto(r) for r in regions])
+
+    @translate("DeleteRegion")
+    def DeleteRegion(
+        self, request: pb.DeleteRegionRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteRegionResponse:
+        self._engine.delete_region(request.name)
+        return pb.DeleteRegionResponse()
+
+    @translate("Plug", streaming=True)
+    def Plug(
+        self, request: pb.RangeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Progress]:
+        requested = convert.strategy_from_proto(request.strategy)
+        token = token_for(context)
+        yield from _progress_stream(
+            stream_operation(
+                lambda progress: self._engine.plug(
+                    request.name,
+                    request.offset,
+                    request.length,
+                    requested=requested,
+                    threads=request.threads,
+                    token=token,
+                    progress=progress,
+                ),
+                token,
+            )
+        )
+
+    @translate("Populate", streaming=True)
+    def Populate(
+        self, request: pb.PopulateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Progress]:
+        write = convert.populate_write_from_proto(request.mode)
+        token = token_for(context)
+        yield from _progress_stream(
+            stream_operation(
+                lambda progress: self._engine.populate(
+                    request.name,
+                    request.offset,
+                    request.length,
+                    write=write,
+                    threads=request.threads,
+                    token=token,
+                    progress=progress,
+                ),
+                token,
+            )
+        )
+
+    @translate("Unplug")
+    def Unplug(self, request: pb.RangeRequest, context: grpc.ServicerContext) -> pb.RangeResult:
+        outcome = self._engine.unplug(
+            request.name, request.offset, request.length, token=token_for(context)
+        )
+        return convert.outcome_to_proto(outcome)
+
+    @translate("Discard")
+    def Discard(self, request: pb.RangeRequest, context: grpc.ServicerContext) -> pb.RangeResult:
+        outcome = self._engine.discard(
+            request.name, request.offset, request.length, token=token_for(context)
+        )
+        return convert.outcome_to_proto(outcome)

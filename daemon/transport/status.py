@@ -1,0 +1,150 @@
+"""THE table from memplug errors to gRPC status codes, and the RPC wrapper using it.
+
+Every servicer method is wrapped by translate(); a contract test checks that
+each RPC is and that every error class maps to a code other than INTERNAL.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, NoReturn, TypeVar
+
+import grpc
+
+from memplug.daemon.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MemplugError,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+)
+
+log = logging.getLogger("memplug.rpc")
+
+ERROR_CLASS_KEY: Final = "memplug-error"  # trailing metadata: the error's class name
+
+STATUS: Final[Mapping[type[MemplugError], grpc.StatusCode]] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Internal: grpc.StatusCode.INTERNAL,
+}
+
+INTERNAL_MESSAGE: Final = "internal error in memplugd (a bug: its log has the details)"
+
+
+def code_for(exc: MemplugError) -> grpc.StatusCode:
+    """The code of the most specific class in the table (subclasses inherit)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def abort(context: grpc.ServicerContext, exc: MemplugError) -> NoReturn:
+    context.set_trailing_metadata(((ERROR_CLASS_KEY, type(exc).__name__),))
+    context.abort(code_for(exc), exc.message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _describe(request: Any) -> str:
+    fields = []
+    for attr in ("name", "offset", "length"):
+        value = getattr(request, attr, None)
+        if value not in (None, ""):
+            fields.append(f"{'region' if attr == 'name' else attr}={value}")
+    return " ".join(fields)
+
+
+def _fail(
+    rpc: str, request: Any, context: grpc.ServicerContext, exc: Exception, t0: float
+) -> NoReturn:
+    ms = (time.monotonic() - t0) * 1e3
+    if isinstance(exc, MemplugError) and not isinstance(exc, Internal):
+        code = code_for(exc)
+        log.warning(
+            "rpc=%s %s status=%s duration_ms=%.1f error=%r",
+            rpc,
+            _describe(request),
+            code.name,
+            ms,
+            exc.message,
+        )
+        abort(context, exc)
+    log.error(
+        "rpc=%s %s status=INTERNAL duration_ms=%.1f", rpc, _describe(request), ms, exc_info=exc
+    )
+    context.set_trailing_metadata(((ERROR_CLASS_KEY, "Internal"),))
+    context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    raise AssertionError("unreachable")
+
+
+def translate(rpc: str, *, streaming: bool = False) -> Callable[[_F], _F]:
+    """Wrap a servicer method: log it, and turn exceptions into status codes."""
+
+    def wrap(method: _F) -> _F:
+        if streaming:
+
+            @functools.wraps(method)
+            def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                t0 = time.monotonic()
+                try:
+                    yield from method(self, request, context)
+                except Exception as exc:
+                    if _aborted(exc):
+                        raise
+                    _fail(rpc, request, context, exc, t0)
+                log.info(
+                    "rpc=%s %s status=OK duration_ms=%.1f",
+                    rpc,
+                    _describe(request),
+                    (time.monotonic() - t0) * 1e3,
+                )
+
+            stream.__memplug_translated__ = True  # type: ignore[attr-defined]
+            return stream  # type: ignore[return-value]
+
+        @functools.wraps(method)
+        def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            t0 = time.monotonic()
+            try:
+                response = method(self, request, context)
+            except Exception as exc:
+                if _aborted(exc):
+                    raise
+                _fail(rpc, request, context, exc, t0)
+            log.info(
+                "rpc=%s %s status=OK duration_ms=%.1f",
+                rpc,
+                _describe(request),
+                (time.monotonic() - t0) * 1e3,
+            )
+            return response
+
+        unary.__memplug_translated__ = True  # type: ignore[attr-defined]
+        return unary  # type: ignore[return-value]
+
+    return wrap
+
+
+def _aborted(exc: Exception) -> bool:
+    # context.abort() raises a bare Exception subclass private to grpc; let it through.
+    return type(exc).__module__.startswith("grpc")
