@@ -75,7 +75,10 @@ class Daemon:
             ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="memplug-rpc"),
             options=[("grpc.max_receive_message_length", 1 << 20)],
         )
-        pb_grpc.add_MemplugServicer_to_server(MemplugServicer(self.engine), server)
+        servicer = MemplugServicer(
+            self.engine, socket=str(path), fd_socket=str(self.config.fd_socket)
+        )
+        pb_grpc.add_MemplugServicer_to_server(servicer, server)
         # The socket is created by grpc under our umask: open no wider than the
         # final mode, even for the instant before the chmod.
         old_umask = os.umask(0o777 & ~self.config.socket_mode)

@@ -83,6 +83,16 @@ class OpResult:
 
 
 @dataclass(frozen=True)
+class EngineStatus:
+    regions: int
+    plugged_bytes: int
+    allocated_bytes: int
+    quota_bytes: int | None
+    threads: int
+    madv_populate: bool
+
+
+@dataclass(frozen=True)
 class RangeOutcome:
     """Outcome of Unplug and Discard."""
 
@@ -116,6 +126,19 @@ class RegionEngine:
     def plugged_total(self) -> int:
         with self._lock:
             return self._plugged_total
+
+    def status(self) -> EngineStatus:
+        with self._lock:
+            regions = list(self._regions.values())
+            plugged = self._plugged_total
+        return EngineStatus(
+            regions=len(regions),
+            plugged_bytes=plugged,
+            allocated_bytes=sum(r.backing.allocated_bytes() for r in regions),
+            quota_bytes=self.max_bytes,
+            threads=self.threads,
+            madv_populate=probe.has_madv_populate(),
+        )
 
     @contextmanager
     def _operation(self, name: str, token: CancelToken) -> Iterator[Region]:
@@ -157,6 +180,7 @@ class RegionEngine:
     def create_region(self, spec: RegionSpec) -> RegionInfo:
         name = check_name(spec.name)
         labels = check_labels(spec.labels)
+        acl = spec.acl.check()
         with self._lock:
             if self._closing:
                 raise Cancelled("the daemon is shutting down")
@@ -166,7 +190,7 @@ class RegionEngine:
         try:
             backing, block_size = self._make_backing(spec)
             try:
-                region = Region(name, backing, block_size, labels, time.time())
+                region = Region(name, backing, block_size, labels, time.time(), acl)
                 with self._lock:
                     if isinstance(backing, FileBacking):
                         self._check_file_unused(backing)

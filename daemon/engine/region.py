@@ -44,6 +44,26 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Acl:
+    """Who may attach a region's fd; root always may."""
+
+    owner_uid: int = 0
+    allowed_uids: frozenset[int] = frozenset()
+    allowed_gids: frozenset[int] = frozenset()
+
+    def allows(self, uid: int, gids: frozenset[int]) -> bool:
+        return (
+            uid in (0, self.owner_uid) or uid in self.allowed_uids or bool(gids & self.allowed_gids)
+        )
+
+    def check(self) -> Acl:
+        for ident in (self.owner_uid, *self.allowed_uids, *self.allowed_gids):
+            if not 0 <= ident < 0xFFFFFFFF:  # (uid_t)-1 means "no id" to the kernel
+                raise InvalidArgument(f"invalid uid/gid {ident} in the region's ACL")
+        return self
+
+
+@dataclass(frozen=True)
 class RegionSpec:
     """What CreateRegion asks for, before defaults are applied."""
 
@@ -54,6 +74,7 @@ class RegionSpec:
     block_size: int = 0
     path: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    acl: Acl = field(default_factory=Acl)
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,7 @@ class RegionInfo:
     plugged_bytes: int
     allocated_bytes: int
     created_at: float
+    acl: Acl
 
 
 class Region:
@@ -87,8 +109,10 @@ class Region:
         block_size: int,
         labels: Mapping[str, str],
         created_at: float,
+        acl: Acl,
     ) -> None:
         self.name = name
+        self.acl = acl
         self.backing = backing
         self.block_size = block_size
         self.labels = dict(labels)
@@ -124,4 +148,5 @@ class Region:
             plugged_bytes=sum(p.length for p in plugged),
             allocated_bytes=self.backing.allocated_bytes() if self.backing.fd >= 0 else 0,
             created_at=self.created_at,
+            acl=self.acl,
         )

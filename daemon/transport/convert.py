@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Final
 
 from memplug.daemon.backings import BackingKind
-from memplug.daemon.engine.engine import OpResult, RangeOutcome
+from memplug.daemon.engine.engine import EngineStatus, OpResult, RangeOutcome
 from memplug.daemon.engine.ranges import Range
-from memplug.daemon.engine.region import RegionInfo, RegionSpec
+from memplug.daemon.engine.region import Acl, RegionInfo, RegionSpec
 from memplug.daemon.engine.strategy import Requested
 from memplug.daemon.errors import InvalidArgument
+from memplug.daemon.kernel import probe
 from memplug.v1 import memplug_pb2 as pb
 
 BACKING_TO_PROTO: Final = {
@@ -43,6 +44,9 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         plugged_bytes=info.plugged_bytes,
         allocated_bytes=info.allocated_bytes,
         created_at=info.created_at,
+        owner_uid=info.acl.owner_uid,
+        allowed_uids=sorted(info.acl.allowed_uids),
+        allowed_gids=sorted(info.acl.allowed_gids),
     )
 
 
@@ -60,6 +64,11 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
         block_size=request.block_size,
         path=request.path,
         labels=dict(request.labels),
+        acl=Acl(
+            owner_uid=request.owner_uid if request.HasField("owner_uid") else 0,
+            allowed_uids=frozenset(request.allowed_uids),
+            allowed_gids=frozenset(request.allowed_gids),
+        ),
     )
 
 
@@ -90,4 +99,37 @@ def result_to_proto(result: OpResult) -> pb.OperationResult:
 def outcome_to_proto(outcome: RangeOutcome) -> pb.RangeResult:
     return pb.RangeResult(
         bytes=outcome.bytes, seconds=outcome.seconds, region=region_to_proto(outcome.region)
+    )
+
+
+def status_to_proto(
+    status: EngineStatus, *, version: str, uptime: float, socket: str, fd_socket: str
+) -> pb.DaemonStatus:
+    pools = []
+    for size in probe.huge_page_sizes():
+        try:
+            pool = probe.huge_pool(size)
+        except OSError:
+            continue
+        pools.append(
+            pb.HugePagePool(
+                page_size=size,
+                total=pool.total,
+                free=pool.free,
+                reserved=pool.reserved,
+                surplus=pool.surplus,
+            )
+        )
+    return pb.DaemonStatus(
+        version=version,
+        uptime_seconds=uptime,
+        regions=status.regions,
+        plugged_bytes=status.plugged_bytes,
+        allocated_bytes=status.allocated_bytes,
+        quota_bytes=status.quota_bytes or 0,
+        threads=status.threads,
+        hugetlb_pools=pools,
+        madv_populate=status.madv_populate,
+        socket=socket,
+        fd_socket=fd_socket,
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
 
+from memplug.daemon import __version__
 from memplug.daemon.engine.engine import OpResult, RegionEngine
 from memplug.daemon.transport import convert
 from memplug.daemon.transport.status import translate
@@ -26,8 +28,23 @@ def _progress_stream(events: Iterator[tuple[int, int] | OpResult]) -> Iterator[p
 
 
 class MemplugServicer(pb_grpc.MemplugServicer):
-    def __init__(self, engine: RegionEngine) -> None:
+    def __init__(self, engine: RegionEngine, *, socket: str = "", fd_socket: str = "") -> None:
         self._engine = engine
+        self._socket = socket
+        self._fd_socket = fd_socket
+        self._started = time.monotonic()
+
+    @translate("GetStatus")
+    def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.ServicerContext
+    ) -> pb.DaemonStatus:
+        return convert.status_to_proto(
+            self._engine.status(),
+            version=__version__,
+            uptime=time.monotonic() - self._started,
+            socket=self._socket,
+            fd_socket=self._fd_socket,
+        )
 
     @translate("CreateRegion")
     def CreateRegion(

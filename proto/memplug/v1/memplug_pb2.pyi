@@ -87,6 +87,32 @@ STRATEGY_POPULATE_WRITE: Strategy.ValueType  # 2
 """MADV_POPULATE_WRITE on the daemon's own mapping, in parallel slices."""
 Global___Strategy: _TypeAlias = Strategy  # noqa: Y015
 
+class _Access:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Access.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACCESS_UNSPECIFIED: _Access.ValueType  # 0
+    ACCESS_READ_WRITE: _Access.ValueType  # 1
+    """The fd can be mapped writable and can discard (punch holes)."""
+    ACCESS_READ_ONLY: _Access.ValueType  # 2
+    """An fd that cannot write by any means: not through the fd, not by
+    mprotect of its mapping, not by reopening /proc/self/fd/N.
+    """
+
+class Access(_Access, metaclass=_AccessEnumTypeWrapper):
+    """What an attached fd allows; enforced by the kernel, not by the client."""
+
+ACCESS_UNSPECIFIED: Access.ValueType  # 0
+ACCESS_READ_WRITE: Access.ValueType  # 1
+"""The fd can be mapped writable and can discard (punch holes)."""
+ACCESS_READ_ONLY: Access.ValueType  # 2
+"""An fd that cannot write by any means: not through the fd, not by
+mprotect of its mapping, not by reopening /proc/self/fd/N.
+"""
+Global___Access: _TypeAlias = Access  # noqa: Y015
+
 class _PopulateMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -167,6 +193,9 @@ class Region(_message.Message):
     PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
     ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    OWNER_UID_FIELD_NUMBER: _builtins.int
+    ALLOWED_UIDS_FIELD_NUMBER: _builtins.int
+    ALLOWED_GIDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, 1-63 characters of [a-z0-9._-], starting with [a-z0-9]."""
     size: _builtins.int
@@ -192,12 +221,21 @@ class Region(_message.Message):
     """
     created_at: _builtins.float
     """Creation time, seconds since the Unix epoch."""
+    owner_uid: _builtins.int
+    """Who may attach the region's fd (root always may): the owner, and
+    processes whose uid is in allowed_uids or whose primary or supplementary
+    gid is in allowed_gids.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def plugged(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]:
         """Plugged blocks, merged into maximal ranges, in ascending offset order."""
 
+    @_builtins.property
+    def allowed_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def allowed_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -212,10 +250,13 @@ class Region(_message.Message):
         plugged_bytes: _builtins.int = ...,
         allocated_bytes: _builtins.int = ...,
         created_at: _builtins.float = ...,
+        owner_uid: _builtins.int = ...,
+        allowed_uids: _abc.Iterable[_builtins.int] | None = ...,
+        allowed_gids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "labels", b"labels", "name", b"name", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -252,6 +293,9 @@ class CreateRegionRequest(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OWNER_UID_FIELD_NUMBER: _builtins.int
+    ALLOWED_UIDS_FIELD_NUMBER: _builtins.int
+    ALLOWED_GIDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """See Region.name."""
     size: _builtins.int
@@ -272,8 +316,14 @@ class CreateRegionRequest(_message.Message):
     absolute or relative to the first allowed directory. Symlinks and ".."
     are resolved by the kernel and must stay beneath the allowed directory.
     """
+    owner_uid: _builtins.int
+    """See Region.owner_uid; unset means root (0)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def allowed_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def allowed_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -284,12 +334,17 @@ class CreateRegionRequest(_message.Message):
         block_size: _builtins.int = ...,
         path: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        owner_uid: _builtins.int | None = ...,
+        allowed_uids: _abc.Iterable[_builtins.int] | None = ...,
+        allowed_gids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "owner_uid", b"owner_uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backing", b"backing", "block_size", b"block_size", "labels", b"labels", "name", b"name", "page_size", b"page_size", "path", b"path", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__owner_uid: _TypeAlias = _typing.Literal["owner_uid"]  # noqa: Y015
+    _WhichOneofArgType__owner_uid: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__owner_uid) -> _WhichOneofReturnType__owner_uid | None: ...
 
 Global___CreateRegionRequest: _TypeAlias = CreateRegionRequest  # noqa: Y015
 
@@ -582,3 +637,162 @@ class RangeResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RangeResult: _TypeAlias = RangeResult  # noqa: Y015
+
+@_typing.final
+class AttachRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    access: Global___Access.ValueType
+    """Required."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        access: Global___Access.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
+
+@_typing.final
+class AttachTicket(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    FD_SOCKET_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.str
+    """Opaque, single use, at least 128 random bits; send it on the fd socket
+    before expires_in seconds have passed.
+    """
+    fd_socket: _builtins.str
+    """Path of the daemon's fd socket."""
+    expires_in: _builtins.float
+    access: Global___Access.ValueType
+    @_builtins.property
+    def region(self) -> Global___Region: ...
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.str = ...,
+        fd_socket: _builtins.str = ...,
+        expires_in: _builtins.float = ...,
+        access: Global___Access.ValueType = ...,
+        region: Global___Region | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "expires_in", b"expires_in", "fd_socket", b"fd_socket", "region", b"region", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachTicket: _TypeAlias = AttachTicket  # noqa: Y015
+
+@_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class HugePagePool(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    FREE_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    SURPLUS_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    total: _builtins.int
+    free: _builtins.int
+    reserved: _builtins.int
+    surplus: _builtins.int
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        total: _builtins.int = ...,
+        free: _builtins.int = ...,
+        reserved: _builtins.int = ...,
+        surplus: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free", b"free", "page_size", b"page_size", "reserved", b"reserved", "surplus", b"surplus", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HugePagePool: _TypeAlias = HugePagePool  # noqa: Y015
+
+@_typing.final
+class DaemonStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
+    ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
+    QUOTA_BYTES_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
+    HUGETLB_POOLS_FIELD_NUMBER: _builtins.int
+    MADV_POPULATE_FIELD_NUMBER: _builtins.int
+    SOCKET_FIELD_NUMBER: _builtins.int
+    FD_SOCKET_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    uptime_seconds: _builtins.float
+    regions: _builtins.int
+    plugged_bytes: _builtins.int
+    allocated_bytes: _builtins.int
+    quota_bytes: _builtins.int
+    """The --max-bytes quota; 0 means none."""
+    threads: _builtins.int
+    madv_populate: _builtins.bool
+    """MADV_POPULATE_READ/WRITE available (Linux >= 5.14); without them the
+    daemon falls back to fallocate and to touching pages in a helper.
+    """
+    socket: _builtins.str
+    fd_socket: _builtins.str
+    @_builtins.property
+    def hugetlb_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___HugePagePool]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        uptime_seconds: _builtins.float = ...,
+        regions: _builtins.int = ...,
+        plugged_bytes: _builtins.int = ...,
+        allocated_bytes: _builtins.int = ...,
+        quota_bytes: _builtins.int = ...,
+        threads: _builtins.int = ...,
+        hugetlb_pools: _abc.Iterable[Global___HugePagePool] | None = ...,
+        madv_populate: _builtins.bool = ...,
+        socket: _builtins.str = ...,
+        fd_socket: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "fd_socket", b"fd_socket", "hugetlb_pools", b"hugetlb_pools", "madv_populate", b"madv_populate", "plugged_bytes", b"plugged_bytes", "quota_bytes", b"quota_bytes", "regions", b"regions", "socket", b"socket", "threads", b"threads", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DaemonStatus: _TypeAlias = DaemonStatus  # noqa: Y015

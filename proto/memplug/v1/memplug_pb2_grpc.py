@@ -74,6 +74,16 @@ class MemplugStub:
                 request_serializer=memplug_dot_v1_dot_memplug__pb2.RangeRequest.SerializeToString,
                 response_deserializer=memplug_dot_v1_dot_memplug__pb2.RangeResult.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/memplug.v1.Memplug/Attach',
+                request_serializer=memplug_dot_v1_dot_memplug__pb2.AttachRequest.SerializeToString,
+                response_deserializer=memplug_dot_v1_dot_memplug__pb2.AttachTicket.FromString,
+                _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/memplug.v1.Memplug/GetStatus',
+                request_serializer=memplug_dot_v1_dot_memplug__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=memplug_dot_v1_dot_memplug__pb2.DaemonStatus.FromString,
+                _registered_method=True)
 
 
 class MemplugServicer:
@@ -158,6 +168,24 @@ class MemplugServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Issues a one-time ticket for the region's fd. The caller presents it on
+        the fd socket (AttachTicket.fd_socket, see proto/memplug/v1/fd-protocol.md),
+        where the daemon checks the connecting process's uid/gid (SO_PEERCRED)
+        against the region's ACL before passing the fd with SCM_RIGHTS.
+        INVALID_ARGUMENT without an access mode.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatus(self, request, context):
+        """The daemon at a glance: version, uptime, regions, quota, kernel features.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemplugServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +228,16 @@ def add_MemplugServicer_to_server(servicer, server):
                     servicer.Discard,
                     request_deserializer=memplug_dot_v1_dot_memplug__pb2.RangeRequest.FromString,
                     response_serializer=memplug_dot_v1_dot_memplug__pb2.RangeResult.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=memplug_dot_v1_dot_memplug__pb2.AttachRequest.FromString,
+                    response_serializer=memplug_dot_v1_dot_memplug__pb2.AttachTicket.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=memplug_dot_v1_dot_memplug__pb2.GetStatusRequest.FromString,
+                    response_serializer=memplug_dot_v1_dot_memplug__pb2.DaemonStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -418,6 +456,60 @@ class Memplug:
             '/memplug.v1.Memplug/Discard',
             memplug_dot_v1_dot_memplug__pb2.RangeRequest.SerializeToString,
             memplug_dot_v1_dot_memplug__pb2.RangeResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memplug.v1.Memplug/Attach',
+            memplug_dot_v1_dot_memplug__pb2.AttachRequest.SerializeToString,
+            memplug_dot_v1_dot_memplug__pb2.AttachTicket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memplug.v1.Memplug/GetStatus',
+            memplug_dot_v1_dot_memplug__pb2.GetStatusRequest.SerializeToString,
+            memplug_dot_v1_dot_memplug__pb2.DaemonStatus.FromString,
             options,
             channel_credentials,
             insecure,

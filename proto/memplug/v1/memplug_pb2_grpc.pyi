@@ -86,6 +86,15 @@ class MemplugStub:
     they read as zero and are still backed. FAILED_PRECONDITION if any block
     of the range is unplugged.
     """
+    Attach: _grpc.UnaryUnaryMultiCallable[_memplug_pb2.AttachRequest, _memplug_pb2.AttachTicket]
+    """Issues a one-time ticket for the region's fd. The caller presents it on
+    the fd socket (AttachTicket.fd_socket, see proto/memplug/v1/fd-protocol.md),
+    where the daemon checks the connecting process's uid/gid (SO_PEERCRED)
+    against the region's ACL before passing the fd with SCM_RIGHTS.
+    INVALID_ARGUMENT without an access mode.
+    """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_memplug_pb2.GetStatusRequest, _memplug_pb2.DaemonStatus]
+    """The daemon at a glance: version, uptime, regions, quota, kernel features."""
 
 @_typing.type_check_only
 class MemplugAsyncStub(MemplugStub):
@@ -135,6 +144,15 @@ class MemplugAsyncStub(MemplugStub):
     they read as zero and are still backed. FAILED_PRECONDITION if any block
     of the range is unplugged.
     """
+    Attach: _aio.UnaryUnaryMultiCallable[_memplug_pb2.AttachRequest, _memplug_pb2.AttachTicket]  # type: ignore[assignment]
+    """Issues a one-time ticket for the region's fd. The caller presents it on
+    the fd socket (AttachTicket.fd_socket, see proto/memplug/v1/fd-protocol.md),
+    where the daemon checks the connecting process's uid/gid (SO_PEERCRED)
+    against the region's ACL before passing the fd with SCM_RIGHTS.
+    INVALID_ARGUMENT without an access mode.
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_memplug_pb2.GetStatusRequest, _memplug_pb2.DaemonStatus]  # type: ignore[assignment]
+    """The daemon at a glance: version, uptime, regions, quota, kernel features."""
 
 class MemplugServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -229,5 +247,26 @@ class MemplugServicer(metaclass=_abc_1.ABCMeta):
         they read as zero and are still backed. FAILED_PRECONDITION if any block
         of the range is unplugged.
         """
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request: _memplug_pb2.AttachRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memplug_pb2.AttachTicket, _abc.Awaitable[_memplug_pb2.AttachTicket]]:
+        """Issues a one-time ticket for the region's fd. The caller presents it on
+        the fd socket (AttachTicket.fd_socket, see proto/memplug/v1/fd-protocol.md),
+        where the daemon checks the connecting process's uid/gid (SO_PEERCRED)
+        against the region's ACL before passing the fd with SCM_RIGHTS.
+        INVALID_ARGUMENT without an access mode.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _memplug_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memplug_pb2.DaemonStatus, _abc.Awaitable[_memplug_pb2.DaemonStatus]]:
+        """The daemon at a glance: version, uptime, regions, quota, kernel features."""
 
 def add_MemplugServicer_to_server(servicer: MemplugServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,229 @@
+"""Fixtures on the real kernel: a real daemon process, real hugetlb pools, real tmpfs.
+
+Every fixture that changes the machine restores it on teardown. Tests that
+need root skip when not root, except under MEMPLUG_REQUIRE_PRIVILEGED=1
+(set by CI), where a skip would hide a gap and so fails instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from memplug.daemon.kernel import probe
+from memplug.v1 import memplug_pb2 as pb
+from memplug.v1 import memplug_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+GiB = 1 << 30
+HUGE_2M = 2 * MiB
+
+
+def require_root(why: str) -> None:
+    """Skip (or, under MEMPLUG_REQUIRE_PRIVILEGED=1, fail) unless running as root."""
+    if os.geteuid() == 0:
+        return
+    message = f"needs root: {why}"
+    if os.environ.get("MEMPLUG_REQUIRE_PRIVILEGED") == "1":
+        pytest.fail(f"{message} (MEMPLUG_REQUIRE_PRIVILEGED=1 forbids skipping)")
+    pytest.skip(message)
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip (or fail under MEMPLUG_REQUIRE_PRIVILEGED=1) when the machine lacks something."""
+    if condition:
+        return
+    if os.environ.get("MEMPLUG_REQUIRE_PRIVILEGED") == "1":
+        pytest.fail(f"{why} (MEMPLUG_REQUIRE_PRIVILEGED=1 forbids skipping)")
+    pytest.skip(why)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+@dataclass
+class DaemonProcess:
+    """A memplugd subprocess on its own sockets, with a gRPC stub to it."""
+
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    fd_socket: Path
+    log_path: Path
+    channel: grpc.Channel
+    stub: pb_grpc.MemplugStub
+    args: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def plug(self, name: str, offset: int, length: int, **kw: object) -> pb.OperationResult:
+        """Run a Plug to its end and return the final result."""
+        last = None
+        for msg in self.stub.Plug(pb.RangeRequest(name=name, offset=offset, length=length, **kw)):
+            last = msg
+        assert last is not None and last.HasField("result"), "Plug stream ended without a result"
+        return last.result
+
+    def populate(
+        self, name: str, offset: int, length: int, write: bool = True
+    ) -> pb.OperationResult:
+        mode = pb.POPULATE_MODE_WRITE if write else pb.POPULATE_MODE_READ
+        last = None
+        for msg in self.stub.Populate(
+            pb.PopulateRequest(name=name, offset=offset, length=length, mode=mode)
+        ):
+            last = msg
+        assert last is not None and last.HasField("result")
+        return last.result
+
+
+def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    sock, fd_sock = tmp / "memplug.sock", tmp / "fd.sock"
+    log_path = tmp / "memplugd.log"
+    args = [
+        sys.executable,
+        "-m",
+        "memplug.daemon",
+        "--socket",
+        str(sock),
+        "--fd-socket",
+        str(fd_sock),
+        "--state-dir",
+        str(tmp / "state"),
+        "--log-level",
+        "debug",
+        *extra,
+    ]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    channel = grpc.insecure_channel(f"unix:{sock}")
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"memplugd exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            grpc.channel_ready_future(channel).result(timeout=0.2)
+            break
+        except grpc.FutureTimeoutError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(
+                    f"memplugd did not serve in 20 s:\n{log_path.read_text()}"
+                ) from None
+    return DaemonProcess(proc, sock, fd_sock, log_path, channel, pb_grpc.MemplugStub(channel), args)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start daemons with extra flags; each must still be alive at teardown and exit 0."""
+    started: list[DaemonProcess] = []
+
+    def factory(*extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        d = start_daemon(tmp_path / f"daemon{len(started)}", *extra, env=env)
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        if d.proc.returncode is not None:
+            continue  # the test stopped it on purpose and checked the code
+        assert d.alive(), f"memplugd died during the test:\n{d.log()}"
+        code = d.stop()
+        assert code == 0, f"memplugd exited with {code} on SIGTERM:\n{d.log()}"
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
+    return daemon_factory()
+
+
+# --------------------------------------------------------------------------- machine state
+
+
+def _pool_file(page_size: int) -> Path:
+    return probe.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
+
+
+@contextlib.contextmanager
+def hugetlb_pool_of(pages: int, page_size: int = HUGE_2M) -> Iterator[Path]:
+    """Set the pool of page_size to exactly `pages` pages; restore it afterwards."""
+    require_root("sets the hugetlb pool size")
+    path = _pool_file(page_size)
+    require(path.exists(), f"the kernel offers no {page_size // MiB} MiB huge page pool")
+    original = int(path.read_text())
+    try:
+        path.write_text(str(pages))
+        got = int(path.read_text())
+        require(got == pages, f"could only get {got} of {pages} huge pages (memory fragmented)")
+        yield path
+    finally:
+        path.write_text(str(original))
+
+
+@pytest.fixture
+def hugetlb_pool() -> Iterator[Callable[[int], None]]:
+    """hugetlb_pool(n) sets the 2 MiB pool to n pages for this test; restored after."""
+    stack = contextlib.ExitStack()
+
+    def set_pool(pages: int, page_size: int = HUGE_2M) -> None:
+        stack.enter_context(hugetlb_pool_of(pages, page_size))
+
+    with stack:
+        yield set_pool
+
+
+def huge_free(page_size: int = HUGE_2M) -> int:
+    return probe.huge_pool(page_size).free
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """small_tmpfs('64M') mounts a tmpfs of that size and returns its path; unmounted after."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        require_root("mounts a tmpfs with a size limit")
+        where = tmp_path / f"tmpfs{len(mounts)}"
+        where.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+            check=True,
+        )
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounts):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def used_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
