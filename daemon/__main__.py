@@ -11,7 +11,8 @@ import threading
 from memplug.daemon import __version__
 from memplug.daemon.config import load
 from memplug.daemon.errors import MemplugError
-from memplug.daemon.server import Daemon, StartupError
+from memplug.daemon.server import Daemon
+from memplug.daemon.transport.unixsock import StartupError
 
 
 def setup_logging(level: str) -> None:

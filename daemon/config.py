@@ -45,6 +45,8 @@ class Config:
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     socket_mode: int = 0o660
     socket_group: str | None = None
+    fd_socket_mode: int = 0o666  # the consumer plane: identity is checked per region
+    ticket_ttl: float = 10.0
     log_level: str = "info"
 
     def validate(self) -> Config:
@@ -52,8 +54,14 @@ class Config:
             raise InvalidArgument("threads must be >= 1")
         if self.max_bytes is not None and self.max_bytes < 0:
             raise InvalidArgument("max-bytes must be >= 0")
-        if self.socket_mode & ~0o777:
-            raise InvalidArgument(f"socket-mode {self.socket_mode:o} is not a file mode")
+        for name, mode in (
+            ("socket-mode", self.socket_mode),
+            ("fd-socket-mode", self.fd_socket_mode),
+        ):
+            if mode & ~0o777:
+                raise InvalidArgument(f"{name} {mode:o} is not a file mode")
+        if not 0 < self.ticket_ttl <= 3600:
+            raise InvalidArgument("ticket-ttl must be between 0 and 3600 seconds")
         if self.socket_group is not None:
             try:
                 grp.getgrnam(self.socket_group)
@@ -86,7 +94,9 @@ def _coerce(key: str, value: Any) -> Any:
         )
     if key == "threads":
         return int(value)
-    if key == "socket_mode":
+    if key == "ticket_ttl":
+        return float(value)
+    if key in ("socket_mode", "fd_socket_mode"):
         return value if isinstance(value, int) else int(str(value), 8)
     return value
 

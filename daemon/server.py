@@ -6,11 +6,8 @@ import contextlib
 import grp
 import logging
 import os
-import socket
-import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 
@@ -18,41 +15,14 @@ from memplug.daemon import __version__
 from memplug.daemon.config import Config
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.ranges import format_size
+from memplug.daemon.transport.fdserver import FdServer
 from memplug.daemon.transport.servicer import MemplugServicer
+from memplug.daemon.transport.unixsock import StartupError, claim_socket_path
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 log = logging.getLogger("memplug.server")
 
 RPC_THREADS = 64  # each streaming Plug holds one while it runs; reads must still get through
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
-
-
-def claim_socket_path(path: Path) -> None:
-    """Make way for our socket: replace a dead daemon's, never a live one's."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"{path} exists and is not a socket: remove it or pick another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        log.info("replaced the stale socket %s of a daemon that is gone", path)
-        return
-    except TimeoutError:
-        raise StartupError(
-            f"{path} belongs to a daemon that does not answer; stop it first"
-        ) from None
-    finally:
-        probe.close()
-    raise StartupError(f"another memplugd is already serving on {path}; stop it first")
 
 
 class Daemon:
@@ -62,7 +32,9 @@ class Daemon:
             threads=config.threads,
             max_bytes=config.max_bytes,
             allow_dirs=list(config.allow_dirs),
+            ticket_ttl=config.ticket_ttl,
         )
+        self.fd_server = FdServer(config.fd_socket, self.engine, mode=config.fd_socket_mode)
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
 
@@ -71,6 +43,10 @@ class Daemon:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         claim_socket_path(path)
+        try:
+            self.fd_server.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {self.config.fd_socket}: {exc}") from exc
         server = grpc.server(
             ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="memplug-rpc"),
             options=[("grpc.max_receive_message_length", 1 << 20)],
@@ -95,9 +71,10 @@ class Daemon:
         self._server = server
         quota = format_size(self.config.max_bytes) if self.config.max_bytes is not None else "none"
         log.info(
-            "memplugd %s serving on unix:%s (threads=%d quota=%s allow_dirs=%s)",
+            "memplugd %s serving on unix:%s, fd socket %s (threads=%d quota=%s allow_dirs=%s)",
             __version__,
             path,
+            self.config.fd_socket,
             self.config.threads,
             quota,
             ",".join(map(str, self.config.allow_dirs)) or "-",
@@ -114,6 +91,7 @@ class Daemon:
         self.engine.shutdown(timeout=grace)
         if stopped is not None:
             stopped.wait(grace)
+        self.fd_server.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket)
         log.info("stopped")

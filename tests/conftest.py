@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -80,7 +81,7 @@ class DaemonProcess:
             self.proc.wait()
             raise
 
-    def plug(self, name: str, offset: int, length: int, **kw: object) -> pb.OperationResult:
+    def plug(self, name: str, offset: int, length: int, **kw: Any) -> pb.OperationResult:
         """Run a Plug to its end and return the final result."""
         last = None
         for msg in self.stub.Plug(pb.RangeRequest(name=name, offset=offset, length=length, **kw)):
@@ -227,3 +228,20 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
 def used_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def open_region_fd(daemon: DaemonProcess, name: str) -> int:
+    """Open the daemon's memfd of a SHMEM or HUGETLB region through /proc, O_RDWR.
+
+    Stands in for the fd-passing API in tests: the caller closes the fd.
+    """
+    want = f"/memfd:memplug:{name} (deleted)"
+    fd_dir = Path(f"/proc/{daemon.proc.pid}/fd")
+    for entry in fd_dir.iterdir():
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue  # closed meanwhile
+        if target == want:
+            return os.open(entry, os.O_RDWR | os.O_CLOEXEC)
+    raise LookupError(f"memplugd (pid {daemon.proc.pid}) holds no memfd of region {name!r}")

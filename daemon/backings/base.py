@@ -57,6 +57,21 @@ class Backing(ABC):
     def allocated_bytes(self) -> int:
         return ops.allocated_bytes(self.fd)
 
+    # ------------------------------------------------------------------ hand-off
+
+    def reopen(self, *, writable: bool) -> int:
+        """A new open file description on the same memory, for one client.
+
+        Read-only is the kernel's: an O_RDONLY fd cannot be mapped shared
+        writable, mprotect cannot add PROT_WRITE to such a mapping, and write,
+        fallocate and F_ADD_SEALS refuse it.
+        """
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        return os.open(f"/proc/self/fd/{self.fd}", flags)
+
+    def seals(self) -> int:
+        return ops.get_seals(self.fd) if self.kind is not BackingKind.FILE else 0
+
     # ------------------------------------------------------------------ errors
 
     @abstractmethod

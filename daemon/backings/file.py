@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 from memplug.daemon.backings.base import Backing, BackingKind
+from memplug.daemon.backings.shmem import restrict_inode
 from memplug.daemon.engine.ranges import format_size
 from memplug.daemon.errors import (
     FailedPrecondition,
@@ -64,8 +65,12 @@ class FileBacking(Backing):
         self.identity = (st.st_dev, st.st_ino)
 
     @classmethod
-    def open(cls, path: str, size: int, allow_dirs: list[Path]) -> FileBacking:
-        """Open (or create) the file; size 0 adopts an existing file's size."""
+    def open(cls, path: str, size: int, allow_dirs: list[Path], owner_uid: int) -> FileBacking:
+        """Open (or create) the file; size 0 adopts an existing file's size.
+
+        A file memplug creates belongs to the region's owner, mode 0600; an
+        adopted file keeps its owner and mode.
+        """
         base, rel = _locate(path, allow_dirs)
         full = str(base / rel)
         flags = os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY
@@ -86,6 +91,7 @@ class FileBacking(Backing):
                 if size == 0:
                     raise InvalidArgument(f"size must be > 0 to create {full}")
                 os.ftruncate(fd, size)
+                restrict_inode(fd, owner_uid)
             elif size == 0:
                 size = st.st_size
                 if size == 0:

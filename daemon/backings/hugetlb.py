@@ -13,8 +13,9 @@ class HugetlbBacking(Backing):
     kind = BackingKind.HUGETLB
 
     @classmethod
-    def create(cls, name: str, size: int, page_size: int) -> HugetlbBacking:
-        return cls(create_memfd(name, size, ops.huge_page_flag(page_size)), size, page_size)
+    def create(cls, name: str, size: int, page_size: int, owner_uid: int) -> HugetlbBacking:
+        fd = create_memfd(name, size, owner_uid, ops.huge_page_flag(page_size))
+        return cls(fd, size, page_size)
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         # hugetlbfs reports the whole file as data: SEEK_DATA tells nothing. By

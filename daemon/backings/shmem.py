@@ -14,14 +14,20 @@ from memplug.daemon.kernel import ops, probe
 REGION_SEALS = ops.F_SEAL_SHRINK | ops.F_SEAL_GROW | ops.F_SEAL_SEAL
 
 
-def create_memfd(name: str, size: int, extra_flags: int = 0) -> int:
-    """memfd_create + ftruncate + seals, closing the fd if any step fails."""
+def create_memfd(name: str, size: int, owner_uid: int, extra_flags: int = 0) -> int:
+    """memfd_create + ftruncate + owner + seals, closing the fd if any step fails.
+
+    A memfd inode is created with mode 0777: anyone handed even a read-only fd
+    could reopen /proc/self/fd/N read-write. Mode 0600 and the region owner
+    as the inode's owner leave that reopen to the owner (and root) alone.
+    """
     flags = ops.MFD_CLOEXEC | ops.MFD_ALLOW_SEALING | extra_flags
     if probe.has_memfd_noexec_seal():
         flags |= ops.MFD_NOEXEC_SEAL
     fd = ops.memfd_create(f"memplug:{name}", flags)
     try:
         os.ftruncate(fd, size)
+        restrict_inode(fd, owner_uid)
         ops.add_seals(fd, REGION_SEALS)
     except BaseException:
         os.close(fd)
@@ -29,12 +35,18 @@ def create_memfd(name: str, size: int, extra_flags: int = 0) -> int:
     return fd
 
 
+def restrict_inode(fd: int, owner_uid: int) -> None:
+    if os.geteuid() == 0 and owner_uid != 0:
+        os.fchown(fd, owner_uid, -1)
+    os.fchmod(fd, 0o600)
+
+
 class ShmemBacking(Backing):
     kind = BackingKind.SHMEM
 
     @classmethod
-    def create(cls, name: str, size: int) -> ShmemBacking:
-        return cls(create_memfd(name, size), size, probe.BASE_PAGE_SIZE)
+    def create(cls, name: str, size: int, owner_uid: int) -> ShmemBacking:
+        return cls(create_memfd(name, size, owner_uid), size, probe.BASE_PAGE_SIZE)
 
     def exhausted(self, missing: int) -> ResourceExhausted:
         return ResourceExhausted(

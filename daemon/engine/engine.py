@@ -38,6 +38,7 @@ from memplug.daemon.engine.ranges import (
     subtract,
 )
 from memplug.daemon.engine.region import (
+    Access,
     Region,
     RegionInfo,
     RegionSpec,
@@ -52,6 +53,7 @@ from memplug.daemon.engine.strategy import (
     plug_method,
     populate_method,
 )
+from memplug.daemon.engine.tickets import Handoff, Peer, Ticket, TicketBook
 from memplug.daemon.errors import (
     AlreadyExists,
     Cancelled,
@@ -61,6 +63,7 @@ from memplug.daemon.errors import (
     InvalidArgument,
     MemplugError,
     NotFound,
+    PermissionDenied,
     QuotaExceeded,
 )
 from memplug.daemon.kernel import probe
@@ -108,9 +111,11 @@ class RegionEngine:
         threads: int,
         max_bytes: int | None = None,
         allow_dirs: list[Path] | None = None,
+        ticket_ttl: float = 10.0,
     ) -> None:
         self.threads = threads
         self.max_bytes = max_bytes
+        self.ticket_ttl = ticket_ttl
         self.allow_dirs = [Path(d).resolve() for d in (allow_dirs or [])]
         self._runner = Runner(threads)
         self._lock = threading.Condition()
@@ -119,6 +124,7 @@ class RegionEngine:
         self._plugged_total = 0
         self._running: set[CancelToken] = set()
         self._closing = False
+        self._tickets = TicketBook(ticket_ttl)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -229,7 +235,9 @@ class RegionEngine:
         if spec.backing is BackingKind.FILE:
             if spec.size:
                 self._check_size(spec.size, block_size)
-            file_backing = FileBacking.open(spec.path, spec.size, self.allow_dirs)
+            file_backing = FileBacking.open(
+                spec.path, spec.size, self.allow_dirs, spec.acl.owner_uid
+            )
             try:
                 self._check_size(file_backing.size, block_size)
             except BaseException:
@@ -239,8 +247,12 @@ class RegionEngine:
             return file_backing, block_size
         self._check_size(spec.size, block_size)
         if spec.backing is BackingKind.HUGETLB:
-            return HugetlbBacking.create(spec.name, spec.size, page_size), block_size
-        return ShmemBacking.create(spec.name, spec.size), block_size
+            backing: Backing = HugetlbBacking.create(
+                spec.name, spec.size, page_size, spec.acl.owner_uid
+            )
+        else:
+            backing = ShmemBacking.create(spec.name, spec.size, spec.acl.owner_uid)
+        return backing, block_size
 
     @staticmethod
     def _check_size(size: int, block_size: int) -> None:
@@ -304,8 +316,43 @@ class RegionEngine:
             del self._regions[name]
             with region.mutex:
                 self._plugged_total -= region.plugged.total
+        self._tickets.revoke_region(name)
         region.backing.close()
         log.info("deleted region %s", name)
+
+    # ------------------------------------------------------------------ hand-off
+
+    def attach(self, name: str, access: Access) -> Ticket:
+        """A one-time ticket for the region's fd, to redeem on the fd socket."""
+        return self._tickets.issue(self._get(name).name, access)
+
+    def redeem(self, value: str, peer: Peer) -> Handoff:
+        """Trade a ticket for a fresh fd, if the peer passes the region's ACL.
+
+        The ticket is used up whatever the outcome, so it cannot be retried
+        from another process.
+        """
+        ticket = self._tickets.redeem(value)
+        region = self._get(ticket.region)
+        if not region.acl.allows(peer.uid, peer.gids, ticket.access):
+            raise PermissionDenied(
+                f"uid {peer.uid} may not attach region {region.name!r} "
+                f"{'read-only' if ticket.access is Access.READ_ONLY else 'read-write'}: "
+                "it is not in the region's ACL",
+                region=region.name,
+            )
+        backing = region.backing
+        fd = backing.reopen(writable=ticket.access is Access.READ_WRITE)
+        return Handoff(
+            fd=fd,
+            region=region.name,
+            size=region.size,
+            page_size=backing.page_size,
+            block_size=region.block_size,
+            backing=backing.kind.value,
+            access=ticket.access,
+            seals=backing.seals(),
+        )
 
     # ------------------------------------------------------------------ plug
 

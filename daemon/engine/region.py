@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 import threading
 from collections.abc import Mapping
@@ -43,21 +44,37 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
     return dict(labels)
 
 
+class Access(enum.Enum):
+    READ_WRITE = "rw"
+    READ_ONLY = "ro"
+
+
 @dataclass(frozen=True)
 class Acl:
-    """Who may attach a region's fd; root always may."""
+    """Who may attach a region's fd, and how; root always may."""
 
     owner_uid: int = 0
     allowed_uids: frozenset[int] = frozenset()
     allowed_gids: frozenset[int] = frozenset()
+    read_only_uids: frozenset[int] = frozenset()
+    read_only_gids: frozenset[int] = frozenset()
 
-    def allows(self, uid: int, gids: frozenset[int]) -> bool:
-        return (
-            uid in (0, self.owner_uid) or uid in self.allowed_uids or bool(gids & self.allowed_gids)
-        )
+    def allows(self, uid: int, gids: frozenset[int], access: Access) -> bool:
+        if uid in (0, self.owner_uid) or uid in self.allowed_uids or gids & self.allowed_gids:
+            return True
+        if access is Access.READ_ONLY:
+            return uid in self.read_only_uids or bool(gids & self.read_only_gids)
+        return False
 
     def check(self) -> Acl:
-        for ident in (self.owner_uid, *self.allowed_uids, *self.allowed_gids):
+        ids = (
+            self.owner_uid,
+            *self.allowed_uids,
+            *self.allowed_gids,
+            *self.read_only_uids,
+            *self.read_only_gids,
+        )
+        for ident in ids:
             if not 0 <= ident < 0xFFFFFFFF:  # (uid_t)-1 means "no id" to the kernel
                 raise InvalidArgument(f"invalid uid/gid {ident} in the region's ACL")
         return self

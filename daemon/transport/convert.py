@@ -7,8 +7,9 @@ from typing import Final
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine.engine import EngineStatus, OpResult, RangeOutcome
 from memplug.daemon.engine.ranges import Range
-from memplug.daemon.engine.region import Acl, RegionInfo, RegionSpec
+from memplug.daemon.engine.region import Access, Acl, RegionInfo, RegionSpec
 from memplug.daemon.engine.strategy import Requested
+from memplug.daemon.engine.tickets import Ticket
 from memplug.daemon.errors import InvalidArgument
 from memplug.daemon.kernel import probe
 from memplug.v1 import memplug_pb2 as pb
@@ -19,6 +20,12 @@ BACKING_TO_PROTO: Final = {
     BackingKind.FILE: pb.BACKING_FILE,
 }
 BACKING_FROM_PROTO: Final = {v: k for k, v in BACKING_TO_PROTO.items()}
+
+ACCESS_TO_PROTO: Final = {
+    Access.READ_WRITE: pb.ACCESS_READ_WRITE,
+    Access.READ_ONLY: pb.ACCESS_READ_ONLY,
+}
+ACCESS_FROM_PROTO: Final = {v: k for k, v in ACCESS_TO_PROTO.items()}
 
 STRATEGY_FROM_PROTO: Final = {
     pb.STRATEGY_AUTO: Requested.AUTO,
@@ -47,6 +54,8 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         owner_uid=info.acl.owner_uid,
         allowed_uids=sorted(info.acl.allowed_uids),
         allowed_gids=sorted(info.acl.allowed_gids),
+        read_only_uids=sorted(info.acl.read_only_uids),
+        read_only_gids=sorted(info.acl.read_only_gids),
     )
 
 
@@ -68,6 +77,8 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
             owner_uid=request.owner_uid if request.HasField("owner_uid") else 0,
             allowed_uids=frozenset(request.allowed_uids),
             allowed_gids=frozenset(request.allowed_gids),
+            read_only_uids=frozenset(request.read_only_uids),
+            read_only_gids=frozenset(request.read_only_gids),
         ),
     )
 
@@ -84,6 +95,24 @@ def populate_write_from_proto(mode: int) -> bool:
     if mode == pb.POPULATE_MODE_WRITE:
         return True
     raise InvalidArgument(f"populate mode {mode} is not READ or WRITE: say which")
+
+
+def access_from_proto(value: int) -> Access:
+    if value not in ACCESS_FROM_PROTO:
+        raise InvalidArgument(f"access {value} is not READ_WRITE or READ_ONLY: say which")
+    return ACCESS_FROM_PROTO[value]  # type: ignore[index]
+
+
+def ticket_to_proto(
+    ticket: Ticket, *, fd_socket: str, ttl: float, region: RegionInfo
+) -> pb.AttachTicket:
+    return pb.AttachTicket(
+        ticket=ticket.value,
+        fd_socket=fd_socket,
+        expires_in=ttl,
+        access=ACCESS_TO_PROTO[ticket.access],
+        region=region_to_proto(region),
+    )
 
 
 def result_to_proto(result: OpResult) -> pb.OperationResult:

@@ -112,6 +112,17 @@ class MemplugServicer(pb_grpc.MemplugServicer):
             )
         )
 
+    @translate("Attach")
+    def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> pb.AttachTicket:
+        access = convert.access_from_proto(request.access)
+        ticket = self._engine.attach(request.name, access)
+        return convert.ticket_to_proto(
+            ticket,
+            fd_socket=self._fd_socket,
+            ttl=self._engine.ticket_ttl,
+            region=self._engine.get_region(request.name),
+        )
+
     @translate("Unplug")
     def Unplug(self, request: pb.RangeRequest, context: grpc.ServicerContext) -> pb.RangeResult:
         outcome = self._engine.unplug(

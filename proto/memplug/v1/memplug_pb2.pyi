@@ -196,6 +196,8 @@ class Region(_message.Message):
     OWNER_UID_FIELD_NUMBER: _builtins.int
     ALLOWED_UIDS_FIELD_NUMBER: _builtins.int
     ALLOWED_GIDS_FIELD_NUMBER: _builtins.int
+    READ_ONLY_UIDS_FIELD_NUMBER: _builtins.int
+    READ_ONLY_GIDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, 1-63 characters of [a-z0-9._-], starting with [a-z0-9]."""
     size: _builtins.int
@@ -224,7 +226,11 @@ class Region(_message.Message):
     owner_uid: _builtins.int
     """Who may attach the region's fd (root always may): the owner, and
     processes whose uid is in allowed_uids or whose primary or supplementary
-    gid is in allowed_gids.
+    gid is in allowed_gids, with either access; processes matched only by
+    read_only_uids or read_only_gids, with ACCESS_READ_ONLY only.
+    The memfd's inode belongs to owner_uid with mode 0600, so the owner (and
+    only the owner) may also reopen /proc/self/fd/N read-write, as QEMU's
+    mem-path does.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -236,6 +242,10 @@ class Region(_message.Message):
     def allowed_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def allowed_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def read_only_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def read_only_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -253,10 +263,12 @@ class Region(_message.Message):
         owner_uid: _builtins.int = ...,
         allowed_uids: _abc.Iterable[_builtins.int] | None = ...,
         allowed_gids: _abc.Iterable[_builtins.int] | None = ...,
+        read_only_uids: _abc.Iterable[_builtins.int] | None = ...,
+        read_only_gids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -296,6 +308,8 @@ class CreateRegionRequest(_message.Message):
     OWNER_UID_FIELD_NUMBER: _builtins.int
     ALLOWED_UIDS_FIELD_NUMBER: _builtins.int
     ALLOWED_GIDS_FIELD_NUMBER: _builtins.int
+    READ_ONLY_UIDS_FIELD_NUMBER: _builtins.int
+    READ_ONLY_GIDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """See Region.name."""
     size: _builtins.int
@@ -324,6 +338,10 @@ class CreateRegionRequest(_message.Message):
     def allowed_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def allowed_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def read_only_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def read_only_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -337,10 +355,12 @@ class CreateRegionRequest(_message.Message):
         owner_uid: _builtins.int | None = ...,
         allowed_uids: _abc.Iterable[_builtins.int] | None = ...,
         allowed_gids: _abc.Iterable[_builtins.int] | None = ...,
+        read_only_uids: _abc.Iterable[_builtins.int] | None = ...,
+        read_only_gids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "owner_uid", b"owner_uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__owner_uid: _TypeAlias = _typing.Literal["owner_uid"]  # noqa: Y015
     _WhichOneofArgType__owner_uid: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid"]  # noqa: Y015
