@@ -14,6 +14,7 @@
     ├── PermissionDenied              PERMISSION_DENIED    path outside the allowed dirs
     ├── Cancelled                     CANCELLED            rollback already done
     ├── DeadlineExceeded              DEADLINE_EXCEEDED    rollback already done
+    ├── Unavailable                   UNAVAILABLE          (client side) daemon unreachable
     └── Internal                      INTERNAL             a bug in memplug
 
 The mapping to gRPC codes lives in one table, memplug.daemon.transport.status.
@@ -24,7 +25,13 @@ from __future__ import annotations
 
 
 class MemplugError(Exception):
-    """Base class. `message` is for people: what failed, on what, what to do."""
+    """Base class. `message` is for people: what failed, on what, what to do.
+
+    `code` is the gRPC status name ("RESOURCE_EXHAUSTED") when the error came
+    over the wire; the client sets it.
+    """
+
+    code: str | None = None
 
     def __init__(
         self,
@@ -92,6 +99,10 @@ class Cancelled(MemplugError):
 
 
 class DeadlineExceeded(MemplugError):
+    pass
+
+
+class Unavailable(MemplugError):
     pass
 
 

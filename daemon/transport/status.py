@@ -26,6 +26,7 @@ from memplug.daemon.errors import (
     OutOfRange,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 
 log = logging.getLogger("memplug.rpc")
@@ -42,6 +43,7 @@ STATUS: Final[Mapping[type[MemplugError], grpc.StatusCode]] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Cancelled: grpc.StatusCode.CANCELLED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
     Internal: grpc.StatusCode.INTERNAL,
 }
 

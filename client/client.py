@@ -1,0 +1,234 @@
+"""Client: one method per RPC of memplugd, over its Unix socket."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from memplug.client import convert
+from memplug.client.attach import Attachment, redeem
+from memplug.client.errors import error_from_rpc
+from memplug.client.types import OperationResult, RangeResult, Region, Status
+from memplug.daemon.config import default_socket
+from memplug.daemon.errors import Cancelled, Internal
+from memplug.v1 import memplug_pb2 as pb
+from memplug.v1 import memplug_pb2_grpc as pb_grpc
+
+Progress = Callable[[int, int], None]  # (done_bytes, total_bytes)
+T = TypeVar("T")
+
+
+class Client:
+    """A connection to memplugd.
+
+    socket: the daemon's gRPC socket; default $MEMPLUG_SOCKET, else
+    /run/memplug/memplug.sock as root, $XDG_RUNTIME_DIR/memplug/memplug.sock
+    otherwise. timeout: seconds for short calls (plug and populate take the
+    per-call timeout, default none). Errors are MemplugError subclasses with
+    .code set to the gRPC status name.
+    """
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *, timeout: float = 30.0):
+        self.socket = Path(socket) if socket is not None else default_socket()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(f"unix:{self.socket}")
+        self._stub = pb_grpc.MemplugStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unary(self, method: Callable[..., T], request: Any) -> T:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, target=str(self.socket)) from None
+
+    # ------------------------------------------------------------------ regions
+
+    def create_region(
+        self,
+        name: str,
+        size: int,
+        backing: str = "shmem",
+        *,
+        page_size: int = 0,
+        block_size: int = 0,
+        path: str = "",
+        labels: Mapping[str, str] | None = None,
+        owner_uid: int | None = None,
+        allowed_uids: list[int] | None = None,
+        allowed_gids: list[int] | None = None,
+        read_only_uids: list[int] | None = None,
+        read_only_gids: list[int] | None = None,
+    ) -> Region:
+        request = pb.CreateRegionRequest(
+            name=name,
+            size=size,
+            backing=convert.pick(convert.BACKINGS, backing, "backing"),  # type: ignore[arg-type]
+            page_size=page_size,
+            block_size=block_size,
+            path=path,
+            labels=dict(labels or {}),
+            owner_uid=owner_uid,
+            allowed_uids=allowed_uids or [],
+            allowed_gids=allowed_gids or [],
+            read_only_uids=read_only_uids or [],
+            read_only_gids=read_only_gids or [],
+        )
+        return convert.region(self._unary(self._stub.CreateRegion, request))
+
+    def get_region(self, name: str) -> Region:
+        return convert.region(self._unary(self._stub.GetRegion, pb.GetRegionRequest(name=name)))
+
+    def list_regions(self, labels: Mapping[str, str] | None = None) -> list[Region]:
+        request = pb.ListRegionsRequest(label_selector=dict(labels or {}))
+        return [convert.region(r) for r in self._unary(self._stub.ListRegions, request).regions]
+
+    def delete_region(self, name: str) -> None:
+        self._unary(self._stub.DeleteRegion, pb.DeleteRegionRequest(name=name))
+
+    def status(self) -> Status:
+        return convert.status(self._unary(self._stub.GetStatus, pb.GetStatusRequest()))
+
+    # ------------------------------------------------------------------ ranges
+
+    def _whole(self, name: str, offset: int, length: int | None) -> int:
+        """length None means up to the end of the region."""
+        return self.get_region(name).size - offset if length is None else length
+
+    def plug(
+        self,
+        name: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        strategy: str = "auto",
+        threads: int = 0,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        timeout: float | None = None,
+    ) -> OperationResult:
+        """Plug [offset, offset+length) (default: to the end); blocks until done.
+
+        Setting `cancel` (or Ctrl-C) cancels the call; the daemon then releases
+        whatever it allocated and this raises Cancelled.
+        """
+        request = pb.RangeRequest(
+            name=name,
+            offset=offset,
+            length=self._whole(name, offset, length),
+            strategy=convert.pick(convert.STRATEGIES, strategy, "strategy"),  # type: ignore[arg-type]
+            threads=threads,
+        )
+        return self._stream(self._stub.Plug, request, progress, cancel, timeout)
+
+    def populate(
+        self,
+        name: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        mode: str = "write",
+        threads: int = 0,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        timeout: float | None = None,
+    ) -> OperationResult:
+        modes = {"read": pb.POPULATE_MODE_READ, "write": pb.POPULATE_MODE_WRITE}
+        request = pb.PopulateRequest(
+            name=name,
+            offset=offset,
+            length=self._whole(name, offset, length),
+            mode=convert.pick(modes, mode, "populate mode"),  # type: ignore[arg-type]
+            threads=threads,
+        )
+        return self._stream(self._stub.Populate, request, progress, cancel, timeout)
+
+    def _stream(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        progress: Progress | None,
+        cancel: threading.Event | None,
+        timeout: float | None,
+    ) -> OperationResult:
+        call: Any = method(request, timeout=timeout)
+        finished = threading.Event()
+        if cancel is not None:
+
+            def watch() -> None:
+                while not finished.is_set():
+                    if cancel.wait(0.05):
+                        call.cancel()
+                        return
+
+            threading.Thread(target=watch, name="memplug-cancel", daemon=True).start()
+        try:
+            for message in call:
+                if message.HasField("result"):
+                    return convert.result(message.result)
+                if progress is not None:
+                    progress(message.done_bytes, message.total_bytes)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.CANCELLED and (cancel is None or cancel.is_set()):
+                raise Cancelled(
+                    f"{request.name}: cancelled; the daemon releases what it had allocated"
+                ) from None
+            raise error_from_rpc(exc, target=str(self.socket)) from None
+        except BaseException:
+            call.cancel()  # Ctrl-C and friends: tell the daemon to roll back
+            raise
+        finally:
+            finished.set()
+        raise Internal("the daemon ended the stream without a result")
+
+    def unplug(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
+        request = pb.RangeRequest(
+            name=name, offset=offset, length=self._whole(name, offset, length)
+        )
+        return convert.range_result(self._unary(self._stub.Unplug, request))
+
+    def discard(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
+        request = pb.RangeRequest(
+            name=name, offset=offset, length=self._whole(name, offset, length)
+        )
+        return convert.range_result(self._unary(self._stub.Discard, request))
+
+    # ------------------------------------------------------------------ hand-off
+
+    def attach(
+        self,
+        name: str,
+        access: str = "rw",
+        *,
+        populate: str | None = None,
+        map_memory: bool = True,
+    ) -> Attachment:
+        """Take the region's fd and (by default) map it; use as a context manager.
+
+        populate="write" or "read" prefaults this process's page tables for the
+        plugged blocks (MADV_POPULATE_*), so first touches take no faults.
+        """
+        request = pb.AttachRequest(
+            name=name,
+            access=convert.pick(convert.ACCESS, access, "access"),  # type: ignore[arg-type]
+        )
+        ticket = self._unary(self._stub.Attach, request)
+        fd, info = redeem(ticket.fd_socket, ticket.ticket)
+        plugged = [(r.offset, r.length) for r in ticket.region.plugged]
+        try:
+            return Attachment(fd, info, plugged=plugged, populate=populate, map_memory=map_memory)
+        except BaseException:
+            os.close(fd)
+            raise

@@ -1,0 +1,75 @@
+"""protobuf messages -> client dataclasses."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from memplug.client.types import HugePool, OperationResult, RangeResult, Region, Status
+from memplug.daemon.errors import InvalidArgument
+from memplug.v1 import memplug_pb2 as pb
+
+BACKINGS: Final = {
+    "shmem": pb.BACKING_SHMEM,
+    "hugetlb": pb.BACKING_HUGETLB,
+    "file": pb.BACKING_FILE,
+}
+BACKING_NAMES: Final = {v: k for k, v in BACKINGS.items()}
+STRATEGIES: Final = {
+    "auto": pb.STRATEGY_AUTO,
+    "fallocate": pb.STRATEGY_FALLOCATE,
+    "populate-write": pb.STRATEGY_POPULATE_WRITE,
+}
+ACCESS: Final = {"rw": pb.ACCESS_READ_WRITE, "ro": pb.ACCESS_READ_ONLY}
+
+
+def pick(table: dict[str, int], value: str, what: str) -> int:
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown {what} {value!r}: use {', '.join(table)}") from None
+
+
+def region(m: pb.Region) -> Region:
+    return Region(
+        name=m.name,
+        size=m.size,
+        backing=BACKING_NAMES.get(m.backing, "unspecified"),
+        page_size=m.page_size,
+        block_size=m.block_size,
+        path=m.path,
+        labels=dict(m.labels),
+        plugged=[(r.offset, r.length) for r in m.plugged],
+        plugged_bytes=m.plugged_bytes,
+        allocated_bytes=m.allocated_bytes,
+        created_at=m.created_at,
+        owner_uid=m.owner_uid,
+        allowed_uids=list(m.allowed_uids),
+        allowed_gids=list(m.allowed_gids),
+        read_only_uids=list(m.read_only_uids),
+        read_only_gids=list(m.read_only_gids),
+    )
+
+
+def result(m: pb.OperationResult) -> OperationResult:
+    return OperationResult(m.bytes, m.seconds, m.strategy, m.threads, region(m.region))
+
+
+def range_result(m: pb.RangeResult) -> RangeResult:
+    return RangeResult(m.bytes, m.seconds, region(m.region))
+
+
+def status(m: pb.DaemonStatus) -> Status:
+    return Status(
+        version=m.version,
+        uptime_seconds=m.uptime_seconds,
+        regions=m.regions,
+        plugged_bytes=m.plugged_bytes,
+        allocated_bytes=m.allocated_bytes,
+        quota_bytes=m.quota_bytes or None,
+        threads=m.threads,
+        hugetlb_pools=[HugePool(p.page_size, p.total, p.free, p.reserved, p.surplus)
+                       for p in m.hugetlb_pools],
+        madv_populate=m.madv_populate,
+        socket=m.socket,
+        fd_socket=m.fd_socket,
+    )  # fmt: skip

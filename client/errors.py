@@ -1,0 +1,84 @@
+"""The client raises the daemon's own exception classes, restored from the status.
+
+The daemon names the class in the trailing metadata key "memplug-error"; the
+gRPC code alone picks the base class when it does not (or names one unknown).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import grpc
+
+from memplug.daemon.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MemplugError,
+    NoSpace,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    PoolExhausted,
+    QuotaExceeded,
+    ResourceExhausted,
+    Unavailable,
+    all_error_classes,
+)
+
+ERROR_CLASS_KEY: Final = "memplug-error"
+
+BY_CODE: Final[dict[grpc.StatusCode, type[MemplugError]]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+BY_NAME: Final = {cls.__name__: cls for cls in all_error_classes()}
+
+
+def error_from_rpc(exc: grpc.RpcError, *, target: str = "") -> MemplugError:
+    """The MemplugError a failed call stands for, with .code set."""
+    call: grpc.Call = exc  # type: ignore[assignment]  # every RpcError raised by a stub is a Call
+    code = call.code()
+    base = BY_CODE.get(code, Internal)
+    named = None
+    for key, value in call.trailing_metadata() or ():
+        if key == ERROR_CLASS_KEY:
+            named = BY_NAME.get(str(value))
+    cls = named if named is not None and issubclass(named, base) else base
+    details = call.details() or code.name.lower()
+    if code is grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach memplugd at {target or 'its socket'}: is it running? ({details})"
+    err = cls(details)
+    err.code = code.name
+    return err
+
+
+__all__ = [
+    "AlreadyExists",
+    "Cancelled",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "MemplugError",
+    "NoSpace",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "PoolExhausted",
+    "QuotaExceeded",
+    "ResourceExhausted",
+    "Unavailable",
+    "error_from_rpc",
+]

@@ -1,0 +1,69 @@
+"""What the client returns: plain dataclasses, no protobuf in the public API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    size: int
+    backing: str  # "shmem", "hugetlb" or "file"
+    page_size: int
+    block_size: int
+    path: str
+    labels: dict[str, str]
+    plugged: list[tuple[int, int]]  # (offset, length), merged, ascending
+    plugged_bytes: int
+    allocated_bytes: int
+    created_at: float
+    owner_uid: int = 0
+    allowed_uids: list[int] = field(default_factory=list)
+    allowed_gids: list[int] = field(default_factory=list)
+    read_only_uids: list[int] = field(default_factory=list)
+    read_only_gids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    """Outcome of plug and populate."""
+
+    bytes: int
+    seconds: float
+    strategy: str
+    threads: int
+    region: Region
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    """Outcome of unplug and discard."""
+
+    bytes: int
+    seconds: float
+    region: Region
+
+
+@dataclass(frozen=True)
+class HugePool:
+    page_size: int
+    total: int
+    free: int
+    reserved: int
+    surplus: int
+
+
+@dataclass(frozen=True)
+class Status:
+    version: str
+    uptime_seconds: float
+    regions: int
+    plugged_bytes: int
+    allocated_bytes: int
+    quota_bytes: int | None
+    threads: int
+    hugetlb_pools: list[HugePool]
+    madv_populate: bool
+    socket: str
+    fd_socket: str
