@@ -13,7 +13,7 @@ import grpc
 from memplug.client import convert
 from memplug.client.attach import Attachment, redeem
 from memplug.client.errors import error_from_rpc
-from memplug.client.types import OperationResult, RangeResult, Region, Status
+from memplug.client.types import OperationResult, RangeResult, Region, Status, Ticket
 from memplug.daemon.config import default_socket
 from memplug.daemon.errors import Cancelled, Internal
 from memplug.v1 import memplug_pb2 as pb
@@ -207,6 +207,14 @@ class Client:
 
     # ------------------------------------------------------------------ hand-off
 
+    def ticket(self, name: str, access: str = "rw") -> Ticket:
+        """A one-time ticket for another process to redeem on the fd socket."""
+        request = pb.AttachRequest(
+            name=name,
+            access=convert.pick(convert.ACCESS, access, "access"),  # type: ignore[arg-type]
+        )
+        return convert.ticket(self._unary(self._stub.Attach, request))
+
     def attach(
         self,
         name: str,
@@ -220,13 +228,9 @@ class Client:
         populate="write" or "read" prefaults this process's page tables for the
         plugged blocks (MADV_POPULATE_*), so first touches take no faults.
         """
-        request = pb.AttachRequest(
-            name=name,
-            access=convert.pick(convert.ACCESS, access, "access"),  # type: ignore[arg-type]
-        )
-        ticket = self._unary(self._stub.Attach, request)
+        ticket = self.ticket(name, access)
         fd, info = redeem(ticket.fd_socket, ticket.ticket)
-        plugged = [(r.offset, r.length) for r in ticket.region.plugged]
+        plugged = ticket.region.plugged
         try:
             return Attachment(fd, info, plugged=plugged, populate=populate, map_memory=map_memory)
         except BaseException:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from memplug.client.types import HugePool, OperationResult, RangeResult, Region, Status
+from memplug.client.types import HugePool, OperationResult, RangeResult, Region, Status, Ticket
 from memplug.daemon.errors import InvalidArgument
 from memplug.v1 import memplug_pb2 as pb
 
@@ -48,6 +48,11 @@ def region(m: pb.Region) -> Region:
         read_only_uids=list(m.read_only_uids),
         read_only_gids=list(m.read_only_gids),
     )
+
+
+def ticket(m: pb.AttachTicket) -> Ticket:
+    access = {v: k for k, v in ACCESS.items()}.get(m.access, "unspecified")
+    return Ticket(m.ticket, m.fd_socket, m.expires_in, access, region(m.region))
 
 
 def result(m: pb.OperationResult) -> OperationResult:

@@ -46,6 +46,17 @@ class RangeResult:
 
 
 @dataclass(frozen=True)
+class Ticket:
+    """A one-time attach ticket: send it on fd_socket within expires_in seconds."""
+
+    ticket: str
+    fd_socket: str
+    expires_in: float
+    access: str
+    region: Region
+
+
+@dataclass(frozen=True)
 class HugePool:
     page_size: int
     total: int

@@ -1,0 +1,496 @@
+"""memplug: the command line for memplugd.
+
+Exit codes (also in the README):
+  0 ok                      5 failed precondition (busy, unplugged blocks, ...)
+  1 internal error          6 resource exhausted (pool, space, quota)
+  2 invalid argument        7 permission denied
+  3 not found               8 daemon unreachable
+  4 already exists          124 deadline exceeded, 130 cancelled (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from memplug.client.client import Client
+from memplug.client.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MemplugError,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from memplug.client.types import OperationResult, Region, Status
+from memplug.daemon.engine.ranges import format_size, parse_size
+
+EXIT_CODES: dict[type[MemplugError], int] = {
+    InvalidArgument: 2,
+    OutOfRange: 2,
+    NotFound: 3,
+    AlreadyExists: 4,
+    FailedPrecondition: 5,
+    ResourceExhausted: 6,
+    PermissionDenied: 7,
+    Unavailable: 8,
+    DeadlineExceeded: 124,
+    Cancelled: 130,
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exit_code(exc: MemplugError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return 1
+
+
+def fail(exc: MemplugError) -> NoReturn:
+    click.echo(f"memplug: {exc}", err=True)
+    sys.exit(exit_code(exc))
+
+
+class Size(click.ParamType[int, Any]):
+    """Byte counts with units: 512M, 2G, 1GiB, 0x200000, 4096."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except InvalidArgument as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = Size()
+
+
+def _emit(ctx: click.Context, data: Any, human: Callable[[], None]) -> None:
+    if ctx.obj["json"]:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        human()
+
+
+def command(group: click.Group, name: str, **kw: Any) -> Callable[[F], F]:
+    """A verb with --json and MemplugError -> one line and an exit code."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args: Any, json_out: bool, **kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            ctx.obj["json"] = ctx.obj["json"] or json_out
+            try:
+                return fn(*args, **kwargs)
+            except MemplugError as exc:
+                fail(exc)
+
+        run = click.option("--json", "json_out", is_flag=True, help="machine-readable output")(run)
+        return group.command(name, **kw)(run)  # type: ignore[return-value]
+
+    return wrap
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    envvar="MEMPLUG_SOCKET",
+    type=click.Path(dir_okay=False),
+    help="memplugd's gRPC socket [env MEMPLUG_SOCKET; default /run/memplug/memplug.sock as "
+    "root, else $XDG_RUNTIME_DIR/memplug/memplug.sock]",
+)
+@click.option("--json", "json_out", is_flag=True, help="machine-readable output for every verb")
+@click.pass_context
+def cli(ctx: click.Context, socket: str | None, json_out: bool) -> None:
+    """Plug, populate and hand over memory held by memplugd."""
+    ctx.obj = {"socket": socket, "json": json_out}
+
+
+def client() -> Client:
+    return Client(click.get_current_context().obj["socket"])
+
+
+# --------------------------------------------------------------------------- output
+
+
+def region_dict(r: Region) -> dict[str, Any]:
+    return dataclasses.asdict(r)
+
+
+def show_region(r: Region) -> None:
+    rows = [
+        ("name", r.name),
+        ("backing", r.backing + (f" ({r.path})" if r.path else "")),
+        ("size", f"{format_size(r.size)} ({r.size})"),
+        ("page size", format_size(r.page_size)),
+        ("block size", format_size(r.block_size)),
+        ("plugged", f"{format_size(r.plugged_bytes)} in {len(r.plugged)} range(s)"),
+        ("allocated", format_size(r.allocated_bytes)),
+        ("owner uid", str(r.owner_uid)),
+    ]
+    if r.allowed_uids or r.allowed_gids:
+        rows.append(("allowed", f"uids {r.allowed_uids or '-'} gids {r.allowed_gids or '-'}"))
+    if r.read_only_uids or r.read_only_gids:
+        rows.append(("read-only", f"uids {r.read_only_uids or '-'} gids {r.read_only_gids or '-'}"))
+    if r.labels:
+        rows.append(("labels", ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items()))))
+    for key, value in rows:
+        click.echo(f"{key:>11}: {value}")
+    for offset, length in r.plugged:
+        click.echo(f"{'':>11}  [{offset:#x}, {offset + length:#x})  {format_size(length)}")
+
+
+def show_result(verb: str, name: str, res: OperationResult) -> None:
+    rate = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
+    click.echo(
+        f"{verb} {name}: {format_size(res.bytes)} in {res.seconds * 1e3:.1f} ms "
+        f"({rate:.2f} GB/s, {res.strategy}, {res.threads} thread(s)); "
+        f"plugged {format_size(res.region.plugged_bytes)} of {format_size(res.region.size)}"
+    )
+
+
+def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidArgument(f"label {item!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+# --------------------------------------------------------------------------- regions
+
+
+@command(cli, "create")
+@click.argument("name")
+@click.argument("size", type=SIZE, required=False, default=0)
+@click.option("--backing", "-b", type=click.Choice(["shmem", "hugetlb", "file"]), default="shmem")
+@click.option("--page-size", type=SIZE, default=0, help="hugetlb page size (2M, 1G)")
+@click.option("--block-size", type=SIZE, default=0, help="unit of plug (default 2M)")
+@click.option("--path", default="", help="FILE regions: the file, inside an allowed dir")
+@click.option("--label", "-l", multiple=True, help="KEY=VALUE (repeatable)")
+@click.option("--owner-uid", type=int, default=None, help="uid owning the region (default 0)")
+@click.option("--allow-uid", type=int, multiple=True, help="uid that may attach (repeatable)")
+@click.option("--allow-gid", type=int, multiple=True, help="gid that may attach (repeatable)")
+@click.option("--ro-uid", type=int, multiple=True, help="uid that may attach read-only")
+@click.option("--ro-gid", type=int, multiple=True, help="gid that may attach read-only")
+def create_cmd(
+    name: str,
+    size: int,
+    backing: str,
+    page_size: int,
+    block_size: int,
+    path: str,
+    label: tuple[str, ...],
+    owner_uid: int | None,
+    allow_uid: tuple[int, ...],
+    allow_gid: tuple[int, ...],
+    ro_uid: tuple[int, ...],
+    ro_gid: tuple[int, ...],
+) -> None:
+    """Create region NAME of SIZE (nothing is allocated until plug)."""
+    with client() as c:
+        region = c.create_region(
+            name,
+            size,
+            backing,
+            page_size=page_size,
+            block_size=block_size,
+            path=path,
+            labels=parse_labels(label),
+            owner_uid=owner_uid,
+            allowed_uids=list(allow_uid),
+            allowed_gids=list(allow_gid),
+            read_only_uids=list(ro_uid),
+            read_only_gids=list(ro_gid),
+        )
+    ctx = click.get_current_context()
+    _emit(ctx, region_dict(region), lambda: show_region(region))
+
+
+@command(cli, "ls")
+@click.option("--label", "-l", multiple=True, help="only regions with KEY=VALUE (repeatable)")
+def ls_cmd(label: tuple[str, ...]) -> None:
+    """List regions."""
+    with client() as c:
+        regions = c.list_regions(parse_labels(label))
+
+    def human() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        for col in ("NAME", "BACKING", "SIZE", "PLUGGED", "ALLOCATED", "PAGE", "LABELS"):
+            table.add_column(
+                col, justify="right" if col in ("SIZE", "PLUGGED", "ALLOCATED") else "left"
+            )
+        for r in regions:
+            table.add_row(
+                r.name,
+                r.backing,
+                format_size(r.size),
+                format_size(r.plugged_bytes),
+                format_size(r.allocated_bytes),
+                format_size(r.page_size),
+                ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())),
+            )
+        Console().print(table)
+
+    _emit(click.get_current_context(), [region_dict(r) for r in regions], human)
+
+
+@command(cli, "show")
+@click.argument("name")
+def show_cmd(name: str) -> None:
+    """Show region NAME with its plugged ranges."""
+    with client() as c:
+        region = c.get_region(name)
+    _emit(click.get_current_context(), region_dict(region), lambda: show_region(region))
+
+
+@command(cli, "rm")
+@click.argument("names", nargs=-1, required=True)
+def rm_cmd(names: tuple[str, ...]) -> None:
+    """Delete regions (memory lives on while clients hold their fds)."""
+    with client() as c:
+        for name in names:
+            c.delete_region(name)
+    _emit(
+        click.get_current_context(),
+        {"deleted": list(names)},
+        lambda: click.echo(f"deleted {', '.join(names)}"),
+    )
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+def _run_streaming(verb: str, name: str, call: Callable[..., OperationResult]) -> None:
+    ctx = click.get_current_context()
+    interactive = sys.stderr.isatty() and not ctx.obj["json"]
+    try:
+        if interactive:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            columns = (
+                "{task.description}",
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            )
+            with Progress(*columns, transient=True) as bar:
+                task = bar.add_task(f"{verb} {name}", total=None)
+                result = call(
+                    progress=lambda done, total: bar.update(task, completed=done, total=total)
+                )
+        else:
+            result = call(progress=None)
+    except KeyboardInterrupt:
+        fail(Cancelled(f"{verb} {name}: cancelled; the daemon rolled back what it had done"))
+    _emit(ctx, dataclasses.asdict(result), lambda: show_result(verb, name, result))
+
+
+def _range_args(fn: F) -> F:
+    fn = click.argument("length", type=SIZE, required=False)(fn)
+    fn = click.argument("offset", type=SIZE, required=False, default=0)(fn)
+    return click.argument("name")(fn)
+
+
+@command(cli, "plug")
+@_range_args
+@click.option(
+    "--strategy", type=click.Choice(["auto", "fallocate", "populate-write"]), default="auto"
+)
+@click.option("--threads", type=int, default=0, help="most worker threads (default: daemon's)")
+def plug_cmd(name: str, offset: int, length: int | None, strategy: str, threads: int) -> None:
+    """Allocate backing memory for NAME [OFFSET [LENGTH]] (default: all of it)."""
+    with client() as c:
+        _run_streaming(
+            "plug",
+            name,
+            functools.partial(c.plug, name, offset, length, strategy=strategy, threads=threads),
+        )
+
+
+@command(cli, "populate")
+@_range_args
+@click.option("--mode", type=click.Choice(["read", "write"]), default="write")
+@click.option("--threads", type=int, default=0)
+def populate_cmd(name: str, offset: int, length: int | None, mode: str, threads: int) -> None:
+    """Prefault plugged memory of NAME [OFFSET [LENGTH]]."""
+    with client() as c:
+        _run_streaming(
+            "populate",
+            name,
+            functools.partial(c.populate, name, offset, length, mode=mode, threads=threads),
+        )
+
+
+@command(cli, "unplug")
+@_range_args
+def unplug_cmd(name: str, offset: int, length: int | None) -> None:
+    """Free NAME [OFFSET [LENGTH]] and mark it unplugged."""
+    with client() as c:
+        res = c.unplug(name, offset, length)
+    _emit(
+        click.get_current_context(),
+        dataclasses.asdict(res),
+        lambda: click.echo(f"unplug {name}: {format_size(res.bytes)} released"),
+    )
+
+
+@command(cli, "discard")
+@_range_args
+def discard_cmd(name: str, offset: int, length: int | None) -> None:
+    """Zero plugged memory of NAME [OFFSET [LENGTH]]; it stays plugged."""
+    with client() as c:
+        res = c.discard(name, offset, length)
+    _emit(
+        click.get_current_context(),
+        dataclasses.asdict(res),
+        lambda: click.echo(f"discard {name}: {format_size(res.bytes)} zeroed"),
+    )
+
+
+# --------------------------------------------------------------------------- hand-off
+
+
+@command(cli, "attach")
+@click.argument("name")
+@click.option("--ro", is_flag=True, help="read-only")
+def attach_cmd(name: str, ro: bool) -> None:
+    """Issue a one-time ticket a consumer redeems on the fd socket."""
+    with client() as c:
+        ticket = c.ticket(name, "ro" if ro else "rw")
+    region = ticket.region
+    data = {
+        "ticket": ticket.ticket,
+        "fd_socket": ticket.fd_socket,
+        "expires_in": ticket.expires_in,
+        "access": ticket.access,
+        "request_line": f"MEMPLUG/1 ATTACH {ticket.ticket}",
+        "region": region_dict(region),
+    }
+
+    def human() -> None:
+        click.echo(f"ticket:     {ticket.ticket}  (single use, {ticket.expires_in:g} s)")
+        click.echo(f"fd socket:  {ticket.fd_socket}")
+        click.echo(f"send:       MEMPLUG/1 ATTACH {ticket.ticket}\\n")
+        click.echo(
+            f"receive:    OK line + 1 fd (SCM_RIGHTS): {format_size(region.size)} "
+            f"{region.backing}, {format_size(region.page_size)} pages; map it MAP_SHARED"
+            f"{'|MAP_NORESERVE' if region.backing == 'hugetlb' else ''}"
+        )
+
+    _emit(click.get_current_context(), data, human)
+
+
+REGION_SPEC = re.compile(r"([a-z0-9][a-z0-9._-]{0,62})(?::(ro|rw))?")
+
+
+def env_name(region: str) -> str:
+    return "MEMPLUG_FD_" + re.sub(r"[^A-Z0-9]", "_", region.upper())
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--region", "-r", "regions", multiple=True, required=True, help="NAME or NAME:ro (repeatable)"
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_cmd(regions: tuple[str, ...], command: tuple[str, ...]) -> None:
+    """Attach regions and run COMMAND with their fds inherited.
+
+    In COMMAND, {fd:NAME} becomes the fd number and {path:NAME} /proc/self/fd/N;
+    MEMPLUG_FD_<NAME> is set in its environment.
+
+      memplug exec -r vm0 -- qemu-system-x86_64 ... mem-path={path:vm0}
+    """  # fmt: skip
+    env = dict(os.environ)
+    subst: dict[str, str] = {}
+    try:
+        with client() as c:
+            for spec in regions:
+                match = REGION_SPEC.fullmatch(spec)
+                if match is None:
+                    raise InvalidArgument(f"--region {spec!r}: use NAME or NAME:ro")
+                name, access = match.group(1), match.group(2) or "rw"
+                if env_name(name) in env:
+                    raise InvalidArgument(f"--region {name} is given twice")
+                fd = c.attach(name, access, map_memory=False).detach_fd()
+                os.set_inheritable(fd, True)
+                env[env_name(name)] = str(fd)
+                subst[f"{{fd:{name}}}"] = str(fd)
+                subst[f"{{path:{name}}}"] = f"/proc/self/fd/{fd}"
+    except MemplugError as exc:
+        fail(exc)
+    pattern = re.compile("|".join(re.escape(k) for k in subst))
+    argv = [pattern.sub(lambda m: subst[m.group(0)], arg) for arg in command]
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        click.echo(f"memplug: cannot run {argv[0]}: {exc.strerror}", err=True)
+        sys.exit(127)
+
+
+@command(cli, "status")
+def status_cmd() -> None:
+    """The daemon at a glance."""
+    with client() as c:
+        st = c.status()
+    _emit(click.get_current_context(), dataclasses.asdict(st), lambda: show_status(st))
+
+
+def show_status(st: Status) -> None:
+    quota = (
+        f"{format_size(st.plugged_bytes)} of {format_size(st.quota_bytes)} "
+        f"({100 * st.plugged_bytes / st.quota_bytes:.0f}%)"
+        if st.quota_bytes
+        else f"{format_size(st.plugged_bytes)} (no quota)"
+    )
+    up = time.strftime("%H:%M:%S", time.gmtime(st.uptime_seconds))
+    click.echo(f"memplugd {st.version}, up {up}, socket {st.socket}")
+    click.echo(f"  regions:   {st.regions}")
+    click.echo(f"  plugged:   {quota}")
+    click.echo(f"  allocated: {format_size(st.allocated_bytes)}")
+    click.echo(f"  threads:   {st.threads}")
+    click.echo(f"  MADV_POPULATE: {'yes' if st.madv_populate else 'no (fallbacks in use)'}")
+    for p in st.hugetlb_pools:
+        click.echo(
+            f"  hugetlb {format_size(p.page_size):>7}: {p.free} free of {p.total} "
+            f"(reserved {p.reserved}, surplus {p.surplus})"
+        )
+
+
+def main() -> None:
+    cli(prog_name="memplug")
+
+
+if __name__ == "__main__":
+    main()
