@@ -333,16 +333,18 @@ class RegionEngine:
         from another process.
         """
         ticket = self._tickets.redeem(value)
-        region = self._get(ticket.region)
-        if not region.acl.allows(peer.uid, peer.gids, ticket.access):
-            raise PermissionDenied(
-                f"uid {peer.uid} may not attach region {region.name!r} "
-                f"{'read-only' if ticket.access is Access.READ_ONLY else 'read-write'}: "
-                "it is not in the region's ACL",
-                region=region.name,
-            )
-        backing = region.backing
-        fd = backing.reopen(writable=ticket.access is Access.READ_WRITE)
+        # Counted as an operation, so the region cannot be deleted (and its fd
+        # closed) between the lookup and the reopen.
+        with self._operation(ticket.region, CancelToken()) as region:
+            if not region.acl.allows(peer.uid, peer.gids, ticket.access):
+                raise PermissionDenied(
+                    f"uid {peer.uid} may not attach region {region.name!r} "
+                    f"{'read-only' if ticket.access is Access.READ_ONLY else 'read-write'}: "
+                    "it is not in the region's ACL",
+                    region=region.name,
+                )
+            backing = region.backing
+            fd = backing.reopen(writable=ticket.access is Access.READ_WRITE)
         return Handoff(
             fd=fd,
             region=region.name,
@@ -389,11 +391,11 @@ class RegionEngine:
                 plan = make_plan(
                     method, gaps, max_threads=threads or self.threads, align=region.block_size
                 )
-                self._reserve_quota(region, new)
                 before = backing.allocated_bytes()
                 keep = [
                     Range(o, n) for g in gaps for o, n in backing.data_extents(g.offset, g.length)
                 ]
+                self._reserve_quota(region, new)
                 started = time.monotonic()
                 try:
                     self._runner.run(plan, self._plug_work(backing, method), token, progress)
