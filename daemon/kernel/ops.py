@@ -218,6 +218,8 @@ def open_beneath(dirfd: int, path: str, flags: int, mode: int = 0o600) -> int:
     Uses RESOLVE_BENEATH, so the check and the open are one atomic kernel
     step: a symlink swapped in between cannot redirect it.
     """
+    # openat2 rejects a mode (EINVAL) unless the call can create the file.
+    mode = mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0
     return openat2(dirfd, path, flags | os.O_CLOEXEC, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
 
 
