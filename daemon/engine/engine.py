@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from memplug.daemon.backings import (
     Backing,
@@ -47,6 +48,7 @@ from memplug.daemon.engine.region import (
 )
 from memplug.daemon.engine.runner import ProgressCallback, Runner
 from memplug.daemon.engine.strategy import (
+    CHUNK_BYTES,
     Method,
     Requested,
     make_plan,
@@ -67,6 +69,8 @@ from memplug.daemon.errors import (
     QuotaExceeded,
 )
 from memplug.daemon.kernel import probe
+from memplug.daemon.kernel.ops import iter_chunks
+from memplug.daemon.state.store import MemoryStore, RegionRecord, StateStore
 
 log = logging.getLogger("memplug.engine")
 
@@ -104,6 +108,38 @@ class RangeOutcome:
     region: RegionInfo
 
 
+class RegionListener(Protocol):
+    """Told of every region created and deleted, before the call returns (fd store)."""
+
+    def region_created(self, name: str, backing: Backing) -> None: ...
+
+    def region_deleted(self, name: str, backing: Backing) -> None: ...
+
+
+def record_of(region: Region) -> RegionRecord:
+    acl = region.acl
+    with region.mutex:
+        plugged = tuple(region.plugged)
+    return RegionRecord(
+        name=region.name,
+        size=region.size,
+        backing=region.backing.kind.value,
+        page_size=region.backing.page_size,
+        block_size=region.block_size,
+        path=region.backing.path,
+        labels=dict(region.labels),
+        acl={
+            "owner_uid": [acl.owner_uid],
+            "allowed_uids": sorted(acl.allowed_uids),
+            "allowed_gids": sorted(acl.allowed_gids),
+            "read_only_uids": sorted(acl.read_only_uids),
+            "read_only_gids": sorted(acl.read_only_gids),
+        },
+        created_at=region.created_at,
+        plugged=plugged,
+    )
+
+
 class RegionEngine:
     def __init__(
         self,
@@ -112,6 +148,8 @@ class RegionEngine:
         max_bytes: int | None = None,
         allow_dirs: list[Path] | None = None,
         ticket_ttl: float = 10.0,
+        store: StateStore | None = None,
+        listener: RegionListener | None = None,
     ) -> None:
         self.threads = threads
         self.max_bytes = max_bytes
@@ -125,6 +163,9 @@ class RegionEngine:
         self._running: set[CancelToken] = set()
         self._closing = False
         self._tickets = TicketBook(ticket_ttl)
+        self._store: StateStore = store if store is not None else MemoryStore()
+        self._listener = listener
+        self._lost: dict[str, str] = {}  # regions a restart could not bring back, and why
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -154,7 +195,7 @@ class RegionEngine:
                 raise Cancelled("the daemon is shutting down")
             region = self._regions.get(name)
             if region is None:
-                raise NotFound(f"no region named {name!r}")
+                raise self._not_found(name)
             region.active += 1
             self._running.add(token)
         try:
@@ -197,10 +238,16 @@ class RegionEngine:
             backing, block_size = self._make_backing(spec)
             try:
                 region = Region(name, backing, block_size, labels, time.time(), acl)
-                with self._lock:
-                    if isinstance(backing, FileBacking):
+                if isinstance(backing, FileBacking):
+                    with self._lock:
                         self._check_file_unused(backing)
+                # Durable (and in systemd's fd store) before anyone hears of it.
+                self._store.put_region(record_of(region))
+                if self._listener is not None:
+                    self._listener.region_created(name, backing)
+                with self._lock:
                     self._regions[name] = region
+                    self._lost.pop(name, None)
             except BaseException:
                 backing.close()
                 if isinstance(backing, FileBacking):
@@ -294,9 +341,15 @@ class RegionEngine:
     def _get(self, name: str) -> Region:
         with self._lock:
             region = self._regions.get(name)
-        if region is None:
-            raise NotFound(f"no region named {name!r}")
+            if region is None:
+                raise self._not_found(name)
         return region
+
+    def _not_found(self, name: str) -> NotFound:
+        lost = self._lost.get(name)
+        if lost is not None:
+            return NotFound(f"region {name!r} was lost when memplugd restarted: {lost}")
+        return NotFound(f"no region named {name!r}")
 
     def list_regions(self, selector: Mapping[str, str] | None = None) -> list[RegionInfo]:
         with self._lock:
@@ -307,7 +360,7 @@ class RegionEngine:
         with self._lock:
             region = self._regions.get(name)
             if region is None:
-                raise NotFound(f"no region named {name!r}")
+                raise self._not_found(name)
             if region.active:
                 raise FailedPrecondition(
                     f"region {name!r} is busy: {region.active} operation(s) still running; "
@@ -317,6 +370,9 @@ class RegionEngine:
             with region.mutex:
                 self._plugged_total -= region.plugged.total
         self._tickets.revoke_region(name)
+        self._store.delete_region(name)
+        if self._listener is not None:
+            self._listener.region_deleted(name, region.backing)
         region.backing.close()
         log.info("deleted region %s", name)
 
@@ -396,6 +452,7 @@ class RegionEngine:
                     Range(o, n) for g in gaps for o, n in backing.data_extents(g.offset, g.length)
                 ]
                 self._reserve_quota(region, new)
+                intent = self._begin(region, "plug", r, tuple(keep))
                 started = time.monotonic()
                 try:
                     self._runner.run(plan, self._plug_work(backing, method), token, progress)
@@ -403,12 +460,23 @@ class RegionEngine:
                     got = max(0, backing.allocated_bytes() - before)
                     self._rollback(region, subtract(gaps, keep))
                     self._release_quota(new)
+                    self._finish(region, intent)
                     raise self._failure(region, "plug", r, exc, missing=new - got) from exc
                 seconds = time.monotonic() - started
                 with region.mutex:
                     for g in gaps:
                         region.plugged.add(g)
+                self._finish(region, intent)
             return OpResult(new, seconds, method.value, plan.threads, region.info())
+
+    def _begin(self, region: Region, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
+        """Record the intent durably before memory is touched (crash recovery)."""
+        return self._store.begin(region.name, op, r, keep)
+
+    def _finish(self, region: Region, intent: int | None) -> None:
+        with region.mutex:
+            plugged = tuple(region.plugged)
+        self._store.finish(intent, region.name, plugged)
 
     @staticmethod
     def _plug_work(backing: Backing, method: Method) -> Callable[[int, int], None]:
@@ -538,18 +606,23 @@ class RegionEngine:
             with region.locks.hold(r, token):
                 started = time.monotonic()
                 released = 0
-                plan = make_plan(Method.FALLOCATE, [r], max_threads=1, align=region.block_size)
-                for piece in plan.slices[0]:
-                    try:
-                        region.backing.release(piece.offset, piece.length)
-                    except OSError as exc:
-                        err = region.backing.translate(exc, 0)
-                        raise type(err)(
-                            f"region {region.name!r}: unplug of {r} failed at {piece}: "
-                            f"{err.message}; {format_size(released)} before it were unplugged",
-                            region=region.name,
-                        ) from exc
-                    released += self._mark_unplugged(region, piece)
+                intent = self._begin(region, "unplug", r)
+                try:
+                    for start, n in iter_chunks(r.offset, r.length, CHUNK_BYTES):
+                        piece = Range(start, n)
+                        try:
+                            region.backing.release(start, n)
+                        except OSError as exc:
+                            err = region.backing.translate(exc, 0)
+                            raise type(err)(
+                                f"region {region.name!r}: unplug of {r} failed at {piece}: "
+                                f"{err.message}; {format_size(released)} before it were "
+                                "unplugged",
+                                region=region.name,
+                            ) from exc
+                        released += self._mark_unplugged(region, piece)
+                finally:
+                    self._finish(region, intent)
                 seconds = time.monotonic() - started
             return RangeOutcome(released, seconds, region.info())
 
@@ -581,26 +654,11 @@ class RegionEngine:
             with region.locks.hold(r, token):
                 self._require_plugged(region, "discard", r)
                 started = time.monotonic()
-                backing = region.backing
-                lost: list[Range] = []
-                cause: MemplugError | None = None
-                for block in range(r.offset, r.end, region.block_size):
-                    try:
-                        backing.release(block, region.block_size)
-                    except OSError as exc:
-                        err = backing.translate(exc, 0)
-                        raise type(err)(
-                            f"region {region.name!r}: discard of {r} failed at {block:#x}: "
-                            f"{err.message}",
-                            region=region.name,
-                        ) from exc
-                    try:
-                        backing.allocate(block, region.block_size)
-                    except OSError as exc:
-                        backing.release(block, region.block_size)  # hugetlb keeps partial pages
-                        self._mark_unplugged(region, Range(block, region.block_size))
-                        lost.append(Range(block, region.block_size))
-                        cause = cause or backing.translate(exc, region.block_size)
+                intent = self._begin(region, "discard", r)
+                try:
+                    lost, cause = self._zero_blocks(region, r)
+                finally:
+                    self._finish(region, intent)
                 seconds = time.monotonic() - started
                 if cause is not None:
                     nbytes = len(lost) * region.block_size
@@ -611,6 +669,29 @@ class RegionEngine:
                         region=region.name,
                     )
             return RangeOutcome(r.length, seconds, region.info())
+
+    def _zero_blocks(self, region: Region, r: Range) -> tuple[list[Range], MemplugError | None]:
+        """Punch and re-allocate each block; returns the blocks that lost their backing."""
+        backing = region.backing
+        lost: list[Range] = []
+        cause: MemplugError | None = None
+        for block in range(r.offset, r.end, region.block_size):
+            try:
+                backing.release(block, region.block_size)
+            except OSError as exc:
+                err = backing.translate(exc, 0)
+                raise type(err)(
+                    f"region {region.name!r}: discard of {r} failed at {block:#x}: {err.message}",
+                    region=region.name,
+                ) from exc
+            try:
+                backing.allocate(block, region.block_size)
+            except OSError as exc:
+                backing.release(block, region.block_size)  # hugetlb keeps partial pages
+                self._mark_unplugged(region, Range(block, region.block_size))
+                lost.append(Range(block, region.block_size))
+                cause = cause or backing.translate(exc, region.block_size)
+        return lost, cause
 
     # ------------------------------------------------------------------ shutdown
 

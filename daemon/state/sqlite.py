@@ -1,0 +1,160 @@
+"""SQLite state store (stdlib sqlite3, WAL, synchronous=FULL).
+
+Schema, version 1:
+
+    meta(key TEXT PRIMARY KEY, value TEXT)             schema_version
+    regions(name TEXT PRIMARY KEY, size INTEGER, backing TEXT, page_size INTEGER,
+            block_size INTEGER, path TEXT, labels TEXT (JSON object),
+            acl TEXT (JSON object), created_at REAL,
+            plugged TEXT (JSON [[offset, length], ...], merged, ascending))
+    intents(id INTEGER PRIMARY KEY, region TEXT, op TEXT, offset INTEGER,
+            length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL)
+
+Every write is one transaction. WAL with synchronous=FULL makes each commit
+durable before the call returns, and a crash rolls back an unfinished one.
+Migrations run in order from the stored version; each has a test.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from memplug.daemon.engine.ranges import Range
+from memplug.daemon.state.store import Intent, RegionRecord
+
+SCHEMA_VERSION: Final = 1
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    db.executescript(
+        """
+        CREATE TABLE regions (
+            name TEXT PRIMARY KEY, size INTEGER NOT NULL, backing TEXT NOT NULL,
+            page_size INTEGER NOT NULL, block_size INTEGER NOT NULL, path TEXT NOT NULL,
+            labels TEXT NOT NULL, acl TEXT NOT NULL, created_at REAL NOT NULL,
+            plugged TEXT NOT NULL DEFAULT '[]'
+        );
+        CREATE TABLE intents (
+            id INTEGER PRIMARY KEY, region TEXT NOT NULL, op TEXT NOT NULL,
+            offset INTEGER NOT NULL, length INTEGER NOT NULL, keep TEXT NOT NULL,
+            started REAL NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1]
+
+
+def _ranges(text: str) -> tuple[Range, ...]:
+    return tuple(Range(o, n) for o, n in json.loads(text))
+
+
+def _dump(ranges: tuple[Range, ...]) -> str:
+    return json.dumps([[r.offset, r.length] for r in ranges])
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock, self._db:
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"state {self.path} has schema {version}, newer than this memplugd "
+                    f"({SCHEMA_VERSION}): run a newer memplugd or move the state away"
+                )
+            for step in MIGRATIONS[version:]:
+                step(self._db)
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    def _write(self, sql: str, *args: object) -> None:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(sql, args)
+
+    def load(self) -> tuple[list[RegionRecord], list[Intent]]:
+        with self._lock:
+            regions = [
+                RegionRecord(
+                    name=row[0],
+                    size=row[1],
+                    backing=row[2],
+                    page_size=row[3],
+                    block_size=row[4],
+                    path=row[5],
+                    labels=json.loads(row[6]),
+                    acl=json.loads(row[7]),
+                    created_at=row[8],
+                    plugged=_ranges(row[9]),
+                )
+                for row in self._db.execute("SELECT * FROM regions ORDER BY name")
+            ]
+            intents = [
+                Intent(row[0], row[1], row[2], Range(row[3], row[4]), _ranges(row[5]))
+                for row in self._db.execute(
+                    "SELECT id, region, op, offset, length, keep FROM intents ORDER BY id"
+                )
+            ]
+        return regions, intents
+
+    def put_region(self, record: RegionRecord) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            record.name,
+            record.size,
+            record.backing,
+            record.page_size,
+            record.block_size,
+            record.path,
+            json.dumps(record.labels),
+            json.dumps(record.acl),
+            record.created_at,
+            _dump(record.plugged),
+        )
+
+    def delete_region(self, name: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM regions WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
+
+    def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "INSERT INTO intents (region, op, offset, length, keep, started) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (region, op, r.offset, r.length, _dump(keep), time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def finish(self, intent: int | None, region: str, plugged: tuple[Range, ...]) -> None:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "UPDATE regions SET plugged = ? WHERE name = ?", (_dump(plugged), region)
+            )
+            if intent is not None:
+                self._db.execute("DELETE FROM intents WHERE id = ?", (intent,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

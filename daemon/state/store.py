@@ -1,0 +1,95 @@
+"""StateStore: the interface the engine writes through, and its records.
+
+MUST hold for every implementation:
+- each method returns only after its change is durable (committed);
+- a crash at any point leaves the store as it was before or after a call,
+  never in between;
+- an intent is written before an operation touches memory and removed in the
+  same transaction that records the operation's outcome, so an intent found at
+  start-up marks exactly the ranges a crash may have left half-done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from memplug.daemon.engine.ranges import Range
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    name: str
+    size: int
+    backing: str  # BackingKind value
+    page_size: int
+    block_size: int
+    path: str
+    labels: dict[str, str]
+    acl: dict[str, list[int]]  # owner_uid: [uid], allowed_uids, allowed_gids, read_only_*
+    created_at: float
+    plugged: tuple[Range, ...] = ()
+
+
+@dataclass(frozen=True)
+class Intent:
+    """An operation in flight: op is "plug", "unplug" or "discard"."""
+
+    id: int
+    region: str
+    op: str
+    range: Range
+    keep: tuple[Range, ...] = field(default=())  # plug: data that predates it
+
+
+class StateStore(Protocol):
+    def load(self) -> tuple[list[RegionRecord], list[Intent]]: ...
+
+    def put_region(self, record: RegionRecord) -> None: ...
+
+    def delete_region(self, name: str) -> None: ...
+
+    def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
+        """Record an intent; returns its id."""
+        ...
+
+    def finish(self, intent: int | None, region: str, plugged: tuple[Range, ...]) -> None:
+        """Record a region's plugged set and drop the intent, in one transaction."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Keeps nothing across processes: for engines that need no persistence (tests)."""
+
+    def __init__(self) -> None:
+        self._regions: dict[str, RegionRecord] = {}
+        self._intents: dict[int, Intent] = {}
+        self._next = 1
+
+    def load(self) -> tuple[list[RegionRecord], list[Intent]]:
+        return list(self._regions.values()), list(self._intents.values())
+
+    def put_region(self, record: RegionRecord) -> None:
+        self._regions[record.name] = record
+
+    def delete_region(self, name: str) -> None:
+        self._regions.pop(name, None)
+        for i in [i for i, it in self._intents.items() if it.region == name]:
+            del self._intents[i]
+
+    def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
+        ident, self._next = self._next, self._next + 1
+        self._intents[ident] = Intent(ident, region, op, r, keep)
+        return ident
+
+    def finish(self, intent: int | None, region: str, plugged: tuple[Range, ...]) -> None:
+        if region in self._regions:
+            self._regions[region] = dataclasses.replace(self._regions[region], plugged=plugged)
+        if intent is not None:
+            self._intents.pop(intent, None)
+
+    def close(self) -> None:
+        pass
