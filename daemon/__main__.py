@@ -35,16 +35,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memplugd {__version__}")
         return 0
     setup_logging(config.log_level)
-    daemon = Daemon(config)
+    daemon = Daemon(config, reload_config=lambda: load(argv)[0])
     stop = threading.Event()
+    reload = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     try:
         daemon.start()
     except (StartupError, OSError) as exc:
         print(f"memplugd: cannot start: {exc}", file=sys.stderr)
+        daemon.stop()
         return 1
-    stop.wait()
+    while not stop.wait(0.2):
+        if reload.is_set():
+            reload.clear()
+            daemon.reload()
     daemon.stop()
     return 0
 

@@ -47,6 +47,7 @@ class Config:
     socket_group: str | None = None
     fd_socket_mode: int = 0o666  # the consumer plane: identity is checked per region
     ticket_ttl: float = 10.0
+    hugetlb_pools: tuple[tuple[int, int], ...] = ()  # (page size, pages) set at start and reload
     log_level: str = "info"
 
     def validate(self) -> Config:
@@ -94,11 +95,21 @@ def _coerce(key: str, value: Any) -> Any:
         )
     if key == "threads":
         return int(value)
+    if key == "hugetlb_pools":
+        values = [value] if isinstance(value, str) else list(value)
+        return tuple(_pool(v) for v in values)
     if key == "ticket_ttl":
         return float(value)
     if key in ("socket_mode", "fd_socket_mode"):
         return value if isinstance(value, int) else int(str(value), 8)
     return value
+
+
+def _pool(text: str) -> tuple[int, int]:
+    size, sep, count = str(text).partition(":")
+    if not sep or not count.isdigit():
+        raise InvalidArgument(f"hugetlb-pool {text!r}: use PAGESIZE:PAGES, e.g. 2M:512")
+    return parse_size(size), int(count)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -175,7 +186,7 @@ def load(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
             raise InvalidArgument(f"cannot read config {args.config}: {exc}") from exc
         for key, value in data.items():
             norm = key.replace("-", "_")
-            norm = {"allow_dir": "allow_dirs"}.get(norm, norm)
+            norm = {"allow_dir": "allow_dirs", "hugetlb_pool": "hugetlb_pools"}.get(norm, norm)
             if norm not in names:
                 raise InvalidArgument(f"config {args.config}: unknown key {key!r}")
             settings[norm] = value

@@ -1,4 +1,9 @@
-"""Builds the daemon: engine, gRPC server on its Unix socket; start and stop order."""
+"""Builds the daemon and runs it: start-up order, systemd integration, reload, stop.
+
+Start: state store -> fds systemd handed back -> engine restores regions ->
+fd socket -> gRPC socket -> READY=1. Stop: refuse new calls -> cancel running
+operations (they roll back) -> close sockets.
+"""
 
 from __future__ import annotations
 
@@ -6,94 +11,237 @@ import contextlib
 import grp
 import logging
 import os
+import stat
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from memplug.daemon import __version__
+from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.config import Config
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.ranges import format_size
+from memplug.daemon.kernel import probe
+from memplug.daemon.state.sqlite import SqliteStore
+from memplug.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from memplug.daemon.transport.fdserver import FdServer
 from memplug.daemon.transport.servicer import MemplugServicer
 from memplug.daemon.transport.unixsock import StartupError, claim_socket_path
+from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 log = logging.getLogger("memplug.server")
 
 RPC_THREADS = 64  # each streaming Plug holds one while it runs; reads must still get through
+STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when no watchdog asks for more
+
+
+class FdStore:
+    """Keeps memfd regions in systemd's fd store, so they outlive a restart."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+
+    def region_created(self, name: str, backing: Backing) -> None:
+        if backing.kind is not BackingKind.FILE:
+            self.notifier.store_fd(name, backing.fd)
+
+    def region_deleted(self, name: str, backing: Backing) -> None:
+        if backing.kind is not BackingKind.FILE:
+            self.notifier.remove_fd(name)
+
+
+def apply_hugetlb_pools(pools: tuple[tuple[int, int], ...]) -> None:
+    """Size the kernel's huge page pools as configured; say what the kernel gave."""
+    for page_size, pages in pools:
+        path = probe.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
+        try:
+            path.write_text(str(pages))
+            got = int(path.read_text())
+        except OSError as exc:
+            log.error("cannot set the %s hugetlb pool: %s", format_size(page_size), exc)
+            continue
+        level = logging.INFO if got == pages else logging.WARNING
+        log.log(level, "hugetlb %s pool: %d of %d pages", format_size(page_size), got, pages)
+
+
+def split_inherited(fds: list[tuple[int, str]]) -> tuple[int | None, dict[str, int]]:
+    """Sockets (the activated fd socket) apart from memfds (regions, by name)."""
+    listen: int | None = None
+    regions: dict[str, int] = {}
+    for fd, name in fds:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode) and listen is None:
+            listen = fd
+        elif name in regions:
+            log.warning("systemd handed back two fds named %s; keeping the first", name)
+            os.close(fd)
+        else:
+            regions[name] = fd
+    return listen, regions
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._reload_config = reload_config
+        self.notifier = Notifier()
+        self._server: grpc.Server | None = None
+        self._store: SqliteStore | None = None
+        self._stopped = threading.Event()
+        self._health: threading.Thread | None = None
+        self.engine: RegionEngine
+        self.fd_server: FdServer
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        config = self.config
+        config.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        claim_socket_path(config.socket)
+        apply_hugetlb_pools(config.hugetlb_pools)
+        try:
+            self._store = SqliteStore(config.state_dir / "memplug.db")
+        except Exception as exc:
+            raise StartupError(f"cannot open the state in {config.state_dir}: {exc}") from exc
+        listen_fd, adopted = split_inherited(listen_fds())
         self.engine = RegionEngine(
             threads=config.threads,
             max_bytes=config.max_bytes,
             allow_dirs=list(config.allow_dirs),
             ticket_ttl=config.ticket_ttl,
+            store=self._store,
+            listener=FdStore(self.notifier),
         )
-        self.fd_server = FdServer(config.fd_socket, self.engine, mode=config.fd_socket_mode)
-        self._server: grpc.Server | None = None
-        self._stopped = threading.Event()
-
-    def start(self) -> None:
-        path = self.config.socket
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        claim_socket_path(path)
+        report = self.engine.restore(adopted)
+        for name in report.stray_fds:
+            log.warning("systemd kept an fd named %s that matches no region: dropped", name)
+            self.notifier.remove_fd(name)
+        self.fd_server = FdServer(
+            config.fd_socket, self.engine, mode=config.fd_socket_mode, listen_fd=listen_fd
+        )
         try:
             self.fd_server.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on {self.config.fd_socket}: {exc}") from exc
+            raise StartupError(f"cannot listen on {config.fd_socket}: {exc}") from exc
+        self._start_grpc()
+        if self.notifier.enabled:
+            log.info("memfd regions are kept in systemd's fd store across restarts")
+        else:
+            log.warning(
+                "no systemd (NOTIFY_SOCKET unset): memfd regions (shmem, hugetlb) will not "
+                "outlive this process; file regions will"
+            )
+        self.notifier.ready(self.status_line())
+        self._health = threading.Thread(
+            target=self._health_loop, name="memplug-health", daemon=True
+        )
+        self._health.start()
+
+    def _start_grpc(self) -> None:
+        config, path = self.config, self.config.socket
         server = grpc.server(
             ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="memplug-rpc"),
             options=[("grpc.max_receive_message_length", 1 << 20)],
         )
-        servicer = MemplugServicer(
-            self.engine, socket=str(path), fd_socket=str(self.config.fd_socket)
-        )
+        servicer = MemplugServicer(self.engine, socket=str(path), fd_socket=str(config.fd_socket))
         pb_grpc.add_MemplugServicer_to_server(servicer, server)
-        # The socket is created by grpc under our umask: open no wider than the
-        # final mode, even for the instant before the chmod.
-        old_umask = os.umask(0o777 & ~self.config.socket_mode)
+        # grpc creates the socket under our umask: open no wider than the final
+        # mode, even for the instant before the chmod.
+        old_umask = os.umask(0o777 & ~config.socket_mode)
         try:
             server.add_insecure_port(f"unix:{path}")
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {path}: {exc}") from exc
         finally:
             os.umask(old_umask)
-        os.chmod(path, self.config.socket_mode)
-        if self.config.socket_group is not None:
-            os.chown(path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
+        os.chmod(path, config.socket_mode)
+        if config.socket_group is not None:
+            os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
         server.start()
         self._server = server
-        quota = format_size(self.config.max_bytes) if self.config.max_bytes is not None else "none"
+        quota = format_size(config.max_bytes) if config.max_bytes is not None else "none"
         log.info(
             "memplugd %s serving on unix:%s, fd socket %s (threads=%d quota=%s allow_dirs=%s)",
             __version__,
             path,
-            self.config.fd_socket,
-            self.config.threads,
+            config.fd_socket,
+            config.threads,
             quota,
-            ",".join(map(str, self.config.allow_dirs)) or "-",
+            ",".join(map(str, config.allow_dirs)) or "-",
         )
-        log.warning("memfd regions (shmem, hugetlb) live in this process: they do not outlive it")
+
+    # ------------------------------------------------------------------ running
+
+    def status_line(self) -> str:
+        st = self.engine.status()
+        return f"{st.regions} regions, {format_size(st.plugged_bytes)} plugged"
+
+    def _serving(self) -> bool:
+        """True if the gRPC socket answers a real call (what the watchdog vouches for)."""
+        try:
+            with grpc.insecure_channel(f"unix:{self.config.socket}") as channel:
+                pb_grpc.MemplugStub(channel).GetStatus(pb.GetStatusRequest(), timeout=2.0)
+            return True
+        except grpc.RpcError as exc:
+            log.error("health check: the gRPC socket does not answer: %s", exc)
+            return False
+
+    def _health_loop(self) -> None:
+        interval = watchdog_interval()
+        period = min(interval, STATUS_INTERVAL) if interval else STATUS_INTERVAL
+        while not self._stopped.wait(period):
+            if interval is not None:
+                if not self._serving():
+                    continue  # no ping: systemd restarts us when the watchdog runs out
+                self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration; quota, allowed dirs and pools change live."""
+        if self._reload_config is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = self._reload_config()
+        except Exception as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        else:
+            self.engine.reconfigure(max_bytes=new.max_bytes, allow_dirs=list(new.allow_dirs))
+            apply_hugetlb_pools(new.hugetlb_pools)
+            unchanged = [
+                f for f in ("socket", "fd_socket", "state_dir", "threads")
+                if getattr(new, f) != getattr(self.config, f)
+            ]  # fmt: skip
+            if unchanged:
+                log.warning("reload: %s take effect only after a restart", ", ".join(unchanged))
+            self.config = new
+            log.info("reloaded the configuration")
+        self.notifier.ready(self.status_line())
+
+    # ------------------------------------------------------------------ stop
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, cancel running operations (they roll back), release all."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.notifier.stopping()
         log.info("stopping: refusing new calls, cancelling running operations")
         stopped = self._server.stop(grace) if self._server else None
-        self.engine.shutdown(timeout=grace)
+        if hasattr(self, "engine"):
+            self.engine.shutdown(timeout=grace)
         if stopped is not None:
             stopped.wait(grace)
-        self.fd_server.stop()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket)
+        if hasattr(self, "fd_server"):
+            self.fd_server.stop()
+        if self._store is not None:
+            self._store.close()
+        if self._server is not None:  # never unlink a socket we did not bind (a live daemon's)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket)
         log.info("stopped")
 
     def wait(self) -> None:

@@ -65,7 +65,9 @@ class FileBacking(Backing):
         self.identity = (st.st_dev, st.st_ino)
 
     @classmethod
-    def open(cls, path: str, size: int, allow_dirs: list[Path], owner_uid: int) -> FileBacking:
+    def open(
+        cls, path: str, size: int, allow_dirs: list[Path], owner_uid: int, *, create: bool = True
+    ) -> FileBacking:
         """Open (or create) the file; size 0 adopts an existing file's size.
 
         A file memplug creates belongs to the region's owner, mode 0600; an
@@ -79,6 +81,8 @@ class FileBacking(Backing):
             try:
                 fd = _open_beneath(base, rel, flags)
             except FileNotFoundError:
+                if not create:
+                    raise FailedPrecondition(f"{full} no longer exists") from None
                 fd = _open_beneath(base, rel, flags | os.O_CREAT | os.O_EXCL)
                 created = True
         except OSError as exc:

@@ -46,6 +46,8 @@ from memplug.daemon.engine.region import (
     check_labels,
     check_name,
 )
+from memplug.daemon.engine.restore import RestoreReport
+from memplug.daemon.engine.restore import restore as restore_regions
 from memplug.daemon.engine.runner import ProgressCallback, Runner
 from memplug.daemon.engine.strategy import (
     CHUNK_BYTES,
@@ -692,6 +694,30 @@ class RegionEngine:
                 lost.append(Range(block, region.block_size))
                 cause = cause or backing.translate(exc, region.block_size)
         return lost, cause
+
+    # ------------------------------------------------------------------ start-up
+
+    def restore(self, adopted: dict[str, int]) -> RestoreReport:
+        """Bring back the regions the store remembers (see restore.py); call once, first."""
+        regions, report = restore_regions(self._store, adopted, self.allow_dirs)
+        with self._lock:
+            for region in regions:
+                self._regions[region.name] = region
+                self._plugged_total += region.plugged.total
+            self._lost.update(report.lost)
+        if self.max_bytes is not None and self._plugged_total > self.max_bytes:
+            log.warning(
+                "restored regions hold %s plugged, over the quota of %s: new plugs will fail",
+                format_size(self._plugged_total),
+                format_size(self.max_bytes),
+            )
+        return report
+
+    def reconfigure(self, *, max_bytes: int | None, allow_dirs: list[Path]) -> None:
+        """Apply a reloaded configuration; running operations are not disturbed."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            self.allow_dirs = [Path(d).resolve() for d in allow_dirs]
 
     # ------------------------------------------------------------------ shutdown
 

@@ -6,7 +6,8 @@ Schema, version 1:
     regions(name TEXT PRIMARY KEY, size INTEGER, backing TEXT, page_size INTEGER,
             block_size INTEGER, path TEXT, labels TEXT (JSON object),
             acl TEXT (JSON object), created_at REAL,
-            plugged TEXT (JSON [[offset, length], ...], merged, ascending))
+            plugged TEXT (JSON [[offset, length], ...], merged, ascending),
+            gone TEXT (why a restart lost the region; '' while it lives))
     intents(id INTEGER PRIMARY KEY, region TEXT, op TEXT, offset INTEGER,
             length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL)
 
@@ -38,7 +39,7 @@ def _v1(db: sqlite3.Connection) -> None:
             name TEXT PRIMARY KEY, size INTEGER NOT NULL, backing TEXT NOT NULL,
             page_size INTEGER NOT NULL, block_size INTEGER NOT NULL, path TEXT NOT NULL,
             labels TEXT NOT NULL, acl TEXT NOT NULL, created_at REAL NOT NULL,
-            plugged TEXT NOT NULL DEFAULT '[]'
+            plugged TEXT NOT NULL DEFAULT '[]', gone TEXT NOT NULL DEFAULT ''
         );
         CREATE TABLE intents (
             id INTEGER PRIMARY KEY, region TEXT NOT NULL, op TEXT NOT NULL,
@@ -104,6 +105,7 @@ class SqliteStore:
                     acl=json.loads(row[7]),
                     created_at=row[8],
                     plugged=_ranges(row[9]),
+                    gone=row[10],
                 )
                 for row in self._db.execute("SELECT * FROM regions ORDER BY name")
             ]
@@ -117,7 +119,7 @@ class SqliteStore:
 
     def put_region(self, record: RegionRecord) -> None:
         self._write(
-            "INSERT OR REPLACE INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             record.name,
             record.size,
             record.backing,
@@ -128,12 +130,19 @@ class SqliteStore:
             json.dumps(record.acl),
             record.created_at,
             _dump(record.plugged),
+            record.gone,
         )
 
     def delete_region(self, name: str) -> None:
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM regions WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
+
+    def mark_gone(self, name: str, reason: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE regions SET gone = ? WHERE name = ?", (reason, name))
             self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
 
     def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:

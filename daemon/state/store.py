@@ -30,6 +30,7 @@ class RegionRecord:
     acl: dict[str, list[int]]  # owner_uid: [uid], allowed_uids, allowed_gids, read_only_*
     created_at: float
     plugged: tuple[Range, ...] = ()
+    gone: str = ""  # why a restart could not bring the region back; "" while it lives
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class StateStore(Protocol):
     def put_region(self, record: RegionRecord) -> None: ...
 
     def delete_region(self, name: str) -> None: ...
+
+    def mark_gone(self, name: str, reason: str) -> None:
+        """Keep the record, flagged as lost, and drop its intents."""
+        ...
 
     def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
         """Record an intent; returns its id."""
@@ -77,6 +82,12 @@ class MemoryStore:
 
     def delete_region(self, name: str) -> None:
         self._regions.pop(name, None)
+        for i in [i for i, it in self._intents.items() if it.region == name]:
+            del self._intents[i]
+
+    def mark_gone(self, name: str, reason: str) -> None:
+        if name in self._regions:
+            self._regions[name] = dataclasses.replace(self._regions[name], gone=reason)
         for i in [i for i, it in self._intents.items() if it.region == name]:
             del self._intents[i]
 

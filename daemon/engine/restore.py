@@ -1,0 +1,186 @@
+"""Bring regions back at start-up and make the store agree with the kernel.
+
+For each region the store remembers:
+1. find its memory: memfd regions in the fds systemd's fd store handed back
+   (matched by name, then checked: the memfd's own name, size, seals and page
+   size must be the ones recorded); FILE regions by reopening the file;
+2. replay what a crash interrupted (intents): a plug is rolled back (its
+   unplugged blocks punched, keeping data that predated it), an unplug and a
+   discard are rolled forward (the client asked for them);
+3. check every block recorded as plugged is backed, allocating again what is
+   not (fallocate is a no-op where memory is there); a block that cannot be
+   backed is marked unplugged and reported, never silently assumed.
+A region whose memory cannot be found is marked gone in the store, with why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memplug.daemon.backings import Backing, BackingKind, FileBacking, HugetlbBacking, ShmemBacking
+from memplug.daemon.backings.shmem import REGION_SEALS
+from memplug.daemon.engine.ranges import IntervalSet, Range, format_size, subtract
+from memplug.daemon.engine.region import Acl, Region
+from memplug.daemon.errors import MemplugError
+from memplug.daemon.kernel import ops
+from memplug.daemon.state.store import Intent, RegionRecord, StateStore
+
+log = logging.getLogger("memplug.restore")
+
+NO_FD_STORE = (
+    "memfd regions live only as long as the daemon process unless systemd keeps "
+    "their fds (run memplugd as a Type=notify service with FileDescriptorStoreMax)"
+)
+
+
+@dataclass
+class RestoreReport:
+    restored: list[str] = field(default_factory=list)
+    lost: dict[str, str] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)  # what reconciliation changed
+    stray_fds: list[str] = field(default_factory=list)  # fds with no region: dropped
+
+
+def _acl(record: RegionRecord) -> Acl:
+    a = record.acl
+    return Acl(
+        owner_uid=a.get("owner_uid", [0])[0],
+        allowed_uids=frozenset(a.get("allowed_uids", [])),
+        allowed_gids=frozenset(a.get("allowed_gids", [])),
+        read_only_uids=frozenset(a.get("read_only_uids", [])),
+        read_only_gids=frozenset(a.get("read_only_gids", [])),
+    )
+
+
+def _check_memfd(fd: int, record: RegionRecord) -> str | None:
+    """Why fd is not the memfd of record, or None if it is."""
+    try:
+        st = os.fstat(fd)
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        seals = ops.get_seals(fd)
+    except OSError as exc:
+        return f"cannot inspect the fd: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode) or not target.startswith(f"/memfd:memplug:{record.name} "):
+        return f"the fd is {target}, not the memfd of region {record.name}"
+    if st.st_size != record.size:
+        return f"its size is {st.st_size}, the store says {record.size}"
+    if seals & REGION_SEALS != REGION_SEALS:
+        return f"its seals are {seals:#x}, missing some of {REGION_SEALS:#x}"
+    # hugetlbfs reports its page size as the block size of its files
+    if st.st_blksize != record.page_size:
+        return f"its page size is {st.st_blksize}, the store says {record.page_size}"
+    return None
+
+
+def _open_backing(
+    record: RegionRecord, adopted: dict[str, int], allow_dirs: list[Path]
+) -> Backing | str:
+    """The region's backing, or why it cannot be had."""
+    kind = BackingKind(record.backing)
+    if kind is BackingKind.FILE:
+        owner = record.acl.get("owner_uid", [0])[0]
+        try:
+            return FileBacking.open(record.path, record.size, allow_dirs, owner, create=False)
+        except MemplugError as exc:
+            return f"its file cannot be reopened: {exc.message}"
+    fd = adopted.pop(record.name, None)
+    if fd is None:
+        return f"no fd came back for it: {NO_FD_STORE}"
+    why = _check_memfd(fd, record)
+    if why is not None:
+        os.close(fd)
+        return f"the fd handed back does not match: {why}"
+    if kind is BackingKind.HUGETLB:
+        return HugetlbBacking(fd, record.size, record.page_size)
+    return ShmemBacking(fd, record.size, record.page_size)
+
+
+def _replay(region: Region, intent: Intent, report: RestoreReport) -> None:
+    backing, r = region.backing, intent.range
+    if intent.op == "plug":
+        undo = subtract(region.plugged.gaps(r), intent.keep)
+        for piece in undo:
+            backing.release(piece.offset, piece.length)
+        report.repaired.append(f"{region.name}: rolled back an interrupted plug of {r}")
+    elif intent.op == "unplug":
+        backing.release(r.offset, r.length)
+        region.plugged.remove(r)
+        report.repaired.append(f"{region.name}: completed an interrupted unplug of {r}")
+    elif intent.op == "discard":
+        for inside in region.plugged.intersection(r):
+            backing.release(inside.offset, inside.length)
+        report.repaired.append(f"{region.name}: completed an interrupted discard of {r}")
+    else:
+        log.error("region %s: unknown intent %r ignored", region.name, intent.op)
+
+
+def _ensure_backed(region: Region, report: RestoreReport) -> None:
+    """Allocate every plugged block again; unplug (and report) those that cannot be."""
+    backing = region.backing
+    for r in list(region.plugged):
+        try:
+            backing.allocate(r.offset, r.length)
+            continue
+        except OSError:
+            pass
+        for block in range(r.offset, r.end, region.block_size):
+            try:
+                backing.allocate(block, region.block_size)
+            except OSError as exc:
+                backing.release(block, region.block_size)
+                region.plugged.remove(Range(block, region.block_size))
+                report.repaired.append(
+                    f"{region.name}: block {Range(block, region.block_size)} was plugged but "
+                    f"cannot be backed ({exc.strerror}); it is now unplugged"
+                )
+
+
+def restore(
+    store: StateStore,
+    adopted: dict[str, int],
+    allow_dirs: list[Path],
+) -> tuple[list[Region], RestoreReport]:
+    """Regions to install, and what happened. Consumes (or closes) every adopted fd."""
+    records, intents = store.load()
+    report = RestoreReport()
+    regions = []
+    for record in records:
+        if record.gone:
+            report.lost[record.name] = record.gone
+            continue
+        backing = _open_backing(record, adopted, allow_dirs)
+        if isinstance(backing, str):
+            store.mark_gone(record.name, backing)
+            report.lost[record.name] = backing
+            log.warning("region %s is lost: %s", record.name, backing)
+            continue
+        region = Region(
+            record.name, backing, record.block_size, record.labels, record.created_at, _acl(record)
+        )
+        region.plugged = IntervalSet(record.plugged)
+        mine = [i for i in intents if i.region == record.name]
+        for intent in mine:
+            _replay(region, intent, report)
+        _ensure_backed(region, report)
+        for intent in mine:
+            store.finish(intent.id, region.name, tuple(region.plugged))
+        store.finish(None, region.name, tuple(region.plugged))
+        regions.append(region)
+        report.restored.append(record.name)
+        log.info(
+            "restored region %s: %s, %s plugged of %s",
+            record.name,
+            backing.describe(),
+            format_size(region.plugged.total),
+            format_size(record.size),
+        )
+    for name, fd in adopted.items():
+        report.stray_fds.append(name)
+        os.close(fd)
+    for line in report.repaired:
+        log.warning("reconciled: %s", line)
+    return regions, report
