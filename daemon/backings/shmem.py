@@ -6,7 +6,7 @@ import os
 
 from memplug.daemon.backings.base import Backing, BackingKind
 from memplug.daemon.engine.ranges import format_size
-from memplug.daemon.errors import ResourceExhausted
+from memplug.daemon.errors import FailedPrecondition, ResourceExhausted
 from memplug.daemon.kernel import ops, probe
 
 # Nobody holding the fd may resize it (shrinking SIGBUSes every other mapper)
@@ -36,9 +36,16 @@ def create_memfd(name: str, size: int, owner_uid: int, extra_flags: int = 0) -> 
 
 
 def restrict_inode(fd: int, owner_uid: int) -> None:
-    if os.geteuid() == 0 and owner_uid != 0:
-        os.fchown(fd, owner_uid, -1)
+    # chmod first: once the inode is someone else's, that would need CAP_FOWNER.
     os.fchmod(fd, 0o600)
+    if owner_uid != os.geteuid():
+        try:
+            os.fchown(fd, owner_uid, -1)
+        except PermissionError:
+            raise FailedPrecondition(
+                f"memplugd cannot make uid {owner_uid} the region's owner: it needs "
+                "CAP_CHOWN (run it as root, or with AmbientCapabilities=CAP_CHOWN)"
+            ) from None
 
 
 class ShmemBacking(Backing):

@@ -13,6 +13,7 @@ the quota is returned.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import threading
@@ -69,6 +70,7 @@ from memplug.daemon.errors import (
     NotFound,
     PermissionDenied,
     QuotaExceeded,
+    ResourceExhausted,
 )
 from memplug.daemon.kernel import probe
 from memplug.daemon.kernel.ops import iter_chunks
@@ -140,6 +142,18 @@ def record_of(region: Region) -> RegionRecord:
         created_at=region.created_at,
         plugged=plugged,
     )
+
+
+def creation_error(name: str, exc: OSError) -> MemplugError:
+    """What a failed memfd_create/ftruncate/open means for CreateRegion."""
+    what = f"cannot create region {name!r}: {exc.strerror}"
+    if exc.errno in (errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EFBIG):
+        return ResourceExhausted(what, errno=exc.errno)
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return PermissionDenied(what, errno=exc.errno)
+    if exc.errno == errno.EINVAL:
+        return InvalidArgument(what, errno=exc.errno)
+    return Internal(what, errno=exc.errno)
 
 
 class RegionEngine:
@@ -237,7 +251,10 @@ class RegionEngine:
                 raise AlreadyExists(f"a region named {name!r} already exists")
             self._creating.add(name)
         try:
-            backing, block_size = self._make_backing(spec)
+            try:
+                backing, block_size = self._make_backing(spec)
+            except OSError as exc:
+                raise creation_error(name, exc) from exc
             try:
                 region = Region(name, backing, block_size, labels, time.time(), acl)
                 if isinstance(backing, FileBacking):
