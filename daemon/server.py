@@ -98,6 +98,8 @@ class Daemon:
 
     def start(self) -> None:
         config = self.config
+        # First, before anything opens an fd: 3.. are systemd's.
+        listen_fd, adopted = split_inherited(listen_fds())
         config.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         claim_socket_path(config.socket)
@@ -106,7 +108,6 @@ class Daemon:
             self._store = SqliteStore(config.state_dir / "memplug.db")
         except Exception as exc:
             raise StartupError(f"cannot open the state in {config.state_dir}: {exc}") from exc
-        listen_fd, adopted = split_inherited(listen_fds())
         self.engine = RegionEngine(
             threads=config.threads,
             max_bytes=config.max_bytes,
