@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-
 from conftest import DaemonProcess
+
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 # Runs in the child: move the inherited fds to 3.., set LISTEN_PID to itself, exec.
