@@ -1,0 +1,183 @@
+"""The method rules and the slicing of work over threads (pure)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from memplug.daemon.engine.ranges import GiB, KiB, MiB, Range
+from memplug.daemon.engine.strategy import (
+    CHUNK_BYTES,
+    MIN_BYTES_PER_THREAD,
+    Method,
+    Plan,
+    Requested,
+    make_plan,
+    plug_method,
+    populate_method,
+)
+from memplug.daemon.errors import FailedPrecondition
+
+# --------------------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize(
+    ("hugetlb", "requested", "has_populate", "method"),
+    [
+        # AUTO: hugetlb populates (scales with threads) when it can, else fallocates.
+        (True, Requested.AUTO, True, Method.POPULATE_WRITE),
+        (True, Requested.AUTO, False, Method.FALLOCATE),
+        # AUTO: shmem and FILE always fallocate (faster than populating 4 KiB pages).
+        (False, Requested.AUTO, True, Method.FALLOCATE),
+        (False, Requested.AUTO, False, Method.FALLOCATE),
+        # What the caller asks for wins.
+        (True, Requested.FALLOCATE, True, Method.FALLOCATE),
+        (False, Requested.FALLOCATE, True, Method.FALLOCATE),
+        (True, Requested.FALLOCATE, False, Method.FALLOCATE),
+        (False, Requested.POPULATE_WRITE, True, Method.POPULATE_WRITE),
+        (True, Requested.POPULATE_WRITE, True, Method.POPULATE_WRITE),
+    ],
+)
+def test_plug_method(
+    hugetlb: bool, requested: Requested, has_populate: bool, method: Method
+) -> None:
+    assert plug_method(hugetlb=hugetlb, requested=requested, has_populate=has_populate) is method
+
+
+@pytest.mark.parametrize("hugetlb", [True, False])
+def test_populate_write_requested_without_madvise_support_is_a_failed_precondition(
+    hugetlb: bool,
+) -> None:
+    with pytest.raises(FailedPrecondition, match="MADV_POPULATE_WRITE"):
+        plug_method(hugetlb=hugetlb, requested=Requested.POPULATE_WRITE, has_populate=False)
+
+
+@pytest.mark.parametrize(
+    ("write", "has_populate", "method"),
+    [
+        (True, True, Method.POPULATE_WRITE),
+        (False, True, Method.POPULATE_READ),
+        (True, False, Method.TOUCH_READ),
+        (False, False, Method.TOUCH_READ),
+    ],
+)
+def test_populate_method(write: bool, has_populate: bool, method: Method) -> None:
+    assert populate_method(write=write, has_populate=has_populate) is method
+
+
+def test_method_values_are_the_strategy_names_the_api_reports() -> None:
+    assert [m.value for m in Method] == [
+        "fallocate",
+        "populate-write",
+        "populate-read",
+        "touch-read",
+    ]
+
+
+# --------------------------------------------------------------------------- make_plan
+
+ALIGNS = [4 * KiB, 2 * MiB, 64 * MiB, 128 * MiB, GiB]
+
+
+@st.composite
+def work_lists(draw: st.DrawFn) -> tuple[int, list[Range]]:
+    """(align, sorted disjoint aligned ranges), as the gaps of a region would be."""
+    align = draw(st.sampled_from(ALIGNS))
+    limit = max(1, (16 * GiB) // align)  # blocks in a 16 GiB region
+    n = draw(st.integers(min_value=1, max_value=6))
+    cuts = sorted(draw(st.sets(st.integers(0, min(limit, 4096)), min_size=2, max_size=2 * n)))
+    if len(cuts) % 2:
+        cuts.pop()
+    work = [Range(a * align, (b - a) * align) for a, b in zip(cuts[::2], cuts[1::2], strict=True)]
+    return align, work
+
+
+def check_plan(plan: Plan, work: list[Range], align: int) -> None:
+    # Every piece is aligned and nonempty, and each slice is contiguous in work order.
+    pieces = [p for s in plan.slices for p in s]
+    assert all(s for s in plan.slices), "a worker got an empty slice"
+    for p in pieces:
+        assert p.length > 0
+        assert p.offset % align == 0 and p.length % align == 0, f"{p} not cut at {align}"
+    # The pieces, in order, are exactly the work: each byte once, nothing else.
+    merged: list[Range] = []
+    for p in pieces:
+        if merged and merged[-1].end == p.offset:
+            merged[-1] = Range(merged[-1].offset, merged[-1].length + p.length)
+        else:
+            merged.append(p)
+    expected: list[Range] = []
+    for r in work:
+        if expected and expected[-1].end == r.offset:
+            expected[-1] = Range(expected[-1].offset, expected[-1].length + r.length)
+        else:
+            expected.append(r)
+    assert merged == expected
+    assert plan.total == sum(r.length for r in work)
+    # The chunk (progress and cancel granularity) is a multiple of align.
+    assert plan.chunk >= align and plan.chunk % align == 0
+    assert plan.chunk == max(align, CHUNK_BYTES)
+
+
+@settings(deadline=None)
+@given(work_lists(), st.integers(min_value=1, max_value=64))
+@example((GiB, [Range(0, 5 * GiB)]), 4)
+@example((2 * MiB, [Range(0, 145 * 2 * MiB)]), 3)
+def test_make_plan_populate_splits_over_threads(
+    align_work: tuple[int, list[Range]], max_threads: int
+) -> None:
+    align, work = align_work
+    plan = make_plan(Method.POPULATE_WRITE, work, max_threads=max_threads, align=align)
+    check_plan(plan, work, align)
+    total = plan.total
+    # One thread per 64 MiB at most, no more than asked, at least one; and no
+    # more than there are blocks to hand out (a thread cannot take half a block).
+    wanted = max(1, min(max_threads, total // MIN_BYTES_PER_THREAD, total // align))
+    assert plan.threads == wanted, (
+        f"{total // align} blocks of {align} over max {max_threads} threads: "
+        f"got {plan.threads} slices {[sum(p.length for p in s) // align for s in plan.slices]}"
+    )
+    # Near-equal: slice sizes differ by at most one block.
+    sizes = [sum(p.length for p in s) for s in plan.slices]
+    assert max(sizes) - min(sizes) <= align
+
+
+@pytest.mark.parametrize("method", [Method.FALLOCATE, Method.TOUCH_READ])
+@settings(deadline=None)
+@given(align_work=work_lists(), max_threads=st.integers(min_value=1, max_value=64))
+def test_make_plan_fallocate_and_touch_use_one_thread(
+    method: Method, align_work: tuple[int, list[Range]], max_threads: int
+) -> None:
+    align, work = align_work
+    plan = make_plan(method, work, max_threads=max_threads, align=align)
+    check_plan(plan, work, align)
+    assert plan.threads == 1
+    assert plan.method is method
+
+
+@pytest.mark.parametrize(
+    ("total", "max_threads", "threads"),
+    [
+        (64 * MiB, 16, 1),
+        (127 * MiB + MiB, 16, 2),
+        (GiB, 2, 2),
+        (GiB, 16, 16),
+        (GiB, 64, 16),
+        (32 * MiB, 8, 1),
+        (2 * MiB, 1, 1),
+    ],
+)
+def test_make_plan_thread_count_examples(total: int, max_threads: int, threads: int) -> None:
+    plan = make_plan(
+        Method.POPULATE_WRITE, [Range(0, total)], max_threads=max_threads, align=2 * MiB
+    )
+    assert plan.threads == threads
+    check_plan(plan, [Range(0, total)], 2 * MiB)
+
+
+def test_make_plan_splits_huge_page_blocks_evenly() -> None:
+    # 5 blocks of 1 GiB over 4 threads: 2+1+1+1, not 2+2+1 on three threads.
+    plan = make_plan(Method.POPULATE_WRITE, [Range(0, 5 * GiB)], max_threads=4, align=GiB)
+    assert plan.threads == 4
+    assert sorted(sum(p.length for p in s) for s in plan.slices) == [GiB, GiB, GiB, 2 * GiB]
