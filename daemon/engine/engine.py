@@ -470,8 +470,12 @@ class RegionEngine:
                 keep = [
                     Range(o, n) for g in gaps for o, n in backing.data_extents(g.offset, g.length)
                 ]
-                self._reserve_quota(region, new)
                 intent = self._begin(region, "plug", r, tuple(keep))
+                try:
+                    self._reserve_quota(region, new)
+                except BaseException:
+                    self._finish(region, intent)
+                    raise
                 started = time.monotonic()
                 try:
                     self._runner.run(plan, self._plug_work(backing, method), token, progress)

@@ -32,7 +32,7 @@ class Range:
 
 
 def format_size(n: int) -> str:
-    """Exact, short, human: 1 GiB, 2 MiB, 4 KiB, 1536 B, 1.5 GiB only when inexact."""
+    """Short and human: 1 GiB, 2 MiB, 4 KiB, 512 B; one decimal (1.5 KiB) when inexact."""
     for unit, size in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= size:
             if n % size == 0:
@@ -46,6 +46,8 @@ def check_range(offset: int, length: int, *, size: int, align: int, what: str) -
     """Validate a request range against a region of `size` with `align`-sized blocks."""
     if length <= 0:
         raise InvalidArgument(f"{what}: length must be > 0")
+    if offset < 0:
+        raise InvalidArgument(f"{what}: offset must be >= 0")
     if offset % align or length % align:
         raise InvalidArgument(
             f"{what}: offset {offset:#x} and length {length:#x} must be multiples "
@@ -169,10 +171,11 @@ def parse_size(text: str) -> int:
         if unit not in _UNITS or not number:
             raise ValueError(text)
         value = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
-    except ValueError:
+        whole = int(value)  # OverflowError for inf
+    except (ValueError, OverflowError):
         raise InvalidArgument(
             f"cannot read {text!r} as a size: use bytes, hex (0x...) or K/M/G/T suffixes"
         ) from None
-    if value < 0 or value != int(value):
+    if value < 0 or value != whole:
         raise InvalidArgument(f"{text!r} is not a whole number of bytes")
-    return int(value)
+    return whole

@@ -52,11 +52,10 @@ class Runner:
 
         def advance(n: int) -> None:
             nonlocal done
-            with lock:
+            with lock:  # report under the lock: a late thread must not report an older value
                 done += n
-                now = done
-            if progress is not None:
-                progress(now, total)
+                if progress is not None:
+                    progress(done, total)
 
         def run_slice(pieces: tuple[Range, ...]) -> None:
             for piece in pieces:

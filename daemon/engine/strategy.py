@@ -81,22 +81,26 @@ def thread_count(method: Method, total: int, max_threads: int) -> int:
 def make_plan(method: Method, work: list[Range], *, max_threads: int, align: int) -> Plan:
     """Split work into contiguous per-thread slices of near-equal size, cut at align."""
     total = sum(r.length for r in work)
-    threads = thread_count(method, total, max_threads)
-    per_thread = -(-total // threads)  # ceil
-    per_thread = -(-per_thread // align) * align
+    blocks = total // align
+    threads = max(1, min(thread_count(method, total, max_threads), blocks))
+    # Whole blocks per thread, the remainder one each to the first threads.
+    base, extra = divmod(blocks, threads)
+    quotas = [(base + (1 if i < extra else 0)) * align for i in range(threads)]
     slices: list[tuple[Range, ...]] = []
     current: list[Range] = []
-    room = per_thread
-    for r in work:
-        offset, length = r.offset, r.length
-        while length:
+    pieces = iter(work)
+    r = next(pieces, None)
+    offset, length = (r.offset, r.length) if r else (0, 0)
+    for quota in quotas:
+        room = quota
+        while room:
+            if not length:
+                r = next(pieces)
+                offset, length = r.offset, r.length
             take = min(length, room)
             current.append(Range(offset, take))
             offset, length, room = offset + take, length - take, room - take
-            if room == 0:
-                slices.append(tuple(current))
-                current, room = [], per_thread
-    if current:
         slices.append(tuple(current))
+        current = []
     chunk = max(align, CHUNK_BYTES // align * align)
     return Plan(method, tuple(slices), chunk)

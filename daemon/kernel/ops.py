@@ -219,7 +219,9 @@ def open_beneath(dirfd: int, path: str, flags: int, mode: int = 0o600) -> int:
     step: a symlink swapped in between cannot redirect it.
     """
     # openat2 rejects a mode (EINVAL) unless the call can create the file.
-    mode = mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0
+    # (O_TMPFILE contains O_DIRECTORY's bit: test for all of it.)
+    creates = flags & os.O_CREAT or (flags & os.O_TMPFILE) == os.O_TMPFILE
+    mode = mode if creates else 0
     return openat2(dirfd, path, flags | os.O_CLOEXEC, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
 
 
