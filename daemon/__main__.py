@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -15,14 +16,52 @@ from memplug.daemon.server import Daemon
 from memplug.daemon.transport.unixsock import StartupError
 
 
-def setup_logging(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; structured fields (extra={"fields": {...}}) are merged in."""
+
+    def __init__(self, *, timestamps: bool) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, object] = {}
+        if self.timestamps:
+            event["ts"] = round(record.created, 6)
+        event.update(level=record.levelname.lower(), logger=record.name, msg=record.getMessage())
+        event.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return json.dumps(event, default=str)
+
+
+class KeyValueFormatter(logging.Formatter):
+    """level=... logger=... message k=v ...; the fields go after the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", {})
+        if fields:
+            line += " " + " ".join(f"{k}={_kv(v)}" for k, v in fields.items())
+        return line
+
+
+def _kv(value: object) -> str:
+    text = str(value)
+    return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
+
+
+def setup_logging(level: str, fmt: str) -> None:
     # journald stamps each line itself; elsewhere we add the time.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"{stamp}level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(timestamps=not journald))
+    else:
+        stamp = "" if journald else "%(asctime)s "
+        handler.setFormatter(
+            KeyValueFormatter(f"{stamp}level=%(levelname)s logger=%(name)s %(message)s")
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"memplugd {__version__}")
         return 0
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     daemon = Daemon(config, reload_config=lambda: load(argv)[0])
     stop = threading.Event()
     reload = threading.Event()

@@ -49,6 +49,8 @@ class Config:
     ticket_ttl: float = 10.0
     hugetlb_pools: tuple[tuple[int, int], ...] = ()  # (page size, pages) set at start and reload
     log_level: str = "info"
+    log_format: str = "text"  # "text" (key=value) or "json"
+    metrics: str | None = None  # HOST:PORT for Prometheus; None: off
 
     def validate(self) -> Config:
         if self.threads < 1:
@@ -73,11 +75,25 @@ class Config:
         for d in self.allow_dirs:
             if not d.is_dir():
                 raise InvalidArgument(f"allow-dir {d} is not a directory")
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgument(f"log-format {self.log_format!r}: use text or json")
+        if self.metrics is not None:
+            metrics_address(self.metrics)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise InvalidArgument(
                 f"log-level {self.log_level!r}: use debug, info, warning or error"
             )
         return self
+
+
+def metrics_address(text: str) -> tuple[str, int]:
+    """'9464' or ':9464' -> loopback; 'HOST:PORT' as given."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"metrics {text!r}: use PORT or HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -169,6 +185,39 @@ def parser() -> argparse.ArgumentParser:
         dest="log_level",
         default=argparse.SUPPRESS,
         help="debug, info, warning or error (default info)",
+    )
+    p.add_argument(
+        "--fd-socket-mode",
+        dest="fd_socket_mode",
+        default=argparse.SUPPRESS,
+        help="octal mode of the fd socket (default 666: the ACL decides per region)",
+    )
+    p.add_argument(
+        "--ticket-ttl",
+        dest="ticket_ttl",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="seconds an attach ticket stays valid (default 10)",
+    )
+    p.add_argument(
+        "--hugetlb-pool",
+        dest="hugetlb_pools",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="PAGESIZE:PAGES, e.g. 2M:512: size the kernel's pool at start and on SIGHUP "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=argparse.SUPPRESS,
+        help="serve Prometheus metrics on [HOST:]PORT (default off; host 127.0.0.1)",
+    )
+    p.add_argument(
+        "--log-format",
+        dest="log_format",
+        choices=["text", "json"],
+        default=argparse.SUPPRESS,
+        help="one line per event: key=value (default) or JSON",
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p

@@ -15,18 +15,23 @@ import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from wsgiref.simple_server import WSGIServer
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
-from memplug.daemon import __version__
+from memplug.daemon import __version__, metrics
 from memplug.daemon.backings import Backing, BackingKind
-from memplug.daemon.config import Config
+from memplug.daemon.config import Config, metrics_address
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.ranges import format_size
 from memplug.daemon.kernel import probe
 from memplug.daemon.state.sqlite import SqliteStore
 from memplug.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from memplug.daemon.transport.fdserver import FdServer
+from memplug.daemon.transport.interceptors import MetricsInterceptor
 from memplug.daemon.transport.servicer import MemplugServicer
 from memplug.daemon.transport.unixsock import StartupError, claim_socket_path
 from memplug.v1 import memplug_pb2 as pb
@@ -91,6 +96,8 @@ class Daemon:
         self._store: SqliteStore | None = None
         self._stopped = threading.Event()
         self._health: threading.Thread | None = None
+        self._health_servicer: health.HealthServicer | None = None
+        self._metrics_server: WSGIServer | None = None
         self.engine: RegionEngine
         self.fd_server: FdServer
 
@@ -116,6 +123,7 @@ class Daemon:
             store=self._store,
             listener=FdStore(self.notifier),
         )
+        metrics.REGISTRY.register(metrics.EngineCollector(self.engine))
         report = self.engine.restore(adopted)
         for name in report.stray_fds:
             log.warning("systemd kept an fd named %s that matches no region: dropped", name)
@@ -145,10 +153,20 @@ class Daemon:
         config, path = self.config, self.config.socket
         server = grpc.server(
             ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="memplug-rpc"),
+            interceptors=[MetricsInterceptor()],
             options=[("grpc.max_receive_message_length", 1 << 20)],
         )
         servicer = MemplugServicer(self.engine, socket=str(path), fd_socket=str(config.fd_socket))
         pb_grpc.add_MemplugServicer_to_server(servicer, server)
+        # Stock health and reflection: grpcurl and grpc_health_probe work with no .proto.
+        self._health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health_servicer, server)
+        services = (
+            pb.DESCRIPTOR.services_by_name["Memplug"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, server)
         # grpc creates the socket under our umask: open no wider than the final
         # mode, even for the instant before the chmod.
         old_umask = os.umask(0o777 & ~config.socket_mode)
@@ -163,6 +181,12 @@ class Daemon:
             os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
         server.start()
         self._server = server
+        for service in ("", services[0]):
+            self._health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if config.metrics is not None:
+            host, port = metrics_address(config.metrics)
+            self._metrics_server, _ = start_http_server(port, host, registry=metrics.REGISTRY)
+            log.info("metrics on http://%s:%d/metrics", host, port)
         quota = format_size(config.max_bytes) if config.max_bytes is not None else "none"
         log.info(
             "memplugd %s serving on unix:%s, fd socket %s (threads=%d quota=%s allow_dirs=%s)",
@@ -231,6 +255,10 @@ class Daemon:
         self._stopped.set()
         self.notifier.stopping()
         log.info("stopping: refusing new calls, cancelling running operations")
+        if self._health_servicer is not None:
+            self._health_servicer.enter_graceful_shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         stopped = self._server.stop(grace) if self._server else None
         if hasattr(self, "engine"):
             self.engine.shutdown(timeout=grace)

@@ -190,6 +190,21 @@ class RegionEngine:
         with self._lock:
             return self._plugged_total
 
+    def usage_by_backing(self) -> dict[str, tuple[int, int, int]]:
+        """backing -> (regions, plugged bytes, allocated bytes)."""
+        with self._lock:
+            regions = list(self._regions.values())
+        usage: dict[str, tuple[int, int, int]] = {k.value: (0, 0, 0) for k in BackingKind}
+        for region in regions:
+            info = region.info()
+            count, plugged, allocated = usage[info.backing.value]
+            usage[info.backing.value] = (
+                count + 1,
+                plugged + info.plugged_bytes,
+                allocated + info.allocated_bytes,
+            )
+        return usage
+
     def status(self) -> EngineStatus:
         with self._lock:
             regions = list(self._regions.values())

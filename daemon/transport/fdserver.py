@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from memplug.daemon import metrics
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.tickets import Handoff
 from memplug.daemon.errors import InvalidArgument, MemplugError
@@ -202,6 +203,7 @@ class FdServer:
         match = _REQUEST_RE.fullmatch(line.decode("ascii", errors="replace").rstrip("\r"))
         if match is None:
             self.refused += 1
+            metrics.ATTACHES.labels("malformed").inc()
             log.warning("fd socket: malformed request from pid=%d uid=%d", peer.pid, peer.uid)
             self._reply_error(conn, InvalidArgument(f"expected '{PROTOCOL} ATTACH <ticket>'"))
             return
@@ -209,6 +211,7 @@ class FdServer:
             handoff = self._engine.redeem(match.group(1), peer)
         except MemplugError as exc:
             self.refused += 1
+            metrics.ATTACHES.labels("refused").inc()
             log.warning(
                 "fd socket: refused pid=%d uid=%d gids=%s: %s",
                 peer.pid, peer.uid, ",".join(map(str, sorted(peer.gids))), exc.message,
@@ -218,6 +221,7 @@ class FdServer:
         try:
             socket.send_fds(conn.sock, [ok_line(handoff)], [handoff.fd])
             self.served += 1
+            metrics.ATTACHES.labels("ok").inc()
             log.info(
                 "fd socket: attached region=%s access=%s pid=%d uid=%d",
                 handoff.region, handoff.access.value, peer.pid, peer.uid,

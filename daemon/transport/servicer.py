@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from memplug.daemon import __version__
+from memplug.daemon import __version__, metrics
 from memplug.daemon.engine.engine import OpResult, RegionEngine
 from memplug.daemon.transport import convert
 from memplug.daemon.transport.status import translate
@@ -16,9 +16,12 @@ from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 
-def _progress_stream(events: Iterator[tuple[int, int] | OpResult]) -> Iterator[pb.Progress]:
+def _progress_stream(
+    op: str, events: Iterator[tuple[int, int] | OpResult]
+) -> Iterator[pb.Progress]:
     for event in events:
         if isinstance(event, OpResult):
+            metrics.record_work(op, event.strategy, event.bytes, event.seconds)
             total = event.bytes
             yield pb.Progress(
                 done_bytes=total, total_bytes=total, result=convert.result_to_proto(event)
@@ -77,6 +80,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         requested = convert.strategy_from_proto(request.strategy)
         token = token_for(context)
         yield from _progress_stream(
+            "plug",
             stream_operation(
                 lambda progress: self._engine.plug(
                     request.name,
@@ -88,7 +92,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
                     progress=progress,
                 ),
                 token,
-            )
+            ),
         )
 
     @translate("Populate", streaming=True)
@@ -98,6 +102,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         write = convert.populate_write_from_proto(request.mode)
         token = token_for(context)
         yield from _progress_stream(
+            "populate",
             stream_operation(
                 lambda progress: self._engine.populate(
                     request.name,
@@ -109,7 +114,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
                     progress=progress,
                 ),
                 token,
-            )
+            ),
         )
 
     @translate("Attach")

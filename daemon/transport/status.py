@@ -67,33 +67,25 @@ def abort(context: grpc.ServicerContext, exc: MemplugError) -> NoReturn:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _describe(request: Any) -> str:
-    fields = []
-    for attr in ("name", "offset", "length"):
+def _fields(rpc: str, request: Any, code: str, t0: float) -> dict[str, object]:
+    fields: dict[str, object] = {"rpc": rpc}
+    for attr, key in (("name", "region"), ("offset", "offset"), ("length", "length")):
         value = getattr(request, attr, None)
         if value not in (None, ""):
-            fields.append(f"{'region' if attr == 'name' else attr}={value}")
-    return " ".join(fields)
+            fields[key] = value
+    fields["status"] = code
+    fields["duration_ms"] = round((time.monotonic() - t0) * 1e3, 3)
+    return fields
 
 
 def _fail(
     rpc: str, request: Any, context: grpc.ServicerContext, exc: Exception, t0: float
 ) -> NoReturn:
-    ms = (time.monotonic() - t0) * 1e3
     if isinstance(exc, MemplugError) and not isinstance(exc, Internal):
-        code = code_for(exc)
-        log.warning(
-            "rpc=%s %s status=%s duration_ms=%.1f error=%r",
-            rpc,
-            _describe(request),
-            code.name,
-            ms,
-            exc.message,
-        )
+        fields = _fields(rpc, request, code_for(exc).name, t0)
+        log.warning("rpc failed", extra={"fields": {**fields, "error": exc.message}})
         abort(context, exc)
-    log.error(
-        "rpc=%s %s status=INTERNAL duration_ms=%.1f", rpc, _describe(request), ms, exc_info=exc
-    )
+    log.error("rpc failed", exc_info=exc, extra={"fields": _fields(rpc, request, "INTERNAL", t0)})
     context.set_trailing_metadata(((ERROR_CLASS_KEY, "Internal"),))
     context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     raise AssertionError("unreachable")
@@ -114,12 +106,7 @@ def translate(rpc: str, *, streaming: bool = False) -> Callable[[_F], _F]:
                     if _aborted(exc):
                         raise
                     _fail(rpc, request, context, exc, t0)
-                log.info(
-                    "rpc=%s %s status=OK duration_ms=%.1f",
-                    rpc,
-                    _describe(request),
-                    (time.monotonic() - t0) * 1e3,
-                )
+                log.info("rpc", extra={"fields": _fields(rpc, request, "OK", t0)})
 
             stream.__memplug_translated__ = True  # type: ignore[attr-defined]
             return stream  # type: ignore[return-value]
@@ -133,12 +120,7 @@ def translate(rpc: str, *, streaming: bool = False) -> Callable[[_F], _F]:
                 if _aborted(exc):
                     raise
                 _fail(rpc, request, context, exc, t0)
-            log.info(
-                "rpc=%s %s status=OK duration_ms=%.1f",
-                rpc,
-                _describe(request),
-                (time.monotonic() - t0) * 1e3,
-            )
+            log.info("rpc", extra={"fields": _fields(rpc, request, "OK", t0)})
             return response
 
         unary.__memplug_translated__ = True  # type: ignore[attr-defined]
