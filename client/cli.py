@@ -459,6 +459,16 @@ def exec_cmd(regions: tuple[str, ...], command: tuple[str, ...]) -> None:
         sys.exit(127)
 
 
+@command(cli, "health")
+def health_cmd() -> None:
+    """Exit 0 if the daemon answers SERVING on grpc.health.v1 (for HEALTHCHECK)."""
+    with client() as c:
+        state = c.health()
+    _emit(click.get_current_context(), {"status": state}, lambda: click.echo(state))
+    if state != "SERVING":
+        sys.exit(EXIT_CODES[Unavailable])
+
+
 @command(cli, "status")
 def status_cmd() -> None:
     """The daemon at a glance."""

@@ -98,6 +98,14 @@ class Client:
     def delete_region(self, name: str) -> None:
         self._unary(self._stub.DeleteRegion, pb.DeleteRegionRequest(name=name))
 
+    def health(self, service: str = "memplug.v1.Memplug") -> str:
+        """The grpc.health.v1 status of the daemon: "SERVING", "NOT_SERVING", ..."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        response = self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service))
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
     def status(self) -> Status:
         return convert.status(self._unary(self._stub.GetStatus, pb.GetStatusRequest()))
 
