@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 
 from memplug.daemon.errors import FailedPrecondition, Internal, MemplugError, ResourceExhausted
 from memplug.daemon.kernel import ops, toucher
+from memplug.daemon.kernel.helper import OOM_KILLED
 
 # errnos that mean "no memory to back this" during allocation or population
 EXHAUSTION_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFAULT, errno.EDQUOT})
@@ -80,6 +81,11 @@ class Backing(ABC):
 
     def translate(self, exc: OSError, missing: int) -> MemplugError:
         """What an OSError from allocate/populate means here."""
+        if exc.strerror == OOM_KILLED:
+            return ResourceExhausted(
+                "the daemon's memory cgroup limit was reached (its allocation helper was "
+                "OOM-killed by the kernel)"
+            )
         if exc.errno in EXHAUSTION_ERRNOS:
             return self.exhausted(missing)
         if exc.errno == errno.EPERM:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -72,7 +73,8 @@ from memplug.daemon.errors import (
     QuotaExceeded,
     ResourceExhausted,
 )
-from memplug.daemon.kernel import probe
+from memplug.daemon.kernel import memcg, probe
+from memplug.daemon.kernel.helper import HelperPool
 from memplug.daemon.kernel.ops import iter_chunks
 from memplug.daemon.state.store import MemoryStore, RegionRecord, StateStore
 
@@ -481,6 +483,7 @@ class RegionEngine:
                 plan = make_plan(
                     method, gaps, max_threads=threads or self.threads, align=region.block_size
                 )
+                room = self._memcg_room(region, r, new)
                 before = backing.allocated_bytes()
                 keep = [
                     Range(o, n) for g in gaps for o, n in backing.data_extents(g.offset, g.length)
@@ -492,15 +495,23 @@ class RegionEngine:
                     self._finish(region, intent)
                     raise
                 started = time.monotonic()
+                # Under a memcg limit the kernel OOM-kills instead of failing: let a
+                # sacrificial helper allocate, so the victim is never the daemon.
+                helpers = HelperPool(backing.fd) if room is not None else None
                 try:
-                    self._runner.run(plan, self._plug_work(backing, method), token, progress)
+                    work = self._plug_work(backing, method, helpers)
+                    self._runner.run(plan, work, token, progress)
                 except BaseException as exc:
+                    if helpers is not None:
+                        helpers.close()
                     got = max(0, backing.allocated_bytes() - before)
                     self._rollback(region, subtract(gaps, keep))
                     self._release_quota(new)
                     self._finish(region, intent)
                     raise self._failure(region, "plug", r, exc, missing=new - got) from exc
                 seconds = time.monotonic() - started
+                if helpers is not None:
+                    helpers.close()
                 with region.mutex:
                     for g in gaps:
                         region.plugged.add(g)
@@ -517,10 +528,37 @@ class RegionEngine:
         self._store.finish(intent, region.name, plugged)
 
     @staticmethod
-    def _plug_work(backing: Backing, method: Method) -> Callable[[int, int], None]:
+    def _plug_work(
+        backing: Backing, method: Method, helpers: HelperPool | None
+    ) -> Callable[[int, int], None]:
+        if helpers is not None:
+            if method is Method.FALLOCATE:
+                return lambda offset, length: helpers.get().allocate(offset, length)
+            return lambda offset, length: helpers.get().populate(offset, length, write=True)
         if method is Method.FALLOCATE:
             return backing.allocate
         return functools.partial(backing.populate, write=True)
+
+    @staticmethod
+    def _memcg_room(region: Region, r: Range, new: int) -> memcg.Headroom | None:
+        """The cgroup headroom a plug is charged against (None: no limit); refuse misfits.
+
+        hugetlb pages are not charged to memcg (unless the cgroup v2 hierarchy
+        is mounted with memory_hugetlb_accounting, which the check then misses).
+        """
+        if region.backing.kind is BackingKind.HUGETLB:
+            return None
+        room = memcg.headroom()
+        if room is None:
+            return None
+        if new > room.bytes and os.environ.get("MEMPLUG_MEMCG_CHECK", "1") != "0":
+            raise ResourceExhausted(
+                f"region {region.name!r}: plug of {r} needs {format_size(new)}, but the "
+                f"daemon's {room.describe()} has {format_size(room.bytes)} left; raise the "
+                "cgroup's memory limit or plug less",
+                region=region.name,
+            )
+        return room
 
     def _rollback(self, region: Region, ranges: list[Range]) -> None:
         """Free what a failed plug allocated; blocks that held data before are kept."""

@@ -1,0 +1,83 @@
+"""The memory cgroup the daemon lives in: how much it may still charge.
+
+Reaching a memcg limit while allocating does not fail the syscall: the
+kernel OOM-kills a process of the cgroup. So the daemon checks the headroom
+of its cgroup and every ancestor before a plug (v1 and v2), and lets a
+sacrificial helper do the allocating when a limit exists (see helper.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
+UNLIMITED: Final = 1 << 62  # v1 reports "no limit" as a huge page-rounded number
+
+
+@dataclass(frozen=True)
+class Headroom:
+    bytes: int  # what can still be charged before the tightest limit
+    limit: int
+    usage: int
+    cgroup: str  # the cgroup whose limit is the tightest
+
+    def describe(self) -> str:
+        return f"memory cgroup {self.cgroup} (limit {self.limit}, in use {self.usage})"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return None if value >= UNLIMITED else value
+
+
+def _own_cgroups(pid: int) -> tuple[str | None, str | None]:
+    """(v2 path, v1 memory path) of the process."""
+    v2 = v1 = None
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            v2 = path
+        elif "memory" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _chain(base: Path, path: str) -> list[Path]:
+    """base/path and each ancestor up to base, innermost first."""
+    parts = [p for p in path.split("/") if p]
+    return [base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def headroom(pid: int | None = None) -> Headroom | None:
+    """The smallest headroom along the process's memory cgroups; None if unlimited."""
+    v2, v1 = _own_cgroups(pid or os.getpid())
+    candidates: list[Headroom] = []
+    if v1 is not None:
+        for d in _chain(CGROUP_ROOT / "memory", v1):
+            limit = _read_int(d / "memory.limit_in_bytes")
+            usage = _read_int(d / "memory.usage_in_bytes")
+            if limit is not None and usage is not None:
+                candidates.append(Headroom(max(0, limit - usage), limit, usage, str(d)))
+    if v2 is not None and (CGROUP_ROOT / "cgroup.controllers").exists():
+        for d in _chain(CGROUP_ROOT, v2):
+            limit = _read_int(d / "memory.max")
+            usage = _read_int(d / "memory.current")
+            if limit is not None and usage is not None:
+                candidates.append(Headroom(max(0, limit - usage), limit, usage, str(d)))
+    return min(candidates, key=lambda h: h.bytes) if candidates else None
