@@ -151,6 +151,19 @@ def show_region(r: Region) -> None:
         rows.append(("allowed", f"uids {r.allowed_uids or '-'} gids {r.allowed_gids or '-'}"))
     if r.read_only_uids or r.read_only_gids:
         rows.append(("read-only", f"uids {r.read_only_uids or '-'} gids {r.read_only_gids or '-'}"))
+    options = [
+        name
+        for name, on in (
+            ("thp", r.transparent_huge_pages),
+            ("locked", r.lock),
+            ("warm pool", r.from_warm_pool),
+        )
+        if on
+    ]
+    if r.numa_policy != "default":
+        options.append(f"numa {r.numa_policy} {r.numa_nodes}")
+    if options:
+        rows.append(("options", ", ".join(options)))
     if r.labels:
         rows.append(("labels", ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items()))))
     for key, value in rows:
@@ -161,9 +174,10 @@ def show_region(r: Region) -> None:
 
 def show_result(verb: str, name: str, res: OperationResult) -> None:
     rate = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
+    zeroing = f", zeroing {res.zeroing}" if res.zeroing else ""
     click.echo(
         f"{verb} {name}: {format_size(res.bytes)} in {res.seconds * 1e3:.1f} ms "
-        f"({rate:.2f} GB/s, {res.strategy}, {res.threads} thread(s)); "
+        f"({rate:.2f} GB/s, {res.strategy}, {res.threads} thread(s){zeroing}); "
         f"plugged {format_size(res.region.plugged_bytes)} of {format_size(res.region.size)}"
     )
 
@@ -194,6 +208,16 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--allow-gid", type=int, multiple=True, help="gid that may attach (repeatable)")
 @click.option("--ro-uid", type=int, multiple=True, help="uid that may attach read-only")
 @click.option("--ro-gid", type=int, multiple=True, help="gid that may attach read-only")
+@click.option(
+    "--thp/--no-thp", default=None, help="shmem: transparent huge pages (default: when allowed)"
+)
+@click.option(
+    "--numa-policy",
+    type=click.Choice(["default", "bind", "preferred", "interleave"]),
+    default="default",
+)
+@click.option("--numa-node", type=int, multiple=True, help="node for --numa-policy (repeatable)")
+@click.option("--lock", is_flag=True, help="mlock plugged blocks")
 def create_cmd(
     name: str,
     size: int,
@@ -207,6 +231,10 @@ def create_cmd(
     allow_gid: tuple[int, ...],
     ro_uid: tuple[int, ...],
     ro_gid: tuple[int, ...],
+    thp: bool | None,
+    numa_policy: str,
+    numa_node: tuple[int, ...],
+    lock: bool,
 ) -> None:
     """Create region NAME of SIZE (nothing is allocated until plug)."""
     with client() as c:
@@ -223,6 +251,10 @@ def create_cmd(
             allowed_gids=list(allow_gid),
             read_only_uids=list(ro_uid),
             read_only_gids=list(ro_gid),
+            transparent_huge_pages=thp,
+            numa_policy=numa_policy,
+            numa_nodes=list(numa_node),
+            lock=lock,
         )
     ctx = click.get_current_context()
     _emit(ctx, region_dict(region), lambda: show_region(region))
@@ -491,6 +523,9 @@ def show_status(st: Status) -> None:
     click.echo(f"  allocated: {format_size(st.allocated_bytes)}")
     click.echo(f"  threads:   {st.threads}")
     click.echo(f"  MADV_POPULATE: {'yes' if st.madv_populate else 'no (fallbacks in use)'}")
+    thp = "allowed" if st.shmem_thp_allowed else f"off: {st.shmem_thp_hint}"
+    click.echo(f"  shmem THP: {st.shmem_thp} ({thp})")
+    click.echo(f"  NUMA nodes: {', '.join(map(str, st.numa_nodes))}")
     for p in st.hugetlb_pools:
         click.echo(
             f"  hugetlb {format_size(p.page_size):>7}: {p.free} free of {p.total} "

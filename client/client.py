@@ -71,6 +71,10 @@ class Client:
         allowed_gids: list[int] | None = None,
         read_only_uids: list[int] | None = None,
         read_only_gids: list[int] | None = None,
+        transparent_huge_pages: bool | None = None,
+        numa_policy: str = "default",
+        numa_nodes: list[int] | None = None,
+        lock: bool = False,
     ) -> Region:
         request = pb.CreateRegionRequest(
             name=name,
@@ -85,6 +89,10 @@ class Client:
             allowed_gids=allowed_gids or [],
             read_only_uids=read_only_uids or [],
             read_only_gids=read_only_gids or [],
+            transparent_huge_pages=transparent_huge_pages,
+            numa_policy=convert.pick(convert.NUMA_POLICIES, numa_policy, "NUMA policy"),  # type: ignore[arg-type]
+            numa_nodes=numa_nodes or [],
+            lock=lock,
         )
         return convert.region(self._unary(self._stub.CreateRegion, request))
 

@@ -20,6 +20,12 @@ STRATEGIES: Final = {
     "populate-write": pb.STRATEGY_POPULATE_WRITE,
 }
 ACCESS: Final = {"rw": pb.ACCESS_READ_WRITE, "ro": pb.ACCESS_READ_ONLY}
+NUMA_POLICIES: Final = {
+    "default": pb.NUMA_POLICY_DEFAULT,
+    "bind": pb.NUMA_POLICY_BIND,
+    "preferred": pb.NUMA_POLICY_PREFERRED,
+    "interleave": pb.NUMA_POLICY_INTERLEAVE,
+}
 
 
 def pick(table: dict[str, int], value: str, what: str) -> int:
@@ -47,6 +53,11 @@ def region(m: pb.Region) -> Region:
         allowed_gids=list(m.allowed_gids),
         read_only_uids=list(m.read_only_uids),
         read_only_gids=list(m.read_only_gids),
+        transparent_huge_pages=m.transparent_huge_pages,
+        numa_policy={v: k for k, v in NUMA_POLICIES.items()}.get(m.numa_policy, "default"),
+        numa_nodes=list(m.numa_nodes),
+        lock=m.lock,
+        from_warm_pool=m.from_warm_pool,
     )
 
 
@@ -56,7 +67,9 @@ def ticket(m: pb.AttachTicket) -> Ticket:
 
 
 def result(m: pb.OperationResult) -> OperationResult:
-    return OperationResult(m.bytes, m.seconds, m.strategy, m.threads, region(m.region))
+    return OperationResult(
+        m.bytes, m.seconds, m.strategy, m.threads, region(m.region), zeroing=m.zeroing
+    )
 
 
 def range_result(m: pb.RangeResult) -> RangeResult:
@@ -77,4 +90,8 @@ def status(m: pb.DaemonStatus) -> Status:
         madv_populate=m.madv_populate,
         socket=m.socket,
         fd_socket=m.fd_socket,
+        shmem_thp=m.shmem_thp,
+        shmem_thp_allowed=m.shmem_thp_allowed,
+        shmem_thp_hint=m.shmem_thp_hint,
+        numa_nodes=list(m.numa_nodes),
     )  # fmt: skip

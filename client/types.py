@@ -23,6 +23,11 @@ class Region:
     allowed_gids: list[int] = field(default_factory=list)
     read_only_uids: list[int] = field(default_factory=list)
     read_only_gids: list[int] = field(default_factory=list)
+    transparent_huge_pages: bool = False
+    numa_policy: str = "default"
+    numa_nodes: list[int] = field(default_factory=list)
+    lock: bool = False
+    from_warm_pool: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class OperationResult:
     strategy: str
     threads: int
     region: Region
+    zeroing: str = ""  # plug: "done", or "deferred" to the first touch
 
 
 @dataclass(frozen=True)
@@ -78,3 +84,7 @@ class Status:
     madv_populate: bool
     socket: str
     fd_socket: str
+    shmem_thp: str = ""
+    shmem_thp_allowed: bool = False
+    shmem_thp_hint: str = ""
+    numa_nodes: list[int] = field(default_factory=list)

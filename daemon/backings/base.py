@@ -17,6 +17,9 @@ from memplug.daemon.errors import FailedPrecondition, Internal, MemplugError, Re
 from memplug.daemon.kernel import ops, toucher
 from memplug.daemon.kernel.helper import OOM_KILLED
 
+HUGE_ALIGN = 2 << 20
+POLICY_CHUNK = 1 << 40  # mbind through mappings of at most 1 TiB
+
 # errnos that mean "no memory to back this" during allocation or population
 EXHAUSTION_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFAULT, errno.EDQUOT})
 
@@ -41,9 +44,30 @@ class Backing(ABC):
     def allocate(self, offset: int, length: int) -> None:
         ops.fallocate(self.fd, offset, length)
 
+    # Set by the engine from the region's options before any work.
+    huge = False  # map 2 MiB-aligned with MADV_HUGEPAGE (shmem THP)
+    mpol: tuple[int, list[int]] | None = None  # (MPOL_* mode, nodes) for mappings
+
     def populate(self, offset: int, length: int, *, write: bool) -> None:
-        with ops.map_shared(self.fd, offset, length) as mapping:
+        align = HUGE_ALIGN if self.huge else 0
+        with ops.map_shared(self.fd, offset, length, align=align) as mapping:
+            if self.huge:
+                ops.madvise(mapping.address, length, ops.MADV_HUGEPAGE)
+            if self.mpol is not None:
+                ops.mbind(mapping.address, length, *self.mpol)
             ops.populate(mapping.address, length, write=write)
+
+    def apply_policy(self) -> None:
+        """Give the file's pages the NUMA policy (shmem keeps it per inode)."""
+        if self.mpol is None:
+            return
+        for offset, length in ops.iter_chunks(0, self.size, POLICY_CHUNK):
+            with ops.map_shared(self.fd, offset, length) as mapping:
+                ops.mbind(mapping.address, length, *self.mpol)
+
+    def zeroing(self, method: str) -> str:
+        """Whether a plug by method zeroes the pages now or leaves it to first touch."""
+        return "deferred" if method == "fallocate" else "done"
 
     def touch(self, offset: int, length: int) -> None:
         toucher.touch_in_helper(self.fd, offset, length, self.page_size)

@@ -35,5 +35,13 @@ class HugetlbBacking(Backing):
             f"/sys/kernel/mm/hugepages/hugepages-{self.page_size // 1024}kB/nr_hugepages"
         )
 
+    def apply_policy(self) -> None:
+        # hugetlbfs keeps no per-file policy: every populate mapping is mbind()ed
+        # and fallocate runs under the worker thread's policy instead.
+        pass
+
+    def zeroing(self, method: str) -> str:
+        return "done"  # huge pages are zeroed when allocated, by either method
+
     def describe(self) -> str:
         return f"hugetlb {format_size(self.page_size)}"

@@ -33,6 +33,13 @@ from memplug.daemon.backings import (
     ShmemBacking,
 )
 from memplug.daemon.engine.cancel import CancelToken
+from memplug.daemon.engine.options import (
+    lock_ranges,
+    placed,
+    prepare_backing,
+    release_region,
+    unlock_ranges,
+)
 from memplug.daemon.engine.ranges import (
     MiB,
     Range,
@@ -44,6 +51,7 @@ from memplug.daemon.engine.region import (
     Access,
     Region,
     RegionInfo,
+    RegionOptions,
     RegionSpec,
     check_labels,
     check_name,
@@ -93,6 +101,7 @@ class OpResult:
     strategy: str
     threads: int
     region: RegionInfo
+    zeroing: str = ""  # plug: "done" or "deferred" (first touch zeroes)
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,13 @@ def record_of(region: Region) -> RegionRecord:
         },
         created_at=region.created_at,
         plugged=plugged,
+        options={
+            "thp": region.options.thp,
+            "numa_policy": region.options.placement.policy,
+            "numa_nodes": list(region.options.placement.nodes),
+            "lock": region.options.lock,
+            "from_warm_pool": region.options.from_warm_pool,
+        },
     )
 
 
@@ -269,11 +285,15 @@ class RegionEngine:
             self._creating.add(name)
         try:
             try:
-                backing, block_size = self._make_backing(spec)
+                backing, block_size, options = self._make_backing(spec)
             except OSError as exc:
                 raise creation_error(name, exc) from exc
             try:
-                region = Region(name, backing, block_size, labels, time.time(), acl)
+                region = Region(name, backing, block_size, labels, time.time(), acl, options)
+                try:
+                    prepare_backing(region)
+                except OSError as exc:
+                    raise creation_error(name, exc) from exc
                 if isinstance(backing, FileBacking):
                     with self._lock:
                         self._check_file_unused(backing)
@@ -285,6 +305,7 @@ class RegionEngine:
                     self._regions[name] = region
                     self._lost.pop(name, None)
             except BaseException:
+                release_region(region if "region" in locals() else None)
                 backing.close()
                 if isinstance(backing, FileBacking):
                     backing.discard_file()
@@ -303,9 +324,10 @@ class RegionEngine:
             ):
                 raise AlreadyExists(f"{backing.path} already backs region {other.name!r}")
 
-    def _make_backing(self, spec: RegionSpec) -> tuple[Backing, int]:
+    def _make_backing(self, spec: RegionSpec) -> tuple[Backing, int, RegionOptions]:
         if spec.backing is None:
             raise InvalidArgument("backing is required: shmem, hugetlb or file")
+        options = self._options(spec)
         if spec.backing is not BackingKind.FILE and spec.path:
             raise InvalidArgument("path is only for FILE regions")
         page_size = self._page_size(spec)
@@ -327,7 +349,7 @@ class RegionEngine:
                 file_backing.close()
                 file_backing.discard_file()
                 raise
-            return file_backing, block_size
+            return file_backing, block_size, options
         self._check_size(spec.size, block_size)
         if spec.backing is BackingKind.HUGETLB:
             backing: Backing = HugetlbBacking.create(
@@ -335,7 +357,26 @@ class RegionEngine:
             )
         else:
             backing = ShmemBacking.create(spec.name, spec.size, spec.acl.owner_uid)
-        return backing, block_size
+        return backing, block_size, options
+
+    @staticmethod
+    def _options(spec: RegionSpec) -> RegionOptions:
+        placement = spec.placement.check(probe.numa_nodes())
+        if spec.backing is not BackingKind.SHMEM:
+            if spec.thp:
+                raise InvalidArgument(
+                    "transparent huge pages are a SHMEM option: use HUGETLB for huge pages, "
+                    "or mount the FILE region's tmpfs with huge="
+                )
+            return RegionOptions(thp=False, placement=placement, lock=spec.lock)
+        allowed = probe.shmem_thp_allowed()
+        if spec.thp and not allowed:
+            raise FailedPrecondition(
+                f"transparent huge pages for shmem are off (shmem_enabled = "
+                f"{probe.shmem_thp_mode()}); {probe.SHMEM_THP_HINT}"
+            )
+        thp = allowed if spec.thp is None else spec.thp
+        return RegionOptions(thp=thp, placement=placement, lock=spec.lock)
 
     @staticmethod
     def _check_size(size: int, block_size: int) -> None:
@@ -406,6 +447,7 @@ class RegionEngine:
             with region.mutex:
                 self._plugged_total -= region.plugged.total
         self._tickets.revoke_region(name)
+        release_region(region)
         self._store.delete_region(name)
         if self._listener is not None:
             self._listener.region_deleted(name, region.backing)
@@ -471,6 +513,7 @@ class RegionEngine:
                 hugetlb=backing.kind is BackingKind.HUGETLB,
                 requested=requested,
                 has_populate=probe.has_madv_populate(),
+                thp=region.options.thp,
             )
             with region.locks.hold(r, token):
                 with region.mutex:
@@ -499,12 +542,15 @@ class RegionEngine:
                 # sacrificial helper allocate, so the victim is never the daemon.
                 helpers = HelperPool(backing.fd) if room is not None else None
                 try:
-                    work = self._plug_work(backing, method, helpers)
+                    work = placed(region, self._plug_work(backing, method, helpers))
                     self._runner.run(plan, work, token, progress)
+                    if region.lock_map is not None:
+                        lock_ranges(region, gaps)
                 except BaseException as exc:
                     if helpers is not None:
                         helpers.close()
                     got = max(0, backing.allocated_bytes() - before)
+                    unlock_ranges(region, gaps)
                     self._rollback(region, subtract(gaps, keep))
                     self._release_quota(new)
                     self._finish(region, intent)
@@ -516,7 +562,14 @@ class RegionEngine:
                     for g in gaps:
                         region.plugged.add(g)
                 self._finish(region, intent)
-            return OpResult(new, seconds, method.value, plan.threads, region.info())
+            return OpResult(
+                new,
+                seconds,
+                method.value,
+                plan.threads,
+                region.info(),
+                zeroing=backing.zeroing(method.value),
+            )
 
     def _begin(self, region: Region, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
         """Record the intent durably before memory is touched (crash recovery)."""
@@ -621,10 +674,11 @@ class RegionEngine:
                     method, [r], max_threads=threads or self.threads, align=region.block_size
                 )
                 backing = region.backing
-                work: Callable[[int, int], None] = (
+                work: Callable[[int, int], None] = placed(
+                    region,
                     backing.touch
                     if method is Method.TOUCH_READ
-                    else functools.partial(backing.populate, write=write)
+                    else functools.partial(backing.populate, write=write),
                 )
                 started = time.monotonic()
                 try:
@@ -686,6 +740,7 @@ class RegionEngine:
                 try:
                     for start, n in iter_chunks(r.offset, r.length, CHUNK_BYTES):
                         piece = Range(start, n)
+                        unlock_ranges(region, [piece])
                         try:
                             region.backing.release(start, n)
                         except OSError as exc:
@@ -733,6 +788,10 @@ class RegionEngine:
                 intent = self._begin(region, "discard", r)
                 try:
                     lost, cause = self._zero_blocks(region, r)
+                    if region.lock_map is not None:
+                        with region.mutex:
+                            relock = region.plugged.intersection(r)
+                        lock_ranges(region, relock)
                 finally:
                     self._finish(region, intent)
                 seconds = time.monotonic() - started
@@ -812,4 +871,5 @@ class RegionEngine:
             self._regions.clear()
         self._runner.shutdown()
         for region in regions:
+            release_region(region)
             region.backing.close()

@@ -12,6 +12,7 @@ from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.engine.rangelock import RangeLock
 from memplug.daemon.engine.ranges import IntervalSet, Range
 from memplug.daemon.errors import InvalidArgument
+from memplug.daemon.kernel.ops import Mapping as Mapping_
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,252}")
@@ -80,6 +81,43 @@ class Acl:
         return self
 
 
+NUMA_POLICIES = ("default", "bind", "preferred", "interleave")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """NUMA memory policy of a region: mbind(2) modes over a set of nodes."""
+
+    policy: str = "default"
+    nodes: tuple[int, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return self.policy != "default"
+
+    def check(self, online: list[int]) -> Placement:
+        if self.policy not in NUMA_POLICIES:
+            raise InvalidArgument(f"unknown NUMA policy {self.policy!r}")
+        if self.active and not self.nodes:
+            raise InvalidArgument(f"NUMA policy {self.policy} needs numa_nodes")
+        if not self.active and self.nodes:
+            raise InvalidArgument("numa_nodes given without a NUMA policy")
+        offline = sorted(set(self.nodes) - set(online))
+        if offline:
+            raise InvalidArgument(f"NUMA nodes {offline} are not online (online: {online})")
+        return self
+
+
+@dataclass(frozen=True)
+class RegionOptions:
+    """How the region's memory is obtained; frozen at creation."""
+
+    thp: bool = False  # effective: the kernel allows it and the region asked for it
+    placement: Placement = field(default_factory=Placement)
+    lock: bool = False
+    from_warm_pool: bool = False
+
+
 @dataclass(frozen=True)
 class RegionSpec:
     """What CreateRegion asks for, before defaults are applied."""
@@ -92,6 +130,9 @@ class RegionSpec:
     path: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     acl: Acl = field(default_factory=Acl)
+    thp: bool | None = None  # None: when the kernel allows it (SHMEM)
+    placement: Placement = field(default_factory=Placement)
+    lock: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +151,7 @@ class RegionInfo:
     allocated_bytes: int
     created_at: float
     acl: Acl
+    options: RegionOptions
 
 
 class Region:
@@ -127,9 +169,12 @@ class Region:
         labels: Mapping[str, str],
         created_at: float,
         acl: Acl,
+        options: RegionOptions | None = None,
     ) -> None:
         self.name = name
         self.acl = acl
+        self.options = options or RegionOptions()
+        self.lock_map: Mapping_ | None = None  # whole-region mapping holding mlocks
         self.backing = backing
         self.block_size = block_size
         self.labels = dict(labels)
@@ -166,4 +211,5 @@ class Region:
             allocated_bytes=self.backing.allocated_bytes() if self.backing.fd >= 0 else 0,
             created_at=self.created_at,
             acl=self.acl,
+            options=self.options,
         )

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from memplug.daemon.backings import Backing, BackingKind, FileBacking, HugetlbBacking, ShmemBacking
 from memplug.daemon.backings.shmem import REGION_SEALS
+from memplug.daemon.engine.options import prepare_backing
 from memplug.daemon.engine.ranges import IntervalSet, Range, format_size, subtract
-from memplug.daemon.engine.region import Acl, Region
+from memplug.daemon.engine.region import Acl, Placement, Region, RegionOptions
 from memplug.daemon.errors import MemplugError
 from memplug.daemon.kernel import ops
 from memplug.daemon.state.store import Intent, RegionRecord, StateStore
@@ -53,6 +54,20 @@ def _acl(record: RegionRecord) -> Acl:
         allowed_gids=frozenset(a.get("allowed_gids", [])),
         read_only_uids=frozenset(a.get("read_only_uids", [])),
         read_only_gids=frozenset(a.get("read_only_gids", [])),
+    )
+
+
+def _options(record: RegionRecord) -> RegionOptions:
+    o = record.options
+    nodes = o.get("numa_nodes", [])
+    return RegionOptions(
+        thp=bool(o.get("thp", False)),
+        placement=Placement(
+            str(o.get("numa_policy", "default")),
+            tuple(int(n) for n in nodes) if isinstance(nodes, list) else (),
+        ),
+        lock=bool(o.get("lock", False)),
+        from_warm_pool=bool(o.get("from_warm_pool", False)),
     )
 
 
@@ -159,7 +174,13 @@ def restore(
             log.warning("region %s is lost: %s", record.name, backing)
             continue
         region = Region(
-            record.name, backing, record.block_size, record.labels, record.created_at, _acl(record)
+            record.name,
+            backing,
+            record.block_size,
+            record.labels,
+            record.created_at,
+            _acl(record),
+            _options(record),
         )
         region.plugged = IntervalSet(record.plugged)
         mine = [i for i in intents if i.region == record.name]
@@ -169,6 +190,10 @@ def restore(
         for intent in mine:
             store.finish(intent.id, region.name, tuple(region.plugged))
         store.finish(None, region.name, tuple(region.plugged))
+        try:
+            prepare_backing(region)  # huge pages, NUMA policy, re-lock plugged blocks
+        except OSError as exc:
+            report.repaired.append(f"{region.name}: its options could not be reapplied: {exc}")
         regions.append(region)
         report.restored.append(record.name)
         log.info(

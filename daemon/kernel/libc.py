@@ -42,6 +42,14 @@ memfd_create.restype = c_int
 syscall = _libc.syscall
 syscall.restype = c_long
 
+mlock = _libc.mlock
+mlock.argtypes = [c_void_p, c_size_t]
+mlock.restype = c_int
+
+munlock = _libc.munlock
+munlock.argtypes = [c_void_p, c_size_t]
+munlock.restype = c_int
+
 MAP_FAILED: Final[int] = ctypes.c_void_p(-1).value or -1
 
 

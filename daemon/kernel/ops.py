@@ -43,10 +43,15 @@ F_SEAL_FUTURE_WRITE: Final = 0x0010
 F_SEAL_EXEC: Final = 0x0020
 
 # mmap(2)
+PROT_NONE: Final = 0x0
 PROT_READ: Final = 0x1
 PROT_WRITE: Final = 0x2
 MAP_SHARED: Final = 0x01
+MAP_PRIVATE: Final = 0x02
+MAP_FIXED: Final = 0x10
+MAP_ANONYMOUS: Final = 0x20
 MAP_NORESERVE: Final = 0x4000
+PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 
 # openat2(2)
 SYS_openat2: Final = 437  # the same number on every architecture (new syscall table)
@@ -162,18 +167,114 @@ class Mapping:
         self.close()
 
 
-def map_shared(fd: int, offset: int, length: int, *, writable: bool = True) -> Mapping:
+def map_shared(
+    fd: int, offset: int, length: int, *, writable: bool = True, align: int = 0
+) -> Mapping:
     """Map [offset, offset+length) of fd shared, without reserving huge pages.
 
     MAP_NORESERVE matters for hugetlb: without it the kernel reserves pages for
     the whole mapping at mmap time and a sparse region larger than the pool
-    cannot be mapped at all.
+    cannot be mapped at all. align (a power of two) places the mapping at an
+    address that is a multiple of it: transparent huge pages need 2 MiB.
     """
     prot = PROT_READ | (PROT_WRITE if writable else 0)
-    address = libc.mmap(None, length, prot, MAP_SHARED | MAP_NORESERVE, fd, offset)
+    if align <= PAGE_SIZE:
+        address = libc.mmap(None, length, prot, MAP_SHARED | MAP_NORESERVE, fd, offset)
+        if address is None or address == libc.MAP_FAILED:
+            raise _fail("mmap")
+        return Mapping(int(address), length)
+    # Reserve length + align of address space, map the file at the aligned
+    # address inside it, then give back the slack on both sides.
+    span = length + align
+    base = libc.mmap(None, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if base is None or base == libc.MAP_FAILED:
+        raise _fail("mmap(reserve)")
+    start = (int(base) + align - 1) & ~(align - 1)
+    address = libc.mmap(start, length, prot, MAP_SHARED | MAP_NORESERVE | MAP_FIXED, fd, offset)
     if address is None or address == libc.MAP_FAILED:
-        raise _fail("mmap")
-    return Mapping(int(address), length)
+        err = _fail("mmap(MAP_FIXED)")
+        libc.munmap(base, span)
+        raise err
+    if start > int(base):
+        libc.munmap(base, start - int(base))
+    tail = start + length
+    if tail < int(base) + span:
+        libc.munmap(tail, int(base) + span - tail)
+    return Mapping(start, length)
+
+
+def mlock(address: int, length: int) -> None:
+    """Lock (and fault in) the pages of [address, address+length)."""
+    if libc.mlock(address, length) != 0:
+        raise _fail("mlock")
+
+
+def munlock(address: int, length: int) -> None:
+    if libc.munlock(address, length) != 0:
+        raise _fail("munlock")
+
+
+# --------------------------------------------------------------------------- NUMA
+
+MPOL_DEFAULT: Final = 0
+MPOL_PREFERRED: Final = 1
+MPOL_BIND: Final = 2
+MPOL_INTERLEAVE: Final = 3
+MPOL_F_ADDR: Final = 1 << 1
+_NUMA_SYSCALLS: Final = {  # (mbind, set_mempolicy, get_mempolicy)
+    "x86_64": (237, 238, 239),
+    "aarch64": (235, 237, 236),
+}
+_MAX_NODES: Final = 1024
+
+
+def _numa_numbers() -> tuple[int, int, int]:
+    machine = os.uname().machine
+    if machine not in _NUMA_SYSCALLS:
+        raise OSError(38, f"NUMA syscalls: unknown architecture {machine}")  # ENOSYS
+    return _NUMA_SYSCALLS[machine]
+
+
+def _nodemask(nodes: list[int]) -> ctypes.Array[ctypes.c_ulong]:
+    mask = (ctypes.c_ulong * (_MAX_NODES // 64))()
+    for node in nodes:
+        mask[node // 64] |= 1 << (node % 64)
+    return mask
+
+
+def mbind(address: int, length: int, mode: int, nodes: list[int]) -> None:
+    """Set the memory policy of a mapping (for shmem: of the file's pages)."""
+    number = _numa_numbers()[0]
+    mask = _nodemask(nodes) if nodes else None
+    maxnode = _MAX_NODES + 1 if nodes else 0
+    if libc.syscall(
+        libc.c_long(number), libc.c_void_p(address), libc.c_size_t(length),
+        libc.c_int(mode), mask, libc.c_long(maxnode), libc.c_int(0),
+    ) != 0:  # fmt: skip
+        raise _fail("mbind")
+
+
+def set_mempolicy(mode: int, nodes: list[int]) -> None:
+    """Set the calling thread's memory policy (fallocate allocates by it)."""
+    number = _numa_numbers()[1]
+    mask = _nodemask(nodes) if nodes else None
+    maxnode = _MAX_NODES + 1 if nodes else 0
+    if libc.syscall(libc.c_long(number), libc.c_int(mode), mask, libc.c_long(maxnode)) != 0:
+        raise _fail("set_mempolicy")
+
+
+def get_mempolicy(address: int) -> tuple[int, list[int]]:
+    """(mode, nodes) of the policy governing the page at address."""
+    number = _numa_numbers()[2]
+    mode = ctypes.c_int(0)
+    mask = _nodemask([])
+    if libc.syscall(
+        libc.c_long(number), ctypes.byref(mode), mask, libc.c_long(_MAX_NODES + 1),
+        libc.c_void_p(address), libc.c_long(MPOL_F_ADDR),
+    ) != 0:  # fmt: skip
+        raise _fail("get_mempolicy")
+    nodes = [i for i in range(_MAX_NODES) if mask[i // 64] >> (i % 64) & 1]
+    return mode.value, nodes
 
 
 def madvise(address: int, length: int, advice: int) -> None:

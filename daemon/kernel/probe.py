@@ -119,3 +119,61 @@ def has_memfd_hugetlb(page_size: int) -> bool:
         return False
     os.close(fd)
     return True
+
+
+# --------------------------------------------------------------------------- THP and NUMA
+
+THP_SYSFS: Final = Path("/sys/kernel/mm/transparent_hugepage")
+THP_SHMEM_MODES: Final = ("always", "within_size", "advise", "force")
+
+
+def _selected(path: Path) -> str | None:
+    """The [bracketed] choice of a sysfs multiple-choice file."""
+    try:
+        match = re.search(r"\[(\w+)\]", path.read_text())
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def shmem_thp_mode() -> str:
+    """Effective shmem THP mode for 2 MiB pages: the per-size knob unless it says inherit."""
+    per_size = _selected(THP_SYSFS / "hugepages-2048kB" / "shmem_enabled")
+    if per_size is not None and per_size != "inherit":
+        return per_size
+    return _selected(THP_SYSFS / "shmem_enabled") or "unsupported"
+
+
+def shmem_thp_allowed() -> bool:
+    return shmem_thp_mode() in THP_SHMEM_MODES
+
+
+SHMEM_THP_HINT: Final = (
+    "allow them with: echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled "
+    "(or within_size; the per-size knob hugepages-2048kB/shmem_enabled overrides it)"
+)
+
+
+def _cpulist(text: str) -> list[int]:
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def numa_nodes() -> list[int]:
+    """Online NUMA nodes ([0] where the kernel has no NUMA support)."""
+    try:
+        return _cpulist(Path("/sys/devices/system/node/online").read_text())
+    except OSError:
+        return [0]
+
+
+def node_cpus(node: int) -> list[int]:
+    try:
+        return _cpulist(Path(f"/sys/devices/system/node/node{node}/cpulist").read_text())
+    except OSError:
+        return sorted(os.sched_getaffinity(0))

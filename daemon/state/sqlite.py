@@ -7,7 +7,8 @@ Schema, version 1:
             block_size INTEGER, path TEXT, labels TEXT (JSON object),
             acl TEXT (JSON object), created_at REAL,
             plugged TEXT (JSON [[offset, length], ...], merged, ascending),
-            gone TEXT (why a restart lost the region; '' while it lives))
+            gone TEXT (why a restart lost the region; '' while it lives),
+            options TEXT (JSON: thp, numa_policy, numa_nodes, lock, from_warm_pool))
     intents(id INTEGER PRIMARY KEY, region TEXT, op TEXT, offset INTEGER,
             length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL)
 
@@ -39,7 +40,8 @@ def _v1(db: sqlite3.Connection) -> None:
             name TEXT PRIMARY KEY, size INTEGER NOT NULL, backing TEXT NOT NULL,
             page_size INTEGER NOT NULL, block_size INTEGER NOT NULL, path TEXT NOT NULL,
             labels TEXT NOT NULL, acl TEXT NOT NULL, created_at REAL NOT NULL,
-            plugged TEXT NOT NULL DEFAULT '[]', gone TEXT NOT NULL DEFAULT ''
+            plugged TEXT NOT NULL DEFAULT '[]', gone TEXT NOT NULL DEFAULT '',
+            options TEXT NOT NULL DEFAULT '{}'
         );
         CREATE TABLE intents (
             id INTEGER PRIMARY KEY, region TEXT NOT NULL, op TEXT NOT NULL,
@@ -106,6 +108,7 @@ class SqliteStore:
                     created_at=row[8],
                     plugged=_ranges(row[9]),
                     gone=row[10],
+                    options=json.loads(row[11]),
                 )
                 for row in self._db.execute("SELECT * FROM regions ORDER BY name")
             ]
@@ -119,7 +122,7 @@ class SqliteStore:
 
     def put_region(self, record: RegionRecord) -> None:
         self._write(
-            "INSERT OR REPLACE INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             record.name,
             record.size,
             record.backing,
@@ -131,6 +134,7 @@ class SqliteStore:
             record.created_at,
             _dump(record.plugged),
             record.gone,
+            json.dumps(record.options),
         )
 
     def delete_region(self, name: str) -> None:

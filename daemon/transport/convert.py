@@ -7,7 +7,7 @@ from typing import Final
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine.engine import EngineStatus, OpResult, RangeOutcome
 from memplug.daemon.engine.ranges import Range
-from memplug.daemon.engine.region import Access, Acl, RegionInfo, RegionSpec
+from memplug.daemon.engine.region import Access, Acl, Placement, RegionInfo, RegionSpec
 from memplug.daemon.engine.strategy import Requested
 from memplug.daemon.engine.tickets import Ticket
 from memplug.daemon.errors import InvalidArgument
@@ -26,6 +26,23 @@ ACCESS_TO_PROTO: Final = {
     Access.READ_ONLY: pb.ACCESS_READ_ONLY,
 }
 ACCESS_FROM_PROTO: Final = {v: k for k, v in ACCESS_TO_PROTO.items()}
+
+POLICY_TO_PROTO: Final = {
+    "default": pb.NUMA_POLICY_DEFAULT,
+    "bind": pb.NUMA_POLICY_BIND,
+    "preferred": pb.NUMA_POLICY_PREFERRED,
+    "interleave": pb.NUMA_POLICY_INTERLEAVE,
+}
+POLICY_FROM_PROTO: Final = {v: k for k, v in POLICY_TO_PROTO.items()}
+
+
+def policy_from_proto(value: int) -> str:
+    if value not in POLICY_FROM_PROTO:
+        raise InvalidArgument(
+            f"unknown NUMA policy {value}: use default, bind, preferred, interleave"
+        )
+    return POLICY_FROM_PROTO[value]  # type: ignore[index]
+
 
 STRATEGY_FROM_PROTO: Final = {
     pb.STRATEGY_AUTO: Requested.AUTO,
@@ -56,6 +73,11 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         allowed_gids=sorted(info.acl.allowed_gids),
         read_only_uids=sorted(info.acl.read_only_uids),
         read_only_gids=sorted(info.acl.read_only_gids),
+        transparent_huge_pages=info.options.thp,
+        numa_policy=POLICY_TO_PROTO[info.options.placement.policy],
+        numa_nodes=list(info.options.placement.nodes),
+        lock=info.options.lock,
+        from_warm_pool=info.options.from_warm_pool,
     )
 
 
@@ -80,6 +102,9 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
             read_only_uids=frozenset(request.read_only_uids),
             read_only_gids=frozenset(request.read_only_gids),
         ),
+        thp=request.transparent_huge_pages if request.HasField("transparent_huge_pages") else None,
+        placement=Placement(policy_from_proto(request.numa_policy), tuple(request.numa_nodes)),
+        lock=request.lock,
     )
 
 
@@ -122,6 +147,7 @@ def result_to_proto(result: OpResult) -> pb.OperationResult:
         strategy=result.strategy,
         threads=result.threads,
         region=region_to_proto(result.region),
+        zeroing=result.zeroing,
     )
 
 
@@ -161,4 +187,8 @@ def status_to_proto(
         madv_populate=status.madv_populate,
         socket=socket,
         fd_socket=fd_socket,
+        shmem_thp=probe.shmem_thp_mode(),
+        shmem_thp_allowed=probe.shmem_thp_allowed(),
+        shmem_thp_hint="" if probe.shmem_thp_allowed() else probe.SHMEM_THP_HINT,
+        numa_nodes=probe.numa_nodes(),
     )

@@ -113,6 +113,34 @@ mprotect of its mapping, not by reopening /proc/self/fd/N.
 """
 Global___Access: _TypeAlias = Access  # noqa: Y015
 
+class _NumaPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NumaPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NumaPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NUMA_POLICY_DEFAULT: _NumaPolicy.ValueType  # 0
+    NUMA_POLICY_BIND: _NumaPolicy.ValueType  # 1
+    """Only from numa_nodes; fail (and roll back) when they are full."""
+    NUMA_POLICY_PREFERRED: _NumaPolicy.ValueType  # 2
+    """From the first of numa_nodes when it has memory, elsewhere otherwise."""
+    NUMA_POLICY_INTERLEAVE: _NumaPolicy.ValueType  # 3
+    """Round-robin over numa_nodes, page by page."""
+
+class NumaPolicy(_NumaPolicy, metaclass=_NumaPolicyEnumTypeWrapper):
+    """Memory policy for a region's pages (mbind(2) semantics), applied before
+    allocating. DEFAULT: the kernel's usual local-node allocation.
+    """
+
+NUMA_POLICY_DEFAULT: NumaPolicy.ValueType  # 0
+NUMA_POLICY_BIND: NumaPolicy.ValueType  # 1
+"""Only from numa_nodes; fail (and roll back) when they are full."""
+NUMA_POLICY_PREFERRED: NumaPolicy.ValueType  # 2
+"""From the first of numa_nodes when it has memory, elsewhere otherwise."""
+NUMA_POLICY_INTERLEAVE: NumaPolicy.ValueType  # 3
+"""Round-robin over numa_nodes, page by page."""
+Global___NumaPolicy: _TypeAlias = NumaPolicy  # noqa: Y015
+
 class _PopulateMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -198,6 +226,11 @@ class Region(_message.Message):
     ALLOWED_GIDS_FIELD_NUMBER: _builtins.int
     READ_ONLY_UIDS_FIELD_NUMBER: _builtins.int
     READ_ONLY_GIDS_FIELD_NUMBER: _builtins.int
+    TRANSPARENT_HUGE_PAGES_FIELD_NUMBER: _builtins.int
+    NUMA_POLICY_FIELD_NUMBER: _builtins.int
+    NUMA_NODES_FIELD_NUMBER: _builtins.int
+    LOCK_FIELD_NUMBER: _builtins.int
+    FROM_WARM_POOL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, 1-63 characters of [a-z0-9._-], starting with [a-z0-9]."""
     size: _builtins.int
@@ -232,6 +265,15 @@ class Region(_message.Message):
     only the owner) may also reopen /proc/self/fd/N read-write, as QEMU's
     mem-path does.
     """
+    transparent_huge_pages: _builtins.bool
+    """SHMEM: backed by transparent huge pages (the kernel allows it and the
+    region asked for it, which is the default).
+    """
+    numa_policy: Global___NumaPolicy.ValueType
+    lock: _builtins.bool
+    """Plugged blocks are mlock()ed: reclaim and swap cannot take them away."""
+    from_warm_pool: _builtins.bool
+    """Served from the daemon's warm pool of pre-plugged memory."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -246,6 +288,8 @@ class Region(_message.Message):
     def read_only_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def read_only_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def numa_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -265,10 +309,15 @@ class Region(_message.Message):
         allowed_gids: _abc.Iterable[_builtins.int] | None = ...,
         read_only_uids: _abc.Iterable[_builtins.int] | None = ...,
         read_only_gids: _abc.Iterable[_builtins.int] | None = ...,
+        transparent_huge_pages: _builtins.bool = ...,
+        numa_policy: Global___NumaPolicy.ValueType = ...,
+        numa_nodes: _abc.Iterable[_builtins.int] | None = ...,
+        lock: _builtins.bool = ...,
+        from_warm_pool: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -310,6 +359,10 @@ class CreateRegionRequest(_message.Message):
     ALLOWED_GIDS_FIELD_NUMBER: _builtins.int
     READ_ONLY_UIDS_FIELD_NUMBER: _builtins.int
     READ_ONLY_GIDS_FIELD_NUMBER: _builtins.int
+    TRANSPARENT_HUGE_PAGES_FIELD_NUMBER: _builtins.int
+    NUMA_POLICY_FIELD_NUMBER: _builtins.int
+    NUMA_NODES_FIELD_NUMBER: _builtins.int
+    LOCK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """See Region.name."""
     size: _builtins.int
@@ -332,6 +385,21 @@ class CreateRegionRequest(_message.Message):
     """
     owner_uid: _builtins.int
     """See Region.owner_uid; unset means root (0)."""
+    transparent_huge_pages: _builtins.bool
+    """SHMEM only. Unset: use transparent huge pages when the kernel allows them
+    for shmem (shmem_enabled = always, within_size, advise or force); true:
+    require them (FAILED_PRECONDITION when the kernel does not allow them);
+    false: never. The daemon never changes the kernel's THP settings.
+    """
+    numa_policy: Global___NumaPolicy.ValueType
+    """Where the memory comes from; numa_nodes must be online nodes and are
+    required unless the policy is DEFAULT. Plug and Populate workers run on
+    those nodes' CPUs.
+    """
+    lock: _builtins.bool
+    """mlock plugged blocks (they count against the quota like any plugged
+    bytes; the daemon needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -342,6 +410,8 @@ class CreateRegionRequest(_message.Message):
     def read_only_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def read_only_gids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def numa_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -357,14 +427,23 @@ class CreateRegionRequest(_message.Message):
         allowed_gids: _abc.Iterable[_builtins.int] | None = ...,
         read_only_uids: _abc.Iterable[_builtins.int] | None = ...,
         read_only_gids: _abc.Iterable[_builtins.int] | None = ...,
+        transparent_huge_pages: _builtins.bool | None = ...,
+        numa_policy: Global___NumaPolicy.ValueType = ...,
+        numa_nodes: _abc.Iterable[_builtins.int] | None = ...,
+        lock: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "owner_uid", b"owner_uid"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "_transparent_huge_pages", b"_transparent_huge_pages", "owner_uid", b"owner_uid", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "labels", b"labels", "name", b"name", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "_transparent_huge_pages", b"_transparent_huge_pages", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__owner_uid: _TypeAlias = _typing.Literal["owner_uid"]  # noqa: Y015
     _WhichOneofArgType__owner_uid: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid"]  # noqa: Y015
+    _WhichOneofReturnType__transparent_huge_pages: _TypeAlias = _typing.Literal["transparent_huge_pages"]  # noqa: Y015
+    _WhichOneofArgType__transparent_huge_pages: _TypeAlias = _typing.Literal["_transparent_huge_pages", b"_transparent_huge_pages"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__owner_uid) -> _WhichOneofReturnType__owner_uid | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__transparent_huge_pages) -> _WhichOneofReturnType__transparent_huge_pages | None: ...
 
 Global___CreateRegionRequest: _TypeAlias = CreateRegionRequest  # noqa: Y015
 
@@ -597,6 +676,7 @@ class OperationResult(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    ZEROING_FIELD_NUMBER: _builtins.int
     bytes: _builtins.int
     """Bytes this call worked on: newly plugged bytes for Plug (blocks that
     were already plugged are not counted), populated bytes for Populate.
@@ -607,6 +687,10 @@ class OperationResult(_message.Message):
     """What ran, e.g. "fallocate", "populate-write", "touch-read"."""
     threads: _builtins.int
     """Worker threads used."""
+    zeroing: _builtins.str
+    """"done" when the new pages were zeroed during the call, "deferred" when
+    the kernel zeroes them at first touch (fallocate on shmem).
+    """
     @_builtins.property
     def region(self) -> Global___Region:
         """The region after the operation."""
@@ -619,10 +703,11 @@ class OperationResult(_message.Message):
         strategy: _builtins.str = ...,
         threads: _builtins.int = ...,
         region: Global___Region | None = ...,
+        zeroing: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "region", b"region", "seconds", b"seconds", "strategy", b"strategy", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "region", b"region", "seconds", b"seconds", "strategy", b"strategy", "threads", b"threads", "zeroing", b"zeroing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -778,6 +863,11 @@ class DaemonStatus(_message.Message):
     MADV_POPULATE_FIELD_NUMBER: _builtins.int
     SOCKET_FIELD_NUMBER: _builtins.int
     FD_SOCKET_FIELD_NUMBER: _builtins.int
+    SHMEM_THP_FIELD_NUMBER: _builtins.int
+    SHMEM_THP_ALLOWED_FIELD_NUMBER: _builtins.int
+    SHMEM_THP_HINT_FIELD_NUMBER: _builtins.int
+    NUMA_NODES_FIELD_NUMBER: _builtins.int
+    WARM_POOLS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     regions: _builtins.int
@@ -792,8 +882,20 @@ class DaemonStatus(_message.Message):
     """
     socket: _builtins.str
     fd_socket: _builtins.str
+    shmem_thp: _builtins.str
+    """The kernel's shmem THP setting (e.g. "advise"), whether shmem regions
+    can use transparent huge pages, and how to allow them if not.
+    """
+    shmem_thp_allowed: _builtins.bool
+    shmem_thp_hint: _builtins.str
     @_builtins.property
     def hugetlb_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___HugePagePool]: ...
+    @_builtins.property
+    def numa_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Online NUMA nodes."""
+
+    @_builtins.property
+    def warm_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___WarmPool]: ...
     def __init__(
         self,
         *,
@@ -808,11 +910,57 @@ class DaemonStatus(_message.Message):
         madv_populate: _builtins.bool = ...,
         socket: _builtins.str = ...,
         fd_socket: _builtins.str = ...,
+        shmem_thp: _builtins.str = ...,
+        shmem_thp_allowed: _builtins.bool = ...,
+        shmem_thp_hint: _builtins.str = ...,
+        numa_nodes: _abc.Iterable[_builtins.int] | None = ...,
+        warm_pools: _abc.Iterable[Global___WarmPool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "fd_socket", b"fd_socket", "hugetlb_pools", b"hugetlb_pools", "madv_populate", b"madv_populate", "plugged_bytes", b"plugged_bytes", "quota_bytes", b"quota_bytes", "regions", b"regions", "socket", b"socket", "threads", b"threads", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "fd_socket", b"fd_socket", "hugetlb_pools", b"hugetlb_pools", "madv_populate", b"madv_populate", "numa_nodes", b"numa_nodes", "plugged_bytes", b"plugged_bytes", "quota_bytes", b"quota_bytes", "regions", b"regions", "shmem_thp", b"shmem_thp", "shmem_thp_allowed", b"shmem_thp_allowed", "shmem_thp_hint", b"shmem_thp_hint", "socket", b"socket", "threads", b"threads", "uptime_seconds", b"uptime_seconds", "version", b"version", "warm_pools", b"warm_pools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DaemonStatus: _TypeAlias = DaemonStatus  # noqa: Y015
+
+@_typing.final
+class WarmPool(_message.Message):
+    """A pool of pre-plugged regions kept ready (--warm-pool)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKING_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    HITS_FIELD_NUMBER: _builtins.int
+    MISSES_FIELD_NUMBER: _builtins.int
+    backing: Global___Backing.ValueType
+    size: _builtins.int
+    page_size: _builtins.int
+    target: _builtins.int
+    """Regions wanted, and ready now."""
+    ready: _builtins.int
+    hits: _builtins.int
+    """CreateRegion calls served from the pool, and served from nothing."""
+    misses: _builtins.int
+    def __init__(
+        self,
+        *,
+        backing: Global___Backing.ValueType = ...,
+        size: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        target: _builtins.int = ...,
+        ready: _builtins.int = ...,
+        hits: _builtins.int = ...,
+        misses: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backing", b"backing", "hits", b"hits", "misses", b"misses", "page_size", b"page_size", "ready", b"ready", "size", b"size", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WarmPool: _TypeAlias = WarmPool  # noqa: Y015
