@@ -526,6 +526,11 @@ def show_status(st: Status) -> None:
     thp = "allowed" if st.shmem_thp_allowed else f"off: {st.shmem_thp_hint}"
     click.echo(f"  shmem THP: {st.shmem_thp} ({thp})")
     click.echo(f"  NUMA nodes: {', '.join(map(str, st.numa_nodes))}")
+    for w in st.warm_pools:
+        click.echo(
+            f"  warm pool {w.backing} {format_size(w.size)}: {w.ready} of {w.target} ready "
+            f"({w.hits} hits, {w.misses} misses)"
+        )
     for p in st.hugetlb_pools:
         click.echo(
             f"  hugetlb {format_size(p.page_size):>7}: {p.free} free of {p.total} "

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Final
 
-from memplug.client.types import HugePool, OperationResult, RangeResult, Region, Status, Ticket
+from memplug.client.types import (
+    HugePool,
+    OperationResult,
+    RangeResult,
+    Region,
+    Status,
+    Ticket,
+    WarmPool,
+)
 from memplug.daemon.errors import InvalidArgument
 from memplug.v1 import memplug_pb2 as pb
 
@@ -94,4 +102,9 @@ def status(m: pb.DaemonStatus) -> Status:
         shmem_thp_allowed=m.shmem_thp_allowed,
         shmem_thp_hint=m.shmem_thp_hint,
         numa_nodes=list(m.numa_nodes),
+        warm_pools=[
+            WarmPool(BACKING_NAMES.get(p.backing, "?"), p.size, p.page_size, p.target, p.ready,
+                     p.hits, p.misses)
+            for p in m.warm_pools
+        ],
     )  # fmt: skip

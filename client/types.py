@@ -26,6 +26,7 @@ class Region:
     transparent_huge_pages: bool = False
     numa_policy: str = "default"
     numa_nodes: list[int] = field(default_factory=list)
+    warm_pools: list[WarmPool] = field(default_factory=list)
     lock: bool = False
     from_warm_pool: bool = False
 
@@ -72,6 +73,17 @@ class HugePool:
 
 
 @dataclass(frozen=True)
+class WarmPool:
+    backing: str
+    size: int
+    page_size: int
+    target: int
+    ready: int
+    hits: int
+    misses: int
+
+
+@dataclass(frozen=True)
 class Status:
     version: str
     uptime_seconds: float
@@ -88,3 +100,4 @@ class Status:
     shmem_thp_allowed: bool = False
     shmem_thp_hint: str = ""
     numa_nodes: list[int] = field(default_factory=list)
+    warm_pools: list[WarmPool] = field(default_factory=list)

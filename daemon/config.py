@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from memplug.daemon.engine.ranges import parse_size
+from memplug.daemon.engine.warmpool import PoolSpec
 from memplug.daemon.errors import InvalidArgument
 
 
@@ -50,6 +51,7 @@ class Config:
     hugetlb_pools: tuple[tuple[int, int], ...] = ()  # (page size, pages) set at start and reload
     log_level: str = "info"
     log_format: str = "text"  # "text" (key=value) or "json"
+    warm_pools: tuple[PoolSpec, ...] = ()
     metrics: str | None = None  # HOST:PORT for Prometheus; None: off
 
     def validate(self) -> Config:
@@ -111,6 +113,9 @@ def _coerce(key: str, value: Any) -> Any:
         )
     if key == "threads":
         return int(value)
+    if key == "warm_pools":
+        values = [value] if isinstance(value, str) else list(value)
+        return tuple(PoolSpec.parse(str(v)) for v in values)
     if key == "hugetlb_pools":
         values = [value] if isinstance(value, str) else list(value)
         return tuple(_pool(v) for v in values)
@@ -219,6 +224,14 @@ def parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="one line per event: key=value (default) or JSON",
     )
+    p.add_argument(
+        "--warm-pool",
+        dest="warm_pools",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="BACKING:SIZE:COUNT[:PAGESIZE], e.g. shmem:1G:2: keep COUNT pre-plugged memfds "
+        "ready for matching CreateRegion calls (repeatable; within the quota)",
+    )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -235,7 +248,11 @@ def load(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
             raise InvalidArgument(f"cannot read config {args.config}: {exc}") from exc
         for key, value in data.items():
             norm = key.replace("-", "_")
-            norm = {"allow_dir": "allow_dirs", "hugetlb_pool": "hugetlb_pools"}.get(norm, norm)
+            norm = {
+                "allow_dir": "allow_dirs",
+                "hugetlb_pool": "hugetlb_pools",
+                "warm_pool": "warm_pools",
+            }.get(norm, norm)
             if norm not in names:
                 raise InvalidArgument(f"config {args.config}: unknown key {key!r}")
             settings[norm] = value

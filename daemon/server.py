@@ -122,6 +122,7 @@ class Daemon:
             ticket_ttl=config.ticket_ttl,
             store=self._store,
             listener=FdStore(self.notifier),
+            warm_pools=list(config.warm_pools),
         )
         metrics.REGISTRY.register(metrics.EngineCollector(self.engine))
         report = self.engine.restore(adopted)

@@ -13,6 +13,7 @@ the quota is returned.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -32,6 +33,7 @@ from memplug.daemon.backings import (
     HugetlbBacking,
     ShmemBacking,
 )
+from memplug.daemon.backings.shmem import restrict_inode
 from memplug.daemon.engine.cancel import CancelToken
 from memplug.daemon.engine.options import (
     lock_ranges,
@@ -68,6 +70,7 @@ from memplug.daemon.engine.strategy import (
     populate_method,
 )
 from memplug.daemon.engine.tickets import Handoff, Peer, Ticket, TicketBook
+from memplug.daemon.engine.warmpool import PoolSpec, WarmPool
 from memplug.daemon.errors import (
     AlreadyExists,
     Cancelled,
@@ -112,6 +115,7 @@ class EngineStatus:
     quota_bytes: int | None
     threads: int
     madv_populate: bool
+    warm_pools: list[tuple[PoolSpec, int, int, int]]  # (spec, ready, hits, misses)
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,7 @@ class RegionEngine:
         ticket_ttl: float = 10.0,
         store: StateStore | None = None,
         listener: RegionListener | None = None,
+        warm_pools: list[PoolSpec] | None = None,
     ) -> None:
         self.threads = threads
         self.max_bytes = max_bytes
@@ -200,6 +205,13 @@ class RegionEngine:
         self._store: StateStore = store if store is not None else MemoryStore()
         self._listener = listener
         self._lost: dict[str, str] = {}  # regions a restart could not bring back, and why
+        self._pool = WarmPool(
+            list(warm_pools or []),
+            self._runner,
+            threads=threads,
+            reserve=self._try_reserve,
+            release=self._release_quota,
+        )
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -234,6 +246,10 @@ class RegionEngine:
             quota_bytes=self.max_bytes,
             threads=self.threads,
             madv_populate=probe.has_madv_populate(),
+            warm_pools=[
+                (spec, self._pool.ready(spec), self._pool.hits[spec], self._pool.misses[spec])
+                for spec in self._pool.specs
+            ],
         )
 
     @contextmanager
@@ -256,6 +272,12 @@ class RegionEngine:
                 self._lock.notify_all()
 
     def _reserve_quota(self, region: Region, nbytes: int) -> None:
+        if self.max_bytes is not None:
+            # Pool memory never stands in a real request's way.
+            with self._lock:
+                short = self._plugged_total + nbytes - self.max_bytes
+            if short > 0:
+                self._pool.shed(short)
         with self._lock:
             if self.max_bytes is not None and self._plugged_total + nbytes > self.max_bytes:
                 left = max(0, self.max_bytes - self._plugged_total)
@@ -267,9 +289,18 @@ class RegionEngine:
                 )
             self._plugged_total += nbytes
 
+    def _try_reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.max_bytes is not None and self._plugged_total + nbytes > self.max_bytes:
+                return False
+            self._plugged_total += nbytes
+            return True
+
     def _release_quota(self, nbytes: int) -> None:
         with self._lock:
             self._plugged_total -= nbytes
+        if nbytes:
+            self._pool.poke()
 
     # ------------------------------------------------------------------ regions
 
@@ -288,24 +319,14 @@ class RegionEngine:
                 backing, block_size, options = self._make_backing(spec)
             except OSError as exc:
                 raise creation_error(name, exc) from exc
+            region = Region(name, backing, block_size, labels, time.time(), acl, options)
+            if options.from_warm_pool:
+                region.prebacked.add(Range(0, region.size))
             try:
-                region = Region(name, backing, block_size, labels, time.time(), acl, options)
-                try:
-                    prepare_backing(region)
-                except OSError as exc:
-                    raise creation_error(name, exc) from exc
-                if isinstance(backing, FileBacking):
-                    with self._lock:
-                        self._check_file_unused(backing)
-                # Durable (and in systemd's fd store) before anyone hears of it.
-                self._store.put_region(record_of(region))
-                if self._listener is not None:
-                    self._listener.region_created(name, backing)
-                with self._lock:
-                    self._regions[name] = region
-                    self._lost.pop(name, None)
+                self._publish(region)
             except BaseException:
-                release_region(region if "region" in locals() else None)
+                release_region(region)
+                self._release_quota(region.prebacked.total)
                 backing.close()
                 if isinstance(backing, FileBacking):
                     backing.discard_file()
@@ -315,6 +336,24 @@ class RegionEngine:
                 self._creating.discard(name)
         log.info("created region %s: %s, %s", name, backing.describe(), format_size(backing.size))
         return region.info()
+
+    def _publish(self, region: Region) -> None:
+        """Apply options, persist, tell the fd store, then let clients see the region."""
+        backing = region.backing
+        try:
+            prepare_backing(region)
+        except OSError as exc:
+            raise creation_error(region.name, exc) from exc
+        if isinstance(backing, FileBacking):
+            with self._lock:
+                self._check_file_unused(backing)
+        # Durable (and in systemd's fd store) before anyone hears of it.
+        self._store.put_region(record_of(region))
+        if self._listener is not None:
+            self._listener.region_created(region.name, backing)
+        with self._lock:
+            self._regions[region.name] = region
+            self._lost.pop(region.name, None)
 
     def _check_file_unused(self, backing: FileBacking) -> None:
         for other in self._regions.values():
@@ -351,6 +390,9 @@ class RegionEngine:
                 raise
             return file_backing, block_size, options
         self._check_size(spec.size, block_size)
+        pooled = self._from_pool(spec, page_size, block_size, options)
+        if pooled is not None:
+            return pooled, block_size, dataclasses.replace(options, from_warm_pool=True)
         if spec.backing is BackingKind.HUGETLB:
             backing: Backing = HugetlbBacking.create(
                 spec.name, spec.size, page_size, spec.acl.owner_uid
@@ -358,6 +400,24 @@ class RegionEngine:
         else:
             backing = ShmemBacking.create(spec.name, spec.size, spec.acl.owner_uid)
         return backing, block_size, options
+
+    def _from_pool(
+        self, spec: RegionSpec, page_size: int, block_size: int, options: RegionOptions
+    ) -> Backing | None:
+        """A warm-pool memfd for a plain request of a pooled shape, given to its owner."""
+        if options.placement.active or options.lock or spec.backing is None:
+            return None
+        if block_size != max(DEFAULT_BLOCK_SIZE, page_size):
+            return None
+        backing = self._pool.take(spec.backing, spec.size, page_size, options.thp)
+        if backing is not None:
+            try:
+                restrict_inode(backing.fd, spec.acl.owner_uid)
+            except BaseException:
+                self._release_quota(backing.size)
+                backing.close()
+                raise
+        return backing
 
     @staticmethod
     def _options(spec: RegionSpec) -> RegionOptions:
@@ -445,7 +505,7 @@ class RegionEngine:
                 )
             del self._regions[name]
             with region.mutex:
-                self._plugged_total -= region.plugged.total
+                self._plugged_total -= region.plugged.total + region.prebacked.total
         self._tickets.revoke_region(name)
         release_region(region)
         self._store.delete_region(name)
@@ -518,22 +578,32 @@ class RegionEngine:
             with region.locks.hold(r, token):
                 with region.mutex:
                     gaps = region.plugged.gaps(r)
+                    warm = [w for g in gaps for w in region.prebacked.intersection(g)]
                 new = sum(g.length for g in gaps)
                 if not new:
                     if progress is not None:
                         progress(0, 0)
                     return OpResult(0, 0.0, "none", 0, region.info())
+                if warm:
+                    # Memory a warm-pool memfd already holds is plugged by bookkeeping.
+                    self._adopt_prebacked(region, warm)
+                    gaps = subtract(gaps, warm)
+                    if not gaps:
+                        if progress is not None:
+                            progress(new, new)
+                        return OpResult(new, 0.0, "warm-pool", 0, region.info(), zeroing="done")
+                fresh = sum(g.length for g in gaps)
                 plan = make_plan(
                     method, gaps, max_threads=threads or self.threads, align=region.block_size
                 )
-                room = self._memcg_room(region, r, new)
+                room = self._memcg_room(region, r, fresh)
                 before = backing.allocated_bytes()
                 keep = [
                     Range(o, n) for g in gaps for o, n in backing.data_extents(g.offset, g.length)
                 ]
                 intent = self._begin(region, "plug", r, tuple(keep))
                 try:
-                    self._reserve_quota(region, new)
+                    self._reserve_quota(region, fresh)
                 except BaseException:
                     self._finish(region, intent)
                     raise
@@ -552,9 +622,9 @@ class RegionEngine:
                     got = max(0, backing.allocated_bytes() - before)
                     unlock_ranges(region, gaps)
                     self._rollback(region, subtract(gaps, keep))
-                    self._release_quota(new)
+                    self._release_quota(fresh)
                     self._finish(region, intent)
-                    raise self._failure(region, "plug", r, exc, missing=new - got) from exc
+                    raise self._failure(region, "plug", r, exc, missing=fresh - got) from exc
                 seconds = time.monotonic() - started
                 if helpers is not None:
                     helpers.close()
@@ -570,6 +640,15 @@ class RegionEngine:
                 region.info(),
                 zeroing=backing.zeroing(method.value),
             )
+
+    def _adopt_prebacked(self, region: Region, warm: list[Range]) -> None:
+        """Plug ranges whose memory is already allocated (quota was taken with the pool)."""
+        lock_ranges(region, warm)
+        with region.mutex:
+            for w in warm:
+                region.prebacked.remove(w)
+                region.plugged.add(w)
+        self._finish(region, None)
 
     def _begin(self, region: Region, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
         """Record the intent durably before memory is touched (crash recovery)."""
@@ -758,10 +837,13 @@ class RegionEngine:
             return RangeOutcome(released, seconds, region.info())
 
     def _mark_unplugged(self, region: Region, r: Range) -> int:
+        """Forget r's blocks (punched already); returns the plugged bytes among them."""
         with region.mutex:
             was = sum(p.length for p in region.plugged.intersection(r))
+            warm = sum(p.length for p in region.prebacked.intersection(r))
             region.plugged.remove(r)
-        self._release_quota(was)
+            region.prebacked.remove(r)
+        self._release_quota(was + warm)
         return was
 
     def discard(
@@ -838,6 +920,7 @@ class RegionEngine:
                 self._regions[region.name] = region
                 self._plugged_total += region.plugged.total
             self._lost.update(report.lost)
+        self._pool.start()
         if self.max_bytes is not None and self._plugged_total > self.max_bytes:
             log.warning(
                 "restored regions hold %s plugged, over the quota of %s: new plugs will fail",
@@ -856,6 +939,7 @@ class RegionEngine:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel every running operation, wait for their rollbacks, release everything."""
+        self._pool.stop()
         with self._lock:
             self._closing = True
             for token in self._running:

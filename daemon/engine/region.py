@@ -180,6 +180,9 @@ class Region:
         self.labels = dict(labels)
         self.created_at = created_at
         self.plugged = IntervalSet()
+        # Unplugged ranges whose memory is allocated anyway (a warm-pool memfd):
+        # plugging them is bookkeeping. Counted by the quota like plugged bytes.
+        self.prebacked = IntervalSet()
         self.mutex = threading.Lock()
         self.locks = RangeLock()
         self.active = 0  # operations in flight; guarded by the engine's lock

@@ -79,7 +79,9 @@ def _check_memfd(fd: int, record: RegionRecord) -> str | None:
         seals = ops.get_seals(fd)
     except OSError as exc:
         return f"cannot inspect the fd: {exc.strerror}"
-    if not stat.S_ISREG(st.st_mode) or not target.startswith(f"/memfd:memplug:{record.name} "):
+    # A region served from the warm pool keeps its memfd's pool name.
+    names = (f"/memfd:memplug:{record.name} ", "/memfd:memplug:~warm ")
+    if not stat.S_ISREG(st.st_mode) or not target.startswith(names):
         return f"the fd is {target}, not the memfd of region {record.name}"
     if st.st_size != record.size:
         return f"its size is {st.st_size}, the store says {record.size}"
@@ -183,6 +185,11 @@ def restore(
             _options(record),
         )
         region.plugged = IntervalSet(record.plugged)
+        if region.options.from_warm_pool:
+            # The pool's extra memory in unplugged blocks is not tracked across a
+            # restart: give it back (unplugged contents are undefined anyway).
+            for gap in region.plugged.gaps(Range(0, record.size)):
+                backing.release(gap.offset, gap.length)
         mine = [i for i in intents if i.region == record.name]
         for intent in mine:
             _replay(region, intent, report)

@@ -191,4 +191,16 @@ def status_to_proto(
         shmem_thp_allowed=probe.shmem_thp_allowed(),
         shmem_thp_hint="" if probe.shmem_thp_allowed() else probe.SHMEM_THP_HINT,
         numa_nodes=probe.numa_nodes(),
+        warm_pools=[
+            pb.WarmPool(
+                backing=BACKING_TO_PROTO[spec.backing],
+                size=spec.size,
+                page_size=spec.page_size,
+                target=spec.count,
+                ready=ready,
+                hits=hits,
+                misses=misses,
+            )
+            for spec, ready, hits, misses in status.warm_pools
+        ],
     )
