@@ -30,6 +30,7 @@ test: lint typecheck check-protos pytest
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
 # mypy reads the installed link tree; report paths as they are in this checkout.
 EDITABLE_TREE := build/__editable__.memplug-0.1.0-py3-none-any/memplug
