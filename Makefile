@@ -9,7 +9,7 @@ SOURCES := $(shell find daemon client proto -name '*.py' -o -name '*.pyi' -o -na
 PYTEST_ARGS ?=
 SHELL := /bin/bash
 
-.PHONY: all run test lint typecheck pytest protos check-protos clean
+.PHONY: all run test lint typecheck pytest protos check-protos clean bench
 
 all: test
 
@@ -26,6 +26,12 @@ run: $(STAMP)
 	$(BIN)/memplugd $(ARGS)
 
 test: lint typecheck check-protos pytest
+
+# The benchmark (root for the hugetlb pool and the tmpfs; restores both): writes
+# docs/bench.md. BENCH_ARGS="--quick" for a smoke run, "--sections small,rss" for a subset.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m memplug.daemon.bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
