@@ -15,7 +15,7 @@ from memplug.client.attach import Attachment, redeem
 from memplug.client.errors import error_from_rpc
 from memplug.client.types import OperationResult, RangeResult, Region, Status, Ticket
 from memplug.daemon.config import default_socket
-from memplug.daemon.errors import Cancelled, Internal
+from memplug.daemon.errors import Cancelled, Internal, MemplugError
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -192,22 +192,26 @@ class Client:
             threading.Thread(target=watch, name="memplug-cancel", daemon=True).start()
         try:
             for message in call:
-                if message.HasField("result"):
-                    return convert.result(message.result)
                 if progress is not None:
                     progress(message.done_bytes, message.total_bytes)
+                if message.HasField("result"):
+                    return convert.result(message.result)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.CANCELLED and (cancel is None or cancel.is_set()):
-                raise Cancelled(
+                err: MemplugError = Cancelled(
                     f"{request.name}: cancelled; the daemon releases what it had allocated"
-                ) from None
+                )
+                err.code = "CANCELLED"
+                raise err from None
             raise error_from_rpc(exc, target=str(self.socket)) from None
         except BaseException:
             call.cancel()  # Ctrl-C and friends: tell the daemon to roll back
             raise
         finally:
             finished.set()
-        raise Internal("the daemon ended the stream without a result")
+        err = Internal("the daemon ended the stream without a result")
+        err.code = "INTERNAL"
+        raise err
 
     def unplug(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
         request = pb.RangeRequest(

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from memplug.daemon.engine.region import Access
-from memplug.daemon.errors import PermissionDenied, ResourceExhausted
+from memplug.daemon.errors import NotFound, PermissionDenied, ResourceExhausted
 
 TICKET_BYTES = 24  # 192 random bits
 MAX_OUTSTANDING = 4096
@@ -56,6 +56,7 @@ class TicketBook:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._tickets: dict[str, Ticket] = {}
+        self._revoked: dict[str, Ticket] = {}  # tickets of deleted regions, until they expire
 
     def issue(self, region: str, access: Access) -> Ticket:
         now = time.monotonic()
@@ -74,6 +75,9 @@ class TicketBook:
         """Take the ticket out of the book; it can never be used again."""
         with self._lock:
             ticket = self._tickets.pop(value, None)
+            revoked = self._revoked.pop(value, None)
+        if revoked is not None:
+            raise NotFound(f"region {revoked.region!r} was deleted after this ticket was issued")
         if ticket is None:
             raise PermissionDenied("unknown ticket: it was never issued or is already used")
         if time.monotonic() > ticket.expires:
@@ -81,10 +85,12 @@ class TicketBook:
         return ticket
 
     def revoke_region(self, region: str) -> None:
+        """A deleted region's tickets answer NOT_FOUND, never a new region of that name."""
         with self._lock:
             for value in [v for v, t in self._tickets.items() if t.region == region]:
-                del self._tickets[value]
+                self._revoked[value] = self._tickets.pop(value)
 
     def _sweep(self, now: float) -> None:
-        for value in [v for v, t in self._tickets.items() if t.expires < now]:
-            del self._tickets[value]
+        for book in (self._tickets, self._revoked):
+            for value in [v for v, t in book.items() if t.expires < now]:
+                del book[value]
