@@ -16,10 +16,12 @@ from memplug.daemon.bench import memplugd, raw
 from memplug.daemon.bench.machine import HUGE_2M, HugePool, meminfo, qemu_binary, tmpfs
 from memplug.daemon.bench.raw import Kind, RawPaths
 from memplug.daemon.bench.report import GiB, MiB, fmt_size
+from memplug.daemon.errors import ResourceExhausted
 
 T = TypeVar("T")
 
 TMPFS_SIZE = "2G"
+POOL_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,38 @@ class Bench:
             self._pool = pool
         self._pool.ensure(pages)
 
+    def with_pages(
+        self,
+        kind: Kind,
+        size: int,
+        run: Callable[[], T],
+        undo: Callable[[], object] | None = None,
+    ) -> Callable[[], T]:
+        """run, made sure of free huge pages first if kind is hugetlb, and retried if short.
+
+        Tests running beside the benchmark may shrink the pool between our
+        check and our use (EFAULT, ENOMEM, PoolExhausted, QEMU failing to start).
+        undo() drops what a failed try left allocated, so the retry starts empty.
+        """
+        if kind != "hugetlb":
+            return run
+        pages = size // HUGE_2M
+
+        def guarded() -> T:
+            for attempt in range(POOL_RETRIES):
+                self.hugepages(pages)
+                try:
+                    return run()
+                except (OSError, ResourceExhausted, RuntimeError) as exc:
+                    if attempt == POOL_RETRIES - 1:
+                        raise
+                    self.log(f"hugetlb run failed ({exc!r}); pool taken meanwhile? retrying")
+                    if undo is not None:
+                        undo()
+            raise AssertionError("unreachable")
+
+        return guarded
+
     def daemon(self) -> memplugd.Memplugd:
         """The memplugd the plug, consumer and small-op sections share (started once)."""
         if self._daemon is None:
@@ -139,7 +173,9 @@ class Bench:
             self.hugepages(pages)
             self.log(f"warm-up: populating and discarding {pages} pages of the 2 MiB pool")
             with raw.RawMemory("hugetlb", pages * HUGE_2M, page_size=HUGE_2M) as mem:
-                self.raw.populate(mem, self.options.threads)
+                threads = self.options.threads
+                self.with_pages("hugetlb", mem.size, lambda: self.raw.populate(mem, threads))()
+                mem.discard()
 
     def cached(self, key: str, compute: Callable[[], T]) -> T:
         """compute() once per run: a figure two sections need (QEMU's prealloc) is shared."""

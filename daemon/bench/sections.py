@@ -109,12 +109,7 @@ def _measure_qemu(b: Bench, kind: Kind, size: int) -> QemuPrealloc:
     def greet(prealloc: bool, threads: int = 1) -> Callable[[], float]:
         arg = qemu_mod.backend(kind, size, prealloc=prealloc, threads=threads, directory=directory)
 
-        def run() -> float:
-            if kind == "hugetlb":
-                b.hugepages(size // HUGE_2M)
-            return qemu_mod.time_to_greeting(binary, arg)
-
-        return run
+        return b.with_pages(kind, size, lambda: qemu_mod.time_to_greeting(binary, arg))
 
     key, reps = f"qemu.{tag(kind, size)}", b.options.reps
     b.log(f"QEMU {kind} {fmt_size(size)}: prealloc off, on with 1..{b.options.threads} threads")
@@ -157,8 +152,6 @@ def measure_memplug_plug(b: Bench, kind: Kind, size: int) -> tuple[Result, Resul
     c = b.client()
     name = f"plug-{kind}-{size // MiB}m"
     path = f"{name}.img" if kind == "file" else ""
-    if kind == "hugetlb":
-        b.hugepages(size // HUGE_2M)
     c.create_region(name, size, kind, page_size=HUGE_2M if kind == "hugetlb" else 0, path=path)
     work: list[float] = []
     used: set[str] = set()
@@ -173,7 +166,11 @@ def measure_memplug_plug(b: Bench, kind: Kind, size: int) -> tuple[Result, Resul
 
     b.log(f"memplug Plug {kind} {fmt_size(size)}")
     try:
-        samples = repeat(run, reps=b.options.reps, reset=lambda: c.unplug(name, 0, size))
+        samples = repeat(
+            b.with_pages(kind, size, run),
+            reps=b.options.reps,
+            reset=lambda: c.unplug(name, 0, size),
+        )
     finally:
         c.delete_region(name)
         if path:
@@ -192,12 +189,11 @@ def measure_raw(b: Bench, kind: Kind, size: int) -> dict[str, Result]:
     directory = b.tmpfs() if kind == "file" else None
     results: dict[str, Result] = {}
     b.log(f"raw kernel paths {kind} {fmt_size(size)}")
-    if kind == "hugetlb":
-        b.hugepages(size // HUGE_2M)
     with RawMemory(kind, size, page_size=page_size(kind), directory=directory) as mem:
 
         def add(key: str, label: str, run: Callable[[], float], threads: int) -> None:
-            samples = repeat(run, reps=b.options.reps, reset=mem.discard)
+            guarded = b.with_pages(kind, size, run, undo=mem.discard)
+            samples = repeat(guarded, reps=b.options.reps, reset=mem.discard)
             meta = {"kind": kind, "size": size, "threads": threads, "label": label}
             results[key] = Result(f"raw.{tag(kind, size)}.{key}", samples, meta=meta)
 
@@ -330,10 +326,9 @@ def measure_ready(b: Bench, kind: Kind, size: int) -> Result:
     """Client.attach(populate="write") on a freshly plugged region; re-plugged between reps."""
     c = b.client()
     name = f"ready-{kind}"
-    if kind == "hugetlb":
-        b.hugepages(size // HUGE_2M)
     c.create_region(name, size, kind, page_size=HUGE_2M if kind == "hugetlb" else 0)
-    c.plug(name, 0, size)
+    plug = b.with_pages(kind, size, lambda: c.plug(name, 0, size))
+    plug()
 
     def run() -> float:
         start = time.perf_counter()
@@ -344,7 +339,7 @@ def measure_ready(b: Bench, kind: Kind, size: int) -> Result:
 
     def replug() -> None:
         c.unplug(name, 0, size)
-        c.plug(name, 0, size)
+        plug()
 
     b.log(f"consumer attach + populate {kind} {fmt_size(size)}")
     try:
