@@ -6,7 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find daemon client proto -name '*.py' -o -name '*.pyi' -o -name 'py.typed' 2>/dev/null)
-PYTEST_ARGS ?=
+# Tests marked `container` build an image and run it with podman (minutes, and
+# podman, runc and debootstrap installed): skipped here, run by .ci/run
+# (`make test PYTEST_ARGS=`). Run them alone with `make pytest PYTEST_ARGS="-m container"`.
+PYTEST_ARGS ?= -m "not container"
 SHELL := /bin/bash
 
 .PHONY: all run test lint typecheck pytest protos check-protos clean bench
