@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import HUGE_2M, DaemonProcess, MiB
+from conftest import HUGE_2M, DaemonProcess, MiB, require
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -80,6 +81,35 @@ def test_memplug_health_command(daemon: DaemonProcess) -> None:
     out = memplug(daemon, "health", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"status": "SERVING"}
+
+
+def test_memplug_health_with_capabilities_alone(daemon: DaemonProcess) -> None:
+    """A non-root user that reaches the socket through CAP_DAC_OVERRIDE alone.
+
+    That is the image's documented non-root mode (`--user memplug --cap-add
+    DAC_OVERRIDE` on a root-owned socket directory), where HEALTHCHECK runs
+    `memplug health`. access(2) ignores capabilities for a non-root real uid,
+    so an access()-based "readable" check refuses a socket connect(2) reaches.
+    """
+    require(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
+    daemon.socket.parent.chmod(0o700)  # root's, closed to others: as a bind-mounted host dir
+    as_nobody = [
+        "setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+        "--inh-caps", "+dac_override", "--ambient-caps", "+dac_override", "--",
+    ]  # fmt: skip
+    # The client library connects: the capability is all it takes.
+    script = "import sys; from memplug.client import Client; print(Client(sys.argv[1]).health())"
+    out = subprocess.run(
+        [*as_nobody, sys.executable, "-c", script, str(daemon.socket)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (out.returncode, out.stdout.strip()) == (0, "SERVING"), out.stderr
+    # ... and so must the command.
+    out = subprocess.run(
+        [*as_nobody, *CLI, "--socket", str(daemon.socket), "health"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (out.returncode, out.stdout.strip()) == (0, "SERVING"), out.stderr
 
 
 def test_not_serving_once_sigterm_begins(daemon: DaemonProcess) -> None:
