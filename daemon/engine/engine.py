@@ -45,7 +45,6 @@ from memplug.daemon.engine.options import (
 from memplug.daemon.engine.ranges import (
     MiB,
     Range,
-    check_range,
     format_size,
     subtract,
 )
@@ -565,9 +564,7 @@ class RegionEngine:
     ) -> OpResult:
         token = token or CancelToken()
         with self._operation(name, token) as region:
-            r = check_range(
-                offset, length, size=region.size, align=region.block_size, what=f"plug of {name!r}"
-            )
+            r = region.range_of(offset, length, "plug")
             backing = region.backing
             method = plug_method(
                 hugetlb=backing.kind is BackingKind.HUGETLB,
@@ -739,13 +736,7 @@ class RegionEngine:
     ) -> OpResult:
         token = token or CancelToken()
         with self._operation(name, token) as region:
-            r = check_range(
-                offset,
-                length,
-                size=region.size,
-                align=region.block_size,
-                what=f"populate of {name!r}",
-            )
+            r = region.range_of(offset, length, "populate")
             method = populate_method(write=write, has_populate=probe.has_madv_populate())
             with region.locks.hold(r, token):
                 self._require_plugged(region, "populate", r)
@@ -805,13 +796,7 @@ class RegionEngine:
         """
         token = token or CancelToken()
         with self._operation(name, token) as region:
-            r = check_range(
-                offset,
-                length,
-                size=region.size,
-                align=region.block_size,
-                what=f"unplug of {name!r}",
-            )
+            r = region.range_of(offset, length, "unplug")
             with region.locks.hold(r, token):
                 started = time.monotonic()
                 released = 0
@@ -857,13 +842,7 @@ class RegionEngine:
         """
         token = token or CancelToken()
         with self._operation(name, token) as region:
-            r = check_range(
-                offset,
-                length,
-                size=region.size,
-                align=region.block_size,
-                what=f"discard of {name!r}",
-            )
+            r = region.range_of(offset, length, "discard")
             with region.locks.hold(r, token):
                 self._require_plugged(region, "discard", r)
                 started = time.monotonic()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.engine.rangelock import RangeLock
-from memplug.daemon.engine.ranges import IntervalSet, Range
+from memplug.daemon.engine.ranges import IntervalSet, Range, check_range
 from memplug.daemon.errors import InvalidArgument
 from memplug.daemon.kernel.ops import Mapping as Mapping_
 
@@ -190,6 +190,12 @@ class Region:
     @property
     def size(self) -> int:
         return self.backing.size
+
+    def range_of(self, offset: int, length: int, op: str) -> Range:
+        """The request's range, checked against this region's size and block size."""
+        return check_range(
+            offset, length, size=self.size, align=self.block_size, what=f"{op} of {self.name!r}"
+        )
 
     def label_match(self, selector: Mapping[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in selector.items())

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from memplug.daemon import __version__, metrics
+from memplug.daemon.engine.cancel import CancelToken
 from memplug.daemon.engine.engine import OpResult, RegionEngine
+from memplug.daemon.engine.runner import ProgressCallback
 from memplug.daemon.transport import convert
 from memplug.daemon.transport.status import translate
 from memplug.daemon.transport.streaming import stream_operation, token_for
@@ -78,20 +80,17 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         self, request: pb.RangeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Progress]:
         requested = convert.strategy_from_proto(request.strategy)
-        token = token_for(context)
-        yield from _progress_stream(
+        yield from self._stream(
             "plug",
-            stream_operation(
-                lambda progress: self._engine.plug(
-                    request.name,
-                    request.offset,
-                    request.length,
-                    requested=requested,
-                    threads=request.threads,
-                    token=token,
-                    progress=progress,
-                ),
-                token,
+            context,
+            lambda token, progress: self._engine.plug(
+                request.name,
+                request.offset,
+                request.length,
+                requested=requested,
+                threads=request.threads,
+                token=token,
+                progress=progress,
             ),
         )
 
@@ -100,22 +99,29 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         self, request: pb.PopulateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Progress]:
         write = convert.populate_write_from_proto(request.mode)
-        token = token_for(context)
-        yield from _progress_stream(
+        yield from self._stream(
             "populate",
-            stream_operation(
-                lambda progress: self._engine.populate(
-                    request.name,
-                    request.offset,
-                    request.length,
-                    write=write,
-                    threads=request.threads,
-                    token=token,
-                    progress=progress,
-                ),
-                token,
+            context,
+            lambda token, progress: self._engine.populate(
+                request.name,
+                request.offset,
+                request.length,
+                write=write,
+                threads=request.threads,
+                token=token,
+                progress=progress,
             ),
         )
+
+    @staticmethod
+    def _stream(
+        op: str,
+        context: grpc.ServicerContext,
+        call: Callable[[CancelToken, ProgressCallback], OpResult],
+    ) -> Iterator[pb.Progress]:
+        """Run a long engine call beside this RPC thread, streaming its progress."""
+        token = token_for(context)
+        yield from _progress_stream(op, stream_operation(lambda p: call(token, p), token))
 
     @translate("Attach")
     def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> pb.AttachTicket:
