@@ -114,7 +114,9 @@ def command(group: click.Group, name: str, **kw: Any) -> Callable[[F], F]:
 @click.option(
     "--socket",
     envvar="MEMPLUG_SOCKET",
-    type=click.Path(dir_okay=False),
+    # readable=False: click would check R_OK with access(2), which ignores
+    # capabilities and is the wrong permission for a socket anyway.
+    type=click.Path(dir_okay=False, readable=False),
     help="memplugd's gRPC socket [env MEMPLUG_SOCKET; default /run/memplug/memplug.sock as "
     "root, else $XDG_RUNTIME_DIR/memplug/memplug.sock]",
 )

@@ -33,8 +33,16 @@ class Client:
     .code set to the gRPC status name.
     """
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None, *, timeout: float = 30.0):
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 30.0,
+        fd_socket: str | os.PathLike[str] | None = None,
+    ):
         self.socket = Path(socket) if socket is not None else default_socket()
+        env_fd = os.environ.get("MEMPLUG_FD_SOCKET")
+        self.fd_socket = Path(fd_socket) if fd_socket else Path(env_fd) if env_fd else None
         self.timeout = timeout
         self._channel = grpc.insecure_channel(f"unix:{self.socket}")
         self._stub = pb_grpc.MemplugStub(self._channel)
@@ -227,6 +235,21 @@ class Client:
 
     # ------------------------------------------------------------------ hand-off
 
+    def _fd_socket_for(self, announced: str) -> Path:
+        """Where to reach the fd socket the daemon announced, from this process.
+
+        The daemon names the path as it sees it; a client that reaches the
+        daemon through a bind mount (a sidecar's socket volume) finds the fd
+        socket beside the gRPC socket instead.
+        """
+        if self.fd_socket is not None:
+            return self.fd_socket
+        path = Path(announced)
+        if path.exists():
+            return path
+        sibling = self.socket.parent / path.name
+        return sibling if sibling.exists() else path
+
     def ticket(self, name: str, access: str = "rw") -> Ticket:
         """A one-time ticket for another process to redeem on the fd socket."""
         request = pb.AttachRequest(
@@ -249,7 +272,7 @@ class Client:
         plugged blocks (MADV_POPULATE_*), so first touches take no faults.
         """
         ticket = self.ticket(name, access)
-        fd, info = redeem(ticket.fd_socket, ticket.ticket)
+        fd, info = redeem(str(self._fd_socket_for(ticket.fd_socket)), ticket.ticket)
         plugged = ticket.region.plugged
         try:
             return Attachment(fd, info, plugged=plugged, populate=populate, map_memory=map_memory)

@@ -8,6 +8,7 @@ operations (they roll back) -> close sockets.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import grp
 import logging
 import os
@@ -41,6 +42,18 @@ log = logging.getLogger("memplug.server")
 
 RPC_THREADS = 64  # each streaming Plug holds one while it runs; reads must still get through
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when no watchdog asks for more
+# Settings a SIGHUP cannot change: they are bound or running until a restart.
+RESTART_ONLY = (
+    "socket",
+    "fd_socket",
+    "state_dir",
+    "threads",
+    "warm_pools",
+    "socket_mode",
+    "socket_group",
+    "fd_socket_mode",
+    "metrics",
+)
 
 
 class FdStore:
@@ -237,13 +250,14 @@ class Daemon:
         else:
             self.engine.reconfigure(max_bytes=new.max_bytes, allow_dirs=list(new.allow_dirs))
             apply_hugetlb_pools(new.hugetlb_pools)
-            unchanged = [
-                f for f in ("socket", "fd_socket", "state_dir", "threads")
-                if getattr(new, f) != getattr(self.config, f)
-            ]  # fmt: skip
-            if unchanged:
-                log.warning("reload: %s take effect only after a restart", ", ".join(unchanged))
-            self.config = new
+            later = [f for f in RESTART_ONLY if getattr(new, f) != getattr(self.config, f)]
+            if later:
+                log.warning("reload: %s take effect only after a restart", ", ".join(later))
+            # Keep what is bound or running: the watchdog probes, and stop()
+            # unlinks, the socket this process serves, not the configured one.
+            self.config = dataclasses.replace(
+                new, **{f: getattr(self.config, f) for f in RESTART_ONLY}
+            )
             log.info("reloaded the configuration")
         self.notifier.ready(self.status_line())
 

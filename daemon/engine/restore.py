@@ -93,9 +93,18 @@ def _check_memfd(fd: int, record: RegionRecord) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    """Why a region's memory cannot be had; permanent unless it may come back later."""
+
+    reason: str
+    permanent: bool = True
+    rejected_fd: bool = False  # an fd came back under its name and was not its memfd
+
+
 def _open_backing(
     record: RegionRecord, adopted: dict[str, int], allow_dirs: list[Path]
-) -> Backing | str:
+) -> Backing | Unavailable:
     """The region's backing, or why it cannot be had."""
     kind = BackingKind(record.backing)
     if kind is BackingKind.FILE:
@@ -103,14 +112,17 @@ def _open_backing(
         try:
             return FileBacking.open(record.path, record.size, allow_dirs, owner, create=False)
         except MemplugError as exc:
-            return f"its file cannot be reopened: {exc.message}"
+            # Only a vanished file is gone for good; a missing --allow-dir or a
+            # permission problem may be fixed by the next start.
+            gone = not os.path.lexists(record.path)
+            return Unavailable(f"its file cannot be reopened: {exc.message}", permanent=gone)
     fd = adopted.pop(record.name, None)
     if fd is None:
-        return f"no fd came back for it: {NO_FD_STORE}"
+        return Unavailable(f"no fd came back for it: {NO_FD_STORE}")
     why = _check_memfd(fd, record)
     if why is not None:
         os.close(fd)
-        return f"the fd handed back does not match: {why}"
+        return Unavailable(f"the fd handed back does not match: {why}", rejected_fd=True)
     if kind is BackingKind.HUGETLB:
         return HugetlbBacking(fd, record.size, record.page_size)
     return ShmemBacking(fd, record.size, record.page_size)
@@ -170,10 +182,13 @@ def restore(
             report.lost[record.name] = record.gone
             continue
         backing = _open_backing(record, adopted, allow_dirs)
-        if isinstance(backing, str):
-            store.mark_gone(record.name, backing)
-            report.lost[record.name] = backing
-            log.warning("region %s is lost: %s", record.name, backing)
+        if isinstance(backing, Unavailable):
+            if backing.permanent:
+                store.mark_gone(record.name, backing.reason)
+            if backing.rejected_fd:
+                report.stray_fds.append(record.name)  # out of systemd's fd store too
+            report.lost[record.name] = backing.reason
+            log.warning("region %s is lost: %s", record.name, backing.reason)
             continue
         region = Region(
             record.name,

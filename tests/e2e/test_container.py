@@ -452,12 +452,6 @@ def test_compose_services(podman: Podman, image: str, tmp_path: Path) -> None:
         assert "uid=1000" in text  # the daemon saw the app's own uid on the fd socket
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Client.attach dials the fd socket path the daemon reports in the ticket "
-    "(/run/memplug/fd.sock, its own mount namespace), not the one beside the socket "
-    "the client was given; see the report of the issue 'Operations and ecosystem'",
-)
 def test_client_attach_through_a_bind_mount(podman: Podman, image: str, tmp_path: Path) -> None:
     sockdir = tmp_path / "run"
     sockdir.mkdir(mode=0o700)
