@@ -721,7 +721,9 @@ class RangeResult(_message.Message):
     SECONDS_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     bytes: _builtins.int
-    """Bytes whose contents were dropped."""
+    """Unplug: plugged bytes given back (blocks of the range that were already
+    unplugged are punched too, but not counted). Discard: bytes zeroed.
+    """
     seconds: _builtins.float
     """Wall time of the work, lock wait excluded."""
     @_builtins.property
