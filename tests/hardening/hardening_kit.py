@@ -338,18 +338,32 @@ def run_nobody(script: str, *args: str, timeout: float = 60) -> dict[str, Any]:
     lines = out.strip().splitlines()
     assert lines, f"uid {NOBODY} child printed nothing:\n{err}"
     report: dict[str, Any] = json.loads(lines[-1])
-    assert report.get("uid") == NOBODY, report
+    assert report.get("uid") == NOBODY and report.get("gid") == NOBODY, report
+    assert report.get("groups") == [], report
     return report
+
+
+# Drops to uid/gid 65534 with no supplementary groups, then execs the attacker: the
+# setgroups/setgid/setuid that subprocess's user=, group= and extra_groups=[] would do.
+# subprocess does those after a fork() of this process (no vfork with setuid in 3.11),
+# and gRPC's fork handlers in a process with live channels can crash that child
+# (SIGSEGV) before it execs; this launcher is spawned with vfork and drops itself.
+DROP_PRIVILEGES: Final = """
+import os, sys
+os.setgroups([])
+os.setgid(int(sys.argv[1]))
+os.setuid(int(sys.argv[1]))
+assert os.getuid() == os.geteuid() == os.getgid() == os.getegid() == int(sys.argv[1])
+assert os.getgroups() == []
+os.execv(sys.executable, [sys.executable, "-I", *sys.argv[2:]])
+"""
 
 
 def spawn_nobody(script: str, *args: str) -> subprocess.Popen[str]:
     require_root("runs processes as uid 65534")
     require(os.path.exists(UNPRIVILEGED_PYTHON), f"needs {UNPRIVILEGED_PYTHON} for uid 65534")
     return subprocess.Popen(
-        [UNPRIVILEGED_PYTHON, "-I", "-c", script, *args],
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=[],
+        [UNPRIVILEGED_PYTHON, "-I", "-c", DROP_PRIVILEGES, str(NOBODY), "-c", script, *args],
         cwd="/",
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         stdin=subprocess.PIPE,
