@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import random
 import threading
@@ -444,3 +445,58 @@ def test_sixteen_clients_at_random(
     )
     assert huge_free() == POOL_PAGES
     assert used_bytes(allow) == base_used
+
+
+CHURN_SECONDS = float(os.environ.get("MEMPLUG_CHURN_SECONDS", "8"))
+
+
+def test_reads_during_create_delete_churn(daemon_factory: Factory) -> None:
+    """GetStatus and ListRegions while other clients create and delete regions
+    as fast as they can: a region deleted between a reader's snapshot of the region
+    table and its look at the region's fd must not turn the read into INTERNAL."""
+    d = daemon_factory()
+    until = time.monotonic() + CHURN_SECONDS
+    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+    lock = threading.Lock()
+
+    def tally(op: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+            code = "OK"
+        except MemplugError as exc:
+            code = exc.code or type(exc).__name__
+        with lock:
+            outcomes[(op, code)] += 1
+
+    def churn(index: int) -> None:
+        """Keep 16 regions alive, always deleting the oldest: readers walk 64 at a time."""
+        with Client(d.socket) as c:
+            live: collections.deque[str] = collections.deque()
+            n = 0
+            while time.monotonic() < until:
+                n += 1
+                fresh = f"churn{index}-{n}"
+                tally("create", functools.partial(c.create_region, fresh, BLOCK))
+                live.append(fresh)
+                if len(live) > 16:
+                    tally("delete", functools.partial(c.delete_region, live.popleft()))
+
+    def read(index: int) -> None:
+        with Client(d.socket) as c:
+            while time.monotonic() < until:
+                for _ in range(3):
+                    tally("status", c.status)
+                tally("list", c.list_regions)
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=read, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(CHURN_SECONDS + 60)
+    alive(d)
+    for (op, code), n in sorted(outcomes.items()):
+        record("churn_ops", n, op=op, outcome=code)
+    bad = {k: n for k, n in outcomes.items() if k[1] not in DOCUMENTED_CODES | {"OK"}}
+    assert not bad, f"undocumented answers while regions came and went: {bad}\n{dict(outcomes)}"
+    assert outcomes[("delete", "OK")] > 100, dict(outcomes)
