@@ -12,7 +12,7 @@ SOURCES := $(shell find daemon client proto -name '*.py' -o -name '*.pyi' -o -na
 PYTEST_ARGS ?= -m "not container"
 SHELL := /bin/bash
 
-.PHONY: all run test lint typecheck pytest protos check-protos clean bench
+.PHONY: all run test lint typecheck pytest protos check-protos clean bench reliability
 
 all: test
 
@@ -35,6 +35,13 @@ test: lint typecheck check-protos pytest
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python -m memplug.daemon.bench $(BENCH_ARGS)
+
+# The hardening tests (tests/hardening, root, ~3 min) recording their figures, then
+# docs/reliability.md rendered from them (build/reliability/ keeps the JSON and the
+# JUnit XML). RELIABILITY_ARGS="-- -k fault" passes pytest arguments through.
+RELIABILITY_ARGS ?=
+reliability: $(STAMP)
+	$(BIN)/python scripts/reliability.py $(RELIABILITY_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
