@@ -132,11 +132,14 @@ def aggregate(figures: list[dict[str, Any]], tests: list[dict[str, Any]]) -> dic
                 {"fault": f["labels"]["fault"], "test": f["test"], "result": result(f["test"])}
             )
     leaks = [f for f in figures if f["name"] == "leak"]
-    found = [
+    measured = [
         {"what": f["labels"]["what"], "unit": f["labels"].get("unit", "bytes"),
-         "value": f["value"], "test": f["test"]}
+         "value": f["value"], "tolerance": float(f["labels"].get("tolerance", 0)),
+         "test": f["test"]}
         for f in leaks if f["value"]
     ]  # fmt: skip
+    found = [x for x in measured if x["value"] < 0 or x["value"] > x["tolerance"]]
+    tolerated = [x for x in measured if x not in found]
     attacks: dict[str, dict[str, Any]] = {}
     for f in figures:
         if f["name"] == "attack":
@@ -171,6 +174,7 @@ def aggregate(figures: list[dict[str, Any]], tests: list[dict[str, Any]]) -> dic
         "bytes_checked": total(figures, "bytes_checked"),
         "leak_checks": len(leaks),
         "leaks_found": found,
+        "growth_within_tolerance": tolerated,
         "load": {
             "ops": sum(load_by_outcome.values()),
             "seconds": total(figures, "load_seconds"),
@@ -370,9 +374,22 @@ def render(report: dict[str, Any]) -> str:
     if leaks:
         out += ["## Leaks found", ""]
         out += table(
-            ["what", "amount", "test"],
-            [[x["what"], f"{num(x['value'])} {x['unit']}", f"`{x['test']}`"] for x in leaks],
+            ["what", "amount", "tolerated", "test"],
+            [
+                [x["what"], f"{num(x['value'])} {x['unit']}", num(x["tolerance"]), f"`{x['test']}`"]
+                for x in leaks
+            ],
         )
+    if a.get("growth_within_tolerance"):
+        out += ["## Growth within tolerance (not a leak)", ""]
+        out += table(
+            ["what", "measured", "tolerated", "test"],
+            [
+                [x["what"], f"{num(x['value'])} {x['unit']}", f"{num(x['tolerance'])} {x['unit']}",
+                 f"`{x['test'].split('::', 1)[1]}`"]
+                for x in a["growth_within_tolerance"]
+            ],
+        )  # fmt: skip
     if a["failures"]:
         out += ["## Failures", ""]
         out += table(

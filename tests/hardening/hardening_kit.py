@@ -86,9 +86,11 @@ def fault(name: str) -> None:
     record("fault", 1, fault=name)
 
 
-def leak_check(what: str, leaked: float, unit: str = "bytes") -> None:
-    """Record a measured leak (0 when nothing leaked); assert it separately."""
-    record("leak", leaked, what=what, unit=unit)
+def leak_check(what: str, leaked: float, unit: str = "bytes", tolerance: float = 0) -> None:
+    """Record a measured leak (0 when nothing leaked) and the growth the test tolerates
+    (e.g. RSS noise); assert it separately. The report counts a leak when leaked
+    exceeds the tolerance (or is negative: something was freed that was in use)."""
+    record("leak", leaked, what=what, unit=unit, tolerance=str(tolerance))
 
 
 # --------------------------------------------------------------------------- RPC helpers

@@ -403,6 +403,7 @@ def punch(att: Attachment, offset: int, length: int) -> None:
 
 
 LIMIT = 256 * MiB
+CG_SLACK = 32 * MiB  # what a refused plug may still charge: the daemon's Python heap
 
 
 def test_memcg_plug_beyond_headroom_is_refused(daemon_factory: Factory) -> None:
@@ -425,9 +426,11 @@ def test_memcg_plug_beyond_headroom_is_refused(daemon_factory: Factory) -> None:
                 assert str(cg.path) in info.value.message, info.value.message
                 alive(d)
                 base.verify()
-                grew = cg.usage() - usage
-                leak_check("memory cgroup usage after a refused plug", max(0, grew))
-                assert grew < 32 * MiB, f"the refused plug charged {grew} bytes to the cgroup"
+                grew = cg.usage() - usage  # the daemon's own heap may grow a little
+                leak_check(
+                    "memory cgroup usage after a refused plug", max(0, grew), tolerance=CG_SLACK
+                )
+                assert grew < CG_SLACK, f"the refused plug charged {grew} bytes to the cgroup"
                 assert_serving(c)
         finally:
             stop(d)
