@@ -271,13 +271,14 @@ class RegionEngine:
                 self._lock.notify_all()
 
     def _reserve_quota(self, region: Region, nbytes: int) -> None:
-        if self.max_bytes is not None:
-            # Pool memory never stands in a real request's way.
-            with self._lock:
-                short = self._plugged_total + nbytes - self.max_bytes
-            if short > 0:
-                self._pool.shed(short)
         with self._lock:
+            if self.max_bytes is not None:
+                # Pool memory never stands in a real request's way. Shed and
+                # reserve under one hold of the lock, or the refill thread
+                # would take the room back in between.
+                short = self._plugged_total + nbytes - self.max_bytes
+                if short > 0:
+                    self._pool.shed(short)
             if self.max_bytes is not None and self._plugged_total + nbytes > self.max_bytes:
                 left = max(0, self.max_bytes - self._plugged_total)
                 raise QuotaExceeded(

@@ -46,7 +46,10 @@ class PoolSpec:
                 "hugetlb, e.g. shmem:1G:2"
             )
         backing = BackingKind(parts[0])
-        size, count = parse_size(parts[1]), int(parts[2])
+        size = parse_size(parts[1])
+        if not parts[2].isdigit():
+            raise InvalidArgument(f"warm-pool {text!r}: COUNT must be a whole number")
+        count = int(parts[2])
         if backing is BackingKind.HUGETLB:
             page = parse_size(parts[3]) if len(parts) == 4 else probe.default_huge_page_size() or 0
         else:
