@@ -46,6 +46,7 @@ from hardening_kit import (
 )
 
 from memplug.client import Client, MemplugError, Region
+from memplug.daemon.kernel import probe
 
 Factory = Callable[..., DaemonProcess]
 
@@ -380,6 +381,20 @@ def clean_up(d: DaemonProcess, allow: Path) -> None:
                 Path(r.path).unlink()
 
 
+def memfds_of(pid: int) -> list[str]:
+    """The region memfds a process still has open or mapped."""
+    held = []
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(entry)
+            if target.startswith("/memfd:memplug:"):
+                held.append(f"fd {entry.name}: {target}")
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if "/memfd:memplug:" in line:
+            held.append(f"mapping {line.split(maxsplit=5)[-1]}")
+    return held
+
+
 def settle_fds(pid: int, want: int) -> int:
     """Closed clients' connections go away asynchronously: wait (bounded) for it."""
     with contextlib.suppress(AssertionError):
@@ -425,9 +440,13 @@ def test_sixteen_clients_at_random(
     slack = max(RSS_SLACK, base_rss // 10)
     leak_check("daemon fds after load", max(0, fds - base_fds), "fds", FD_SLACK)
     leak_check("daemon RSS after load", max(0, rss - base_rss), tolerance=slack)
-    wait_until(lambda: huge_free() == POOL_PAGES, 10, "the hugetlb pool to be free again")
-    leak_check("hugetlb pages after load", POOL_PAGES - huge_free(), "pages")
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: huge_free() == POOL_PAGES, 10, "the hugetlb pool to be free again")
+    pool = probe.huge_pool(HUGE_2M)
+    leak_check("hugetlb pages after load", POOL_PAGES - pool.free, "pages")
     leak_check("allow-dir tmpfs after load", used_bytes(allow) - base_used)
+    held = memfds_of(pid)
+    leak_check("memfds still open or mapped in the daemon", len(held), "memfds")
 
     report = "\n".join(f"  {op:28} {outcome:22} {n}" for (op, outcome), n in
                        sorted(shared.outcomes.items()))  # fmt: skip
@@ -443,7 +462,11 @@ def test_sixteen_clients_at_random(
     assert rss <= base_rss + slack, (
         f"memplugd's RSS grew from {base_rss >> 20} MiB to {rss >> 20} MiB under load"
     )
-    assert huge_free() == POOL_PAGES
+    assert not held, f"memplugd still holds memfds of deleted regions: {held}"
+    assert pool.free == POOL_PAGES, (
+        f"{POOL_PAGES - pool.free} huge pages not back in the pool after every region was "
+        f"deleted (pool: {pool})"
+    )
     assert used_bytes(allow) == base_used
 
 
