@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import threading
 from abc import ABC, abstractmethod
 
 from memplug.daemon.errors import FailedPrecondition, Internal, MemplugError, ResourceExhausted
@@ -34,6 +35,9 @@ class Backing(ABC):
     kind: BackingKind
 
     def __init__(self, fd: int, size: int, page_size: int, path: str = "") -> None:
+        # Held by close() and by readers that may run beside a delete (info,
+        # status): an fd number must never be used after close, or reused.
+        self._fd_lock = threading.Lock()
         self.fd = fd
         self.size = size
         self.page_size = page_size
@@ -80,7 +84,9 @@ class Backing(ABC):
         return ops.data_extents(self.fd, offset, length)
 
     def allocated_bytes(self) -> int:
-        return ops.allocated_bytes(self.fd)
+        """Bytes allocated now; 0 once the backing is closed (its region deleted)."""
+        with self._fd_lock:
+            return ops.allocated_bytes(self.fd) if self.fd >= 0 else 0
 
     # ------------------------------------------------------------------ hand-off
 
@@ -124,6 +130,7 @@ class Backing(ABC):
         return self.kind.value
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._fd_lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1

@@ -20,7 +20,11 @@ from memplug.daemon.kernel import ops, probe
 
 
 def _locate(path: str, allow_dirs: list[Path]) -> tuple[Path, str]:
-    """(allowed dir, path relative to it) for path, with symlinks and '..' resolved."""
+    """(allowed dir, path relative to it) for path, with symlinks and '..' resolved.
+
+    This lexical check gives a clear message; the enforcement is the kernel's
+    (RESOLVE_BENEATH when opening, see _open_parent).
+    """
     if not allow_dirs:
         raise FailedPrecondition(
             "FILE regions are disabled: start memplugd with --allow-dir DIR to allow them"
@@ -30,7 +34,10 @@ def _locate(path: str, allow_dirs: list[Path]) -> tuple[Path, str]:
     if "\0" in path:
         raise InvalidArgument("path contains a NUL byte")
     candidate = Path(path) if os.path.isabs(path) else allow_dirs[0] / path
-    real = Path(os.path.realpath(candidate))
+    try:
+        real = Path(os.path.realpath(candidate, strict=False))
+    except OSError as exc:  # a component changed while it was being resolved
+        raise PermissionDenied(f"path {path!r} changed while it was resolved: {exc}") from None
     for base in allow_dirs:
         if real != base and real.is_relative_to(base):
             return base, str(real.relative_to(base))
@@ -40,27 +47,36 @@ def _locate(path: str, allow_dirs: list[Path]) -> tuple[Path, str]:
     )
 
 
-def _open_beneath(base: Path, rel: str, flags: int) -> int:
-    dirfd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+def _open_parent(base: Path, rel: str) -> int:
+    """An O_PATH fd of rel's directory, which the kernel guarantees is beneath base.
+
+    Everything after this is relative to that fd and to one name without
+    symlinks (O_NOFOLLOW), so no swap of a path component, before or after,
+    can make the daemon open, create or unlink anything outside base.
+    """
+    parent = os.path.dirname(rel) or "."
+    base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
-            return ops.open_beneath(dirfd, rel, flags)
+            return ops.open_beneath(base_fd, parent, os.O_PATH | os.O_DIRECTORY)
         except OSError as exc:
             if exc.errno != errno.ENOSYS:
                 raise
-            # Pre-5.6 kernel: the realpath check above plus O_NOFOLLOW on the
-            # last component; a swap of an inner directory is not caught.
-            return os.open(rel, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+            # Pre-5.6 kernel: only the realpath check guards inner components.
+            return os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=base_fd)
     finally:
-        os.close(dirfd)
+        os.close(base_fd)
 
 
 class FileBacking(Backing):
     kind = BackingKind.FILE
 
-    def __init__(self, fd: int, size: int, page_size: int, path: str, created: bool) -> None:
+    def __init__(
+        self, fd: int, size: int, page_size: int, path: str, created: bool, parent_fd: int
+    ) -> None:
         super().__init__(fd, size, page_size, path)
         self.created = created
+        self._parent_fd = parent_fd  # the file's directory, for a safe unlink
         st = os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
 
@@ -74,26 +90,35 @@ class FileBacking(Backing):
         adopted file keeps its owner and mode.
         """
         base, rel = _locate(path, allow_dirs)
-        full = str(base / rel)
-        flags = os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY
+        full, leaf = str(base / rel), os.path.basename(rel)
+        flags = os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            parent_fd = _open_parent(base, rel)
+        except OSError as exc:
+            raise _open_error(path, full, exc) from exc
         created = False
         try:
             try:
-                fd = _open_beneath(base, rel, flags)
+                fd = os.open(leaf, flags, dir_fd=parent_fd)
             except FileNotFoundError:
                 if not create:
                     raise FailedPrecondition(f"{full} no longer exists") from None
-                fd = _open_beneath(base, rel, flags | os.O_CREAT | os.O_EXCL)
+                if size == 0:  # refuse before creating anything
+                    raise InvalidArgument(f"size must be > 0 to create {full}") from None
+                fd = os.open(leaf, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=parent_fd)
                 created = True
         except OSError as exc:
+            os.close(parent_fd)
             raise _open_error(path, full, exc) from exc
+        except BaseException:
+            os.close(parent_fd)
+            raise
+        backing = None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise InvalidArgument(f"{full} is not a regular file")
             if created:
-                if size == 0:
-                    raise InvalidArgument(f"size must be > 0 to create {full}")
                 os.ftruncate(fd, size)
                 restrict_inode(fd, owner_uid)
             elif size == 0:
@@ -104,17 +129,36 @@ class FileBacking(Backing):
                 raise FailedPrecondition(
                     f"{full} exists with size {st.st_size}; ask for that size, or 0 to adopt it"
                 )
-            return cls(fd, size, probe.BASE_PAGE_SIZE, full, created)
+            backing = cls(fd, size, probe.BASE_PAGE_SIZE, full, created, parent_fd)
+            return backing
         except BaseException:
-            os.close(fd)
-            if created:
-                os.unlink(full)
+            if backing is None:
+                backing = cls(fd, 0, probe.BASE_PAGE_SIZE, full, created, parent_fd)
+            backing.discard_file()
+            backing.close()
             raise
 
     def discard_file(self) -> None:
-        """Undo a creation that never became a region."""
-        if self.created:
-            os.unlink(self.path)
+        """Undo a creation that never became a region (call before close()).
+
+        Unlinks by name in the file's own directory fd, and only while that
+        name is still this very file: a name swapped in meanwhile is left alone.
+        """
+        if not self.created or self.fd < 0 or self._parent_fd < 0:
+            return
+        leaf = os.path.basename(self.path)
+        try:
+            st = os.stat(leaf, dir_fd=self._parent_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == self.identity:
+                os.unlink(leaf, dir_fd=self._parent_fd)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        super().close()
+        if self._parent_fd >= 0:
+            os.close(self._parent_fd)
+            self._parent_fd = -1
 
     def exhausted(self, missing: int) -> NoSpace:
         try:

@@ -327,9 +327,9 @@ class RegionEngine:
             except BaseException:
                 release_region(region)
                 self._release_quota(region.prebacked.total)
-                backing.close()
                 if isinstance(backing, FileBacking):
                     backing.discard_file()
+                backing.close()
                 raise
         finally:
             with self._lock:
@@ -385,8 +385,8 @@ class RegionEngine:
             try:
                 self._check_size(file_backing.size, block_size)
             except BaseException:
-                file_backing.close()
                 file_backing.discard_file()
+                file_backing.close()
                 raise
             return file_backing, block_size, options
         self._check_size(spec.size, block_size)

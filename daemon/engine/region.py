@@ -217,7 +217,7 @@ class Region:
             labels=dict(self.labels),
             plugged=plugged,
             plugged_bytes=sum(p.length for p in plugged),
-            allocated_bytes=self.backing.allocated_bytes() if self.backing.fd >= 0 else 0,
+            allocated_bytes=self.backing.allocated_bytes(),
             created_at=self.created_at,
             acl=self.acl,
             options=self.options,
