@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -82,6 +83,10 @@ class RawPaths:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def elsewhere(self, fn: Callable[[], object]) -> None:
+        """fn() on one of the pool's threads, not this one."""
+        self._pool.submit(fn).result()
 
     def fallocate(self, mem: RawMemory) -> float:
         """fallocate(fd, KEEP_SIZE, 0, size) on one thread, as the daemon's shmem plug."""
