@@ -238,7 +238,7 @@ def plug_case(b: Bench, kind: Kind, size: int) -> PlugCase:
 def speed_target(name: str, memplug: float, other: float, other_is: str, need: float) -> Target:
     """memplug's speed ÷ the other's must reach `need`."""
     ratio = speedup(other, memplug)
-    measured = f"{fmt_ratio(ratio)} ({fmt_time(memplug)} vs {fmt_time(other)}{other_is})"
+    measured = f"{fmt_ratio(ratio, 3)} ({fmt_time(memplug)} vs {fmt_time(other)}{other_is})"
     return Target(name, measured, ratio >= need)
 
 
@@ -403,7 +403,7 @@ def consumer_section(b: Bench) -> Section:
         s.targets.append(
             Target(
                 f"{kind} {fmt_size(size)}: consumer ready ≥ 2x faster than QEMU prealloc=on",
-                f"{fmt_ratio(ratio)} ({fmt_time(m)} vs {fmt_time(cost)} on {threads(best)})",
+                f"{fmt_ratio(ratio, 3)} ({fmt_time(m)} vs {fmt_time(cost)} on {threads(best)})",
                 ratio >= 2.0,
             )
         )
@@ -612,7 +612,7 @@ def small_section(b: Bench) -> Section:
             s.targets.append(
                 Target(
                     f"{op.label.split(' (')[0]} p50 within 1.3x of its floor",
-                    ", ".join(f"{fmt_ratio(r)} ({clients_label(n)})" for n, r in got),
+                    ", ".join(f"{fmt_ratio(r, 3)} ({clients_label(n)})" for n, r in got),
                     all(r <= 1.3 for _, r in got),
                 )
             )
