@@ -36,6 +36,17 @@ class AttachInfo:
 
 def redeem(fd_socket: str, ticket: str, *, timeout: float = 10.0) -> tuple[int, AttachInfo]:
     """Trade a ticket for the region's fd on the daemon's fd socket."""
+    return _exchange(fd_socket, f"{PROTOCOL} ATTACH {ticket}\n", timeout)
+
+
+def open_region(
+    fd_socket: str, name: str, access: str, *, timeout: float = 10.0
+) -> tuple[int, AttachInfo]:
+    """Ask the fd socket for the region's fd directly; the region's ACL decides."""
+    return _exchange(fd_socket, f"{PROTOCOL} OPEN {name} {access}\n", timeout)
+
+
+def _exchange(fd_socket: str, request: str, timeout: float) -> tuple[int, AttachInfo]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
@@ -43,7 +54,7 @@ def redeem(fd_socket: str, ticket: str, *, timeout: float = 10.0) -> tuple[int, 
             sock.connect(fd_socket)
         except OSError as exc:
             raise Unavailable(f"cannot reach the fd socket {fd_socket}: {exc.strerror}") from exc
-        sock.sendall(f"{PROTOCOL} ATTACH {ticket}\n".encode())
+        sock.sendall(request.encode())
         msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REPLY, 1, socket.MSG_CMSG_CLOEXEC)
     finally:
         sock.close()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import Final, TypeVar
 
 from memplug.client.types import (
     HugePool,
@@ -36,7 +37,10 @@ NUMA_POLICIES: Final = {
 }
 
 
-def pick(table: dict[str, int], value: str, what: str) -> int:
+T = TypeVar("T")
+
+
+def pick(table: Mapping[str, T], value: str, what: str) -> T:
     try:
         return table[value]
     except KeyError:

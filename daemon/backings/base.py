@@ -13,12 +13,16 @@ import errno
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+from memplug.daemon.engine.ranges import Range
 from memplug.daemon.errors import FailedPrecondition, Internal, MemplugError, ResourceExhausted
 from memplug.daemon.kernel import ops, toucher
 from memplug.daemon.kernel.helper import OOM_KILLED
 
 HUGE_ALIGN = 2 << 20
+MAX_SPAN = 1 << 40  # the most one populate mapping covers
 POLICY_CHUNK = 1 << 40  # mbind through mappings of at most 1 TiB
 
 # errnos that mean "no memory to back this" during allocation or population
@@ -52,14 +56,37 @@ class Backing(ABC):
     huge = False  # map 2 MiB-aligned with MADV_HUGEPAGE (shmem THP)
     mpol: tuple[int, list[int]] | None = None  # (MPOL_* mode, nodes) for mappings
 
+    @contextmanager
+    def populating(self, span: Range, *, write: bool) -> Iterator[Callable[[int, int], None]]:
+        """A populate function for chunks of span, over one mapping made once.
+
+        Mapping and unmapping per chunk would serialize the workers (mmap and
+        munmap wait for a running MADV_POPULATE on the same mm): the hugetlb
+        plug ran at 0.66x the raw speed that way. One mapping, advised and
+        mbind()ed once, lets disjoint chunks populate in parallel.
+        """
+        if span.length > MAX_SPAN:  # beyond any address space: one mapping per chunk
+            yield lambda offset, length: self.populate(offset, length, write=write)
+            return
+        with self._mapped(span.offset, span.length) as mapping:
+            base = mapping.address - span.offset
+            yield lambda offset, length: ops.populate(base + offset, length, write=write)
+
     def populate(self, offset: int, length: int, *, write: bool) -> None:
-        align = HUGE_ALIGN if self.huge else 0
-        with ops.map_shared(self.fd, offset, length, align=align) as mapping:
+        with self._mapped(offset, length) as mapping:
+            ops.populate(mapping.address, length, write=write)
+
+    def _mapped(self, offset: int, length: int) -> ops.Mapping:
+        mapping = ops.map_shared(self.fd, offset, length, align=HUGE_ALIGN if self.huge else 0)
+        try:
             if self.huge:
                 ops.madvise(mapping.address, length, ops.MADV_HUGEPAGE)
             if self.mpol is not None:
                 ops.mbind(mapping.address, length, *self.mpol)
-            ops.populate(mapping.address, length, write=write)
+        except BaseException:
+            mapping.close()
+            raise
+        return mapping
 
     def apply_policy(self) -> None:
         """Give the file's pages the NUMA policy (shmem keeps it per inode)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import logging
 import os
 import threading
@@ -527,18 +526,22 @@ class RegionEngine:
         from another process.
         """
         ticket = self._tickets.redeem(value)
+        return self.open_fd(ticket.region, ticket.access, peer)
+
+    def open_fd(self, name: str, access: Access, peer: Peer) -> Handoff:
+        """A fresh fd of the region for a peer that passes its ACL (no ticket needed)."""
         # Counted as an operation, so the region cannot be deleted (and its fd
         # closed) between the lookup and the reopen.
-        with self._operation(ticket.region, CancelToken()) as region:
-            if not region.acl.allows(peer.uid, peer.gids, ticket.access):
+        with self._operation(name, CancelToken()) as region:
+            if not region.acl.allows(peer.uid, peer.gids, access):
                 raise PermissionDenied(
                     f"uid {peer.uid} may not attach region {region.name!r} "
-                    f"{'read-only' if ticket.access is Access.READ_ONLY else 'read-write'}: "
+                    f"{'read-only' if access is Access.READ_ONLY else 'read-write'}: "
                     "it is not in the region's ACL",
                     region=region.name,
                 )
             backing = region.backing
-            fd = backing.reopen(writable=ticket.access is Access.READ_WRITE)
+            fd = backing.reopen(writable=access is Access.READ_WRITE)
         return Handoff(
             fd=fd,
             region=region.name,
@@ -546,7 +549,7 @@ class RegionEngine:
             page_size=backing.page_size,
             block_size=region.block_size,
             backing=backing.kind.value,
-            access=ticket.access,
+            access=access,
             seals=backing.seals(),
         )
 
@@ -609,9 +612,10 @@ class RegionEngine:
                 # Under a memcg limit the kernel OOM-kills instead of failing: let a
                 # sacrificial helper allocate, so the victim is never the daemon.
                 helpers = HelperPool(backing.fd) if room is not None else None
+                span = Range(gaps[0].offset, gaps[-1].end - gaps[0].offset)
                 try:
-                    work = placed(region, self._plug_work(backing, method, helpers))
-                    self._runner.run(plan, work, token, progress)
+                    with self._plug_work(backing, method, helpers, span) as work:
+                        self._runner.run(plan, placed(region, work), token, progress)
                     if region.lock_map is not None:
                         lock_ranges(region, gaps)
                 except BaseException as exc:
@@ -658,16 +662,20 @@ class RegionEngine:
         self._store.finish(intent, region.name, plugged)
 
     @staticmethod
+    @contextmanager
     def _plug_work(
-        backing: Backing, method: Method, helpers: HelperPool | None
-    ) -> Callable[[int, int], None]:
+        backing: Backing, method: Method, helpers: HelperPool | None, span: Range
+    ) -> Iterator[Callable[[int, int], None]]:
         if helpers is not None:
             if method is Method.FALLOCATE:
-                return lambda offset, length: helpers.get().allocate(offset, length)
-            return lambda offset, length: helpers.get().populate(offset, length, write=True)
-        if method is Method.FALLOCATE:
-            return backing.allocate
-        return functools.partial(backing.populate, write=True)
+                yield lambda offset, length: helpers.get().allocate(offset, length)
+            else:
+                yield lambda offset, length: helpers.get().populate(offset, length, write=True)
+        elif method is Method.FALLOCATE:
+            yield backing.allocate
+        else:
+            with backing.populating(span, write=True) as work:
+                yield work
 
     @staticmethod
     def _memcg_room(region: Region, r: Range, new: int) -> memcg.Headroom | None:
@@ -745,15 +753,13 @@ class RegionEngine:
                     method, [r], max_threads=threads or self.threads, align=region.block_size
                 )
                 backing = region.backing
-                work: Callable[[int, int], None] = placed(
-                    region,
-                    backing.touch
-                    if method is Method.TOUCH_READ
-                    else functools.partial(backing.populate, write=write),
-                )
                 started = time.monotonic()
                 try:
-                    self._runner.run(plan, work, token, progress)
+                    if method is Method.TOUCH_READ:
+                        self._runner.run(plan, placed(region, backing.touch), token, progress)
+                    else:
+                        with backing.populating(r, write=write) as work:
+                            self._runner.run(plan, placed(region, work), token, progress)
                 except BaseException as exc:
                     raise self._populate_failure(region, r, exc) from exc
                 seconds = time.monotonic() - started

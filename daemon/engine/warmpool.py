@@ -176,8 +176,12 @@ class WarmPool:
             plan = make_plan(
                 method, [Range(0, spec.size)], max_threads=self._threads, align=2 << 20
             )
-            work = backing.allocate if method.value == "fallocate" else _populate(backing)
-            self._runner.run(plan, work, self._token)
+            whole = Range(0, spec.size)
+            if method.value == "fallocate":
+                self._runner.run(plan, backing.allocate, self._token)
+            else:
+                with backing.populating(whole, write=True) as work:
+                    self._runner.run(plan, work, self._token)
         except (OSError, MemplugError) as exc:
             self._release(spec.size)
             if backing is not None:
@@ -189,7 +193,3 @@ class WarmPool:
             self._ready[spec].append(backing)
         log.info("warm pool %s: %d ready", spec.describe(), self.ready(spec))
         return True
-
-
-def _populate(backing: Backing) -> Callable[[int, int], None]:
-    return lambda offset, length: backing.populate(offset, length, write=True)

@@ -9,6 +9,7 @@ sacrificial helper do the allocating when a limit exists (see helper.py).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -64,9 +65,29 @@ def _chain(base: Path, path: str) -> list[Path]:
     return [base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
 
 
+UNLIMITED_TTL: Final = 5.0  # seconds a "no limit on this chain" answer is trusted
+_unlimited: dict[tuple[str | None, str | None], float] = {}
+
+
 def headroom(pid: int | None = None) -> Headroom | None:
-    """The smallest headroom along the process's memory cgroups; None if unlimited."""
+    """The smallest headroom along the process's memory cgroups; None if unlimited.
+
+    The process's cgroups are read every time (it may be moved); that a chain
+    has no limit at all is remembered for a few seconds, which spares a small
+    plug a dozen file reads in the common case.
+    """
     v2, v1 = _own_cgroups(pid or os.getpid())
+    key = (v2, v1)
+    now = time.monotonic()
+    if _unlimited.get(key, 0.0) > now:
+        return None
+    found = _headroom(v2, v1)
+    if found is None:
+        _unlimited[key] = now + UNLIMITED_TTL
+    return found
+
+
+def _headroom(v2: str | None, v1: str | None) -> Headroom | None:
     candidates: list[Headroom] = []
     if v1 is not None:
         for d in _chain(CGROUP_ROOT / "memory", v1):

@@ -2,7 +2,8 @@
 
 Wire protocol (proto/memplug/v1/fd-protocol.md): the client sends one line,
 
-    MEMPLUG/1 ATTACH <ticket>\\n
+    MEMPLUG/1 ATTACH <ticket>\\n         (a ticket from the Attach RPC), or
+    MEMPLUG/1 OPEN <region> <rw|ro>\\n   (no ticket: the ACL alone decides)
 
 and receives one message, then the daemon closes the connection:
 
@@ -32,6 +33,7 @@ from typing import Final
 
 from memplug.daemon import metrics
 from memplug.daemon.engine.engine import RegionEngine
+from memplug.daemon.engine.region import Access
 from memplug.daemon.engine.tickets import Handoff
 from memplug.daemon.errors import InvalidArgument, MemplugError
 from memplug.daemon.transport.peercred import peer_of
@@ -44,7 +46,9 @@ PROTOCOL: Final = "MEMPLUG/1"
 MAX_REQUEST: Final = 512
 READ_TIMEOUT: Final = 5.0
 MAX_CONNECTIONS: Final = 4096
-_REQUEST_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} ATTACH ([A-Za-z0-9_-]{{16,128}})")
+_ATTACH_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} ATTACH ([A-Za-z0-9_-]{{16,128}})")
+_OPEN_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} OPEN ([a-z0-9][a-z0-9._-]{{0,62}}) (rw|ro)")
+_ACCESS: Final = {"rw": Access.READ_WRITE, "ro": Access.READ_ONLY}
 
 
 @dataclass
@@ -200,15 +204,25 @@ class FdServer:
 
     def _serve(self, conn: _Conn, line: bytes) -> None:
         peer = peer_of(conn.sock)
-        match = _REQUEST_RE.fullmatch(line.decode("ascii", errors="replace").rstrip("\r"))
-        if match is None:
+        text = line.decode("ascii", errors="replace").rstrip("\r")
+        attach, open_ = _ATTACH_RE.fullmatch(text), _OPEN_RE.fullmatch(text)
+        if attach is None and open_ is None:
             self.refused += 1
             metrics.ATTACHES.labels("malformed").inc()
             log.warning("fd socket: malformed request from pid=%d uid=%d", peer.pid, peer.uid)
-            self._reply_error(conn, InvalidArgument(f"expected '{PROTOCOL} ATTACH <ticket>'"))
+            self._reply_error(
+                conn,
+                InvalidArgument(
+                    f"expected '{PROTOCOL} ATTACH <ticket>' or '{PROTOCOL} OPEN <region> <rw|ro>'"
+                ),
+            )
             return
         try:
-            handoff = self._engine.redeem(match.group(1), peer)
+            if attach is not None:
+                handoff = self._engine.redeem(attach.group(1), peer)
+            else:
+                assert open_ is not None
+                handoff = self._engine.open_fd(open_.group(1), _ACCESS[open_.group(2)], peer)
         except MemplugError as exc:
             self.refused += 1
             metrics.ATTACHES.labels("refused").inc()
