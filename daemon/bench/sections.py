@@ -38,6 +38,7 @@ from memplug.daemon.bench.report import (
     fmt_time,
 )
 from memplug.daemon.bench.stats import Result, median, repeat
+from memplug.daemon.bench.thp_pool import thp_section, warm_pool_section
 from memplug.daemon.kernel import ops, probe
 
 SectionFn = Callable[[Bench], Section]
@@ -758,22 +759,6 @@ def fmt_mib(nbytes: int) -> str:
     return f"{nbytes / MiB:.1f} MiB"
 
 
-# =========================================================================== 5. shmem THP (hook)
-
-
-def thp_section(bench: Bench | None = None) -> str:
-    """HOOK for the shmem THP section (another engineer adds it): returns markdown, "" for none.
-
-    When written, it may either return finished markdown here or build a
-    Section of Tables/Results/Targets like the functions above (see SECTIONS).
-    """
-    return ""
-
-
-def thp_as_section(b: Bench) -> Section:
-    return Section("thp", "Shmem transparent huge pages", markdown_extra=thp_section(b))
-
-
 # =========================================================================== registry
 
 SECTIONS: dict[str, SectionFn] = {
@@ -781,5 +766,6 @@ SECTIONS: dict[str, SectionFn] = {
     "consumer": consumer_section,
     "small": small_section,
     "rss": rss_section,
-    "thp": thp_as_section,
+    "thp": thp_section,
+    "warmpool": warm_pool_section,
 }
