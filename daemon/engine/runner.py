@@ -45,6 +45,12 @@ class Runner:
         every worker has returned before this raises, so the caller can roll
         back without racing its own workers.
         """
+        if len(plan.slices) == 1:
+            # One slice (every fallocate plug, any small plug): run it right here,
+            # on the operation's own thread; the pool hop would only add latency
+            # and make small plugs queue behind each other.
+            self._run_inline(plan, work, token, progress)
+            return
         stop = threading.Event()
         done = 0
         total = plan.total
@@ -86,4 +92,18 @@ class Runner:
         errors.sort(key=lambda e: isinstance(e, Cancelled | DeadlineExceeded))
         if errors:
             raise errors[0]  # type: ignore[misc]
+        token.check()
+
+    @staticmethod
+    def _run_inline(
+        plan: Plan, work: Work, token: CancelToken, progress: ProgressCallback | None
+    ) -> None:
+        done, total = 0, plan.total
+        for piece in plan.slices[0]:
+            for offset, length in iter_chunks(piece.offset, piece.length, plan.chunk):
+                token.check()
+                work(offset, length)
+                done += length
+                if progress is not None:
+                    progress(done, total)
         token.check()

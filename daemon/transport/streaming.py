@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 import grpc
@@ -16,6 +16,11 @@ from memplug.daemon.engine.runner import ProgressCallback
 T = TypeVar("T")
 
 MIN_INTERVAL = 0.05  # seconds between two progress messages, at most 20 a second
+
+# Threads that run long calls beside their RPC threads, reused across calls
+# (starting a thread per call cost a small plug more than its fallocate). As
+# many as the gRPC server has RPC threads, so one is always free for a call.
+_COORDINATORS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="memplug-op")
 
 
 def token_for(context: grpc.ServicerContext) -> CancelToken:
@@ -51,18 +56,19 @@ def stream_operation(
         except BaseException as exc:
             events.put(_Done(None, exc))
 
-    worker = threading.Thread(target=body, name="memplug-op", daemon=True)
-    worker.start()
+    finished = _COORDINATORS.submit(body)
     last = 0.0
     while True:
         event = events.get()
         if isinstance(event, _Done):
-            worker.join()
+            finished.result()
             if event.error is not None:
                 raise event.error
             yield event.value  # type: ignore[misc]
             return
         now = time.monotonic()
-        if now - last >= MIN_INTERVAL and not token.cancelled:
+        done, total = event
+        # The final message carries done == total: no need to send it twice.
+        if now - last >= MIN_INTERVAL and done < total and not token.cancelled:
             last = now
             yield event
