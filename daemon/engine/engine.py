@@ -609,18 +609,12 @@ class RegionEngine:
                     self._finish(region, intent)
                     raise
                 started = time.monotonic()
-                # Under a memcg limit the kernel OOM-kills instead of failing: let a
-                # sacrificial helper allocate, so the victim is never the daemon.
-                helpers = HelperPool(backing.fd) if room is not None else None
                 span = Range(gaps[0].offset, gaps[-1].end - gaps[0].offset)
                 try:
-                    with self._plug_work(backing, method, helpers, span) as work:
+                    with self._plug_work(backing, method, room is not None, span) as work:
                         self._runner.run(plan, placed(region, work), token, progress)
-                    if region.lock_map is not None:
-                        lock_ranges(region, gaps)
+                    lock_ranges(region, gaps)
                 except BaseException as exc:
-                    if helpers is not None:
-                        helpers.close()
                     got = max(0, backing.allocated_bytes() - before)
                     unlock_ranges(region, gaps)
                     self._rollback(region, subtract(gaps, keep))
@@ -628,8 +622,6 @@ class RegionEngine:
                     self._finish(region, intent)
                     raise self._failure(region, "plug", r, exc, missing=fresh - got) from exc
                 seconds = time.monotonic() - started
-                if helpers is not None:
-                    helpers.close()
                 with region.mutex:
                     for g in gaps:
                         region.plugged.add(g)
@@ -664,13 +656,22 @@ class RegionEngine:
     @staticmethod
     @contextmanager
     def _plug_work(
-        backing: Backing, method: Method, helpers: HelperPool | None, span: Range
+        backing: Backing, method: Method, isolate: bool, span: Range
     ) -> Iterator[Callable[[int, int], None]]:
-        if helpers is not None:
-            if method is Method.FALLOCATE:
-                yield lambda offset, length: helpers.get().allocate(offset, length)
-            else:
-                yield lambda offset, length: helpers.get().populate(offset, length, write=True)
+        """The function that allocates one chunk, for the duration of one plug.
+
+        isolate: under a memcg limit the kernel OOM-kills instead of failing,
+        so sacrificial helper processes allocate and the victim is never the daemon.
+        """
+        if isolate:
+            helpers = HelperPool(backing.fd)
+            try:
+                if method is Method.FALLOCATE:
+                    yield lambda offset, length: helpers.get().allocate(offset, length)
+                else:
+                    yield lambda offset, length: helpers.get().populate(offset, length, write=True)
+            finally:
+                helpers.close()
         elif method is Method.FALLOCATE:
             yield backing.allocate
         else:
