@@ -129,8 +129,9 @@ def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> D
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"memplugd exited with {proc.returncode}:\n{log_path.read_text()}")
+        ready = grpc.channel_ready_future(channel)
         try:
-            grpc.channel_ready_future(channel).result(timeout=0.2)
+            ready.result(timeout=0.2)
             break
         except grpc.FutureTimeoutError:
             if time.monotonic() > deadline:
@@ -138,6 +139,10 @@ def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> D
                 raise RuntimeError(
                     f"memplugd did not serve in 20 s:\n{log_path.read_text()}"
                 ) from None
+        finally:
+            # Unsubscribe its connectivity poller, or it raises in a thread once
+            # the test closes the channel.
+            ready.cancel()
     return DaemonProcess(proc, sock, fd_sock, log_path, channel, pb_grpc.MemplugStub(channel), args)
 
 
