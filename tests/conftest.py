@@ -173,6 +173,17 @@ def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
 # --------------------------------------------------------------------------- machine state
 
 
+_POOLS_TO_RESTORE: dict[Path, int] = {}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Put back hugetlb pools a test could not shrink while their pages were in use."""
+    for path, original in _POOLS_TO_RESTORE.items():
+        path.write_text(str(original))
+        if int(path.read_text()) != original:
+            print(f"\nwarning: {path} could not be restored to {original}: pages still in use")
+
+
 def _pool_file(page_size: int) -> Path:
     return probe.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
 
@@ -191,6 +202,10 @@ def hugetlb_pool_of(pages: int, page_size: int = HUGE_2M) -> Iterator[Path]:
         yield path
     finally:
         path.write_text(str(original))
+        if int(path.read_text()) != original:
+            # Pages still in use (a daemon shared by a module holds them): the
+            # kernel cannot shrink the pool yet. Try again when the session ends.
+            _POOLS_TO_RESTORE.setdefault(path, original)
 
 
 @pytest.fixture
