@@ -236,26 +236,16 @@ class Client:
     # ------------------------------------------------------------------ hand-off
 
     def _direct_fd_socket(self) -> Path | None:
-        """The fd socket, when known without asking the daemon: given, or beside its socket."""
+        """The fd socket, when known without asking the daemon: given, or beside its socket.
+
+        A client reaching the daemon through a bind mount (a sidecar's socket
+        volume) finds it beside the gRPC socket; otherwise attach falls back to
+        a ticket, which names the fd socket as the daemon sees it.
+        """
         if self.fd_socket is not None:
             return self.fd_socket
         sibling = self.socket.parent / "fd.sock"
         return sibling if sibling.exists() else None
-
-    def _fd_socket_for(self, announced: str) -> Path:
-        """Where to reach the fd socket the daemon announced, from this process.
-
-        The daemon names the path as it sees it; a client that reaches the
-        daemon through a bind mount (a sidecar's socket volume) finds the fd
-        socket beside the gRPC socket instead.
-        """
-        if self.fd_socket is not None:
-            return self.fd_socket
-        path = Path(announced)
-        if path.exists():
-            return path
-        sibling = self.socket.parent / path.name
-        return sibling if sibling.exists() else path
 
     def ticket(self, name: str, access: str = "rw") -> Ticket:
         """A one-time ticket for another process to redeem on the fd socket."""
@@ -286,7 +276,7 @@ class Client:
             plugged = self.get_region(name).plugged if populate else []
         else:
             ticket = self.ticket(name, access)
-            fd, info = redeem(str(self._fd_socket_for(ticket.fd_socket)), ticket.ticket)
+            fd, info = redeem(ticket.fd_socket, ticket.ticket)
             plugged = ticket.region.plugged
         try:
             return Attachment(fd, info, plugged=plugged, populate=populate, map_memory=map_memory)

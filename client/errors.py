@@ -28,20 +28,11 @@ from memplug.daemon.errors import (
     Unavailable,
     all_error_classes,
 )
+from memplug.daemon.transport.status import ERROR_CLASS_KEY, STATUS
 
-ERROR_CLASS_KEY: Final = "memplug-error"
-
+# The daemon's one class -> code table, read backwards: a code names its base class.
 BY_CODE: Final[dict[grpc.StatusCode, type[MemplugError]]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.CANCELLED: Cancelled,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    code: cls for cls, code in STATUS.items()
 }
 BY_NAME: Final = {cls.__name__: cls for cls in all_error_classes()}
 

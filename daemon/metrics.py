@@ -87,11 +87,7 @@ class EngineCollector(Collector):
             "The kernel's hugetlb pools, by page size and state (total, free, reserved, surplus)",
             labels=["page_size", "state"],
         )
-        for size in probe.huge_page_sizes():
-            try:
-                pool = probe.huge_pool(size)
-            except OSError:
-                continue
+        for pool in probe.huge_pools():
             for state in ("total", "free", "reserved", "surplus"):
-                pages.add_metric([str(size), state], getattr(pool, state))
+                pages.add_metric([str(pool.page_size), state], getattr(pool, state))
         yield pages

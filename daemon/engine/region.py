@@ -200,10 +200,6 @@ class Region:
     def label_match(self, selector: Mapping[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in selector.items())
 
-    def plugged_in(self, r: Range) -> int:
-        with self.mutex:
-            return sum(p.length for p in self.plugged.intersection(r))
-
     def info(self) -> RegionInfo:
         with self.mutex:
             plugged = tuple(self.plugged)

@@ -33,11 +33,6 @@ class HugePool:
     surplus: int
     overcommit: int
 
-    @property
-    def available(self) -> int:
-        """Pages a new allocation can still get (free minus promised, plus overcommit room)."""
-        return max(0, self.free - self.reserved) + max(0, self.overcommit - self.surplus)
-
 
 def huge_page_sizes() -> list[int]:
     """Huge page sizes the kernel offers pools for, ascending."""
@@ -75,6 +70,17 @@ def huge_pool(page_size: int) -> HugePool:
         surplus=read("surplus_hugepages"),
         overcommit=read("nr_overcommit_hugepages"),
     )
+
+
+def huge_pools() -> list[HugePool]:
+    """Every pool the kernel offers that can be read now, by ascending page size."""
+    pools = []
+    for size in huge_page_sizes():
+        try:
+            pools.append(huge_pool(size))
+        except OSError:
+            continue
+    return pools
 
 
 @functools.cache

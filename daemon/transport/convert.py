@@ -160,21 +160,17 @@ def outcome_to_proto(outcome: RangeOutcome) -> pb.RangeResult:
 def status_to_proto(
     status: EngineStatus, *, version: str, uptime: float, socket: str, fd_socket: str
 ) -> pb.DaemonStatus:
-    pools = []
-    for size in probe.huge_page_sizes():
-        try:
-            pool = probe.huge_pool(size)
-        except OSError:
-            continue
-        pools.append(
-            pb.HugePagePool(
-                page_size=size,
-                total=pool.total,
-                free=pool.free,
-                reserved=pool.reserved,
-                surplus=pool.surplus,
-            )
+    pools = [
+        pb.HugePagePool(
+            page_size=p.page_size,
+            total=p.total,
+            free=p.free,
+            reserved=p.reserved,
+            surplus=p.surplus,
         )
+        for p in probe.huge_pools()
+    ]
+    thp_allowed = probe.shmem_thp_allowed()
     return pb.DaemonStatus(
         version=version,
         uptime_seconds=uptime,
@@ -188,8 +184,8 @@ def status_to_proto(
         socket=socket,
         fd_socket=fd_socket,
         shmem_thp=probe.shmem_thp_mode(),
-        shmem_thp_allowed=probe.shmem_thp_allowed(),
-        shmem_thp_hint="" if probe.shmem_thp_allowed() else probe.SHMEM_THP_HINT,
+        shmem_thp_allowed=thp_allowed,
+        shmem_thp_hint="" if thp_allowed else probe.SHMEM_THP_HINT,
         numa_nodes=probe.numa_nodes(),
         warm_pools=[
             pb.WarmPool(

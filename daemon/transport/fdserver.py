@@ -48,7 +48,6 @@ READ_TIMEOUT: Final = 5.0
 MAX_CONNECTIONS: Final = 4096
 _ATTACH_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} ATTACH ([A-Za-z0-9_-]{{16,128}})")
 _OPEN_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} OPEN ([a-z0-9][a-z0-9._-]{{0,62}}) (rw|ro)")
-_ACCESS: Final = {"rw": Access.READ_WRITE, "ro": Access.READ_ONLY}
 
 
 @dataclass
@@ -92,8 +91,6 @@ class FdServer:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
         self._listener: socket.socket | None = None
-        self.served = 0
-        self.refused = 0
 
     # ------------------------------------------------------------------ lifetime
 
@@ -135,10 +132,6 @@ class FdServer:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._sel.close()
-
-    @property
-    def connections(self) -> int:
-        return len(self._conns)
 
     # ------------------------------------------------------------------ the loop
 
@@ -207,7 +200,6 @@ class FdServer:
         text = line.decode("ascii", errors="replace").rstrip("\r")
         attach, open_ = _ATTACH_RE.fullmatch(text), _OPEN_RE.fullmatch(text)
         if attach is None and open_ is None:
-            self.refused += 1
             metrics.ATTACHES.labels("malformed").inc()
             log.warning("fd socket: malformed request from pid=%d uid=%d", peer.pid, peer.uid)
             self._reply_error(
@@ -222,9 +214,8 @@ class FdServer:
                 handoff = self._engine.redeem(attach.group(1), peer)
             else:
                 assert open_ is not None
-                handoff = self._engine.open_fd(open_.group(1), _ACCESS[open_.group(2)], peer)
+                handoff = self._engine.open_fd(open_.group(1), Access(open_.group(2)), peer)
         except MemplugError as exc:
-            self.refused += 1
             metrics.ATTACHES.labels("refused").inc()
             log.warning(
                 "fd socket: refused pid=%d uid=%d gids=%s: %s",
@@ -234,7 +225,6 @@ class FdServer:
             return
         try:
             socket.send_fds(conn.sock, [ok_line(handoff)], [handoff.fd])
-            self.served += 1
             metrics.ATTACHES.labels("ok").inc()
             log.info(
                 "fd socket: attached region=%s access=%s pid=%d uid=%d",
