@@ -83,6 +83,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         yield from self._stream(
             "plug",
             context,
+            request.length,
             lambda token, progress: self._engine.plug(
                 request.name,
                 request.offset,
@@ -102,6 +103,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         yield from self._stream(
             "populate",
             context,
+            request.length,
             lambda token, progress: self._engine.populate(
                 request.name,
                 request.offset,
@@ -117,11 +119,13 @@ class MemplugServicer(pb_grpc.MemplugServicer):
     def _stream(
         op: str,
         context: grpc.ServicerContext,
+        length: int,
         call: Callable[[CancelToken, ProgressCallback], OpResult],
     ) -> Iterator[pb.Progress]:
         """Run a long engine call beside this RPC thread, streaming its progress."""
         token = token_for(context)
-        yield from _progress_stream(op, stream_operation(lambda p: call(token, p), token))
+        events = stream_operation(lambda p: call(token, p), token, length=length)
+        yield from _progress_stream(op, events)
 
     @translate("Attach")
     def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> pb.AttachTicket:
