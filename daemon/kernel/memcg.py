@@ -9,6 +9,7 @@ sacrificial helper do the allocating when a limit exists (see helper.py).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,35 @@ def _read_int(path: Path) -> int | None:
     return None if value >= UNLIMITED else value
 
 
+# /proc/PID/cgroup stays open: a pread from offset 0 regenerates it (a move to
+# another cgroup shows at once) in one syscall, where open/read/close took five
+# and each let another thread take the GIL in the middle of a small plug.
+_cgroup_files: dict[int, int] = {}
+_cgroup_files_lock = threading.Lock()
+
+
+def _read_cgroup_file(pid: int) -> str:
+    with _cgroup_files_lock:
+        fd = _cgroup_files.get(pid)
+        if fd is None:
+            fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+            _cgroup_files[pid] = fd
+    try:
+        return os.pread(fd, 65536, 0).decode()
+    except OSError:
+        # The process is gone (ESRCH): forget its fd so a reused pid is read afresh.
+        with _cgroup_files_lock:
+            if _cgroup_files.get(pid) == fd:
+                del _cgroup_files[pid]
+                os.close(fd)
+        raise
+
+
 def _own_cgroups(pid: int) -> tuple[str | None, str | None]:
     """(v2 path, v1 memory path) of the process."""
     v2 = v1 = None
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        lines = _read_cgroup_file(pid).splitlines()
     except OSError:
         return None, None
     for line in lines:

@@ -428,7 +428,7 @@ def _memory_hierarchy() -> tuple[Path, int] | None:
     return None
 
 
-def _own_memory_cgroup(root: Path, version: int) -> Path:
+def own_memory_cgroup(root: Path, version: int) -> Path:
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         hierarchy, controllers, path = line.split(":", 2)
         if (version == 2 and hierarchy == "0") or (
@@ -461,7 +461,7 @@ def memory_cgroup(limit: int) -> Iterator[MemoryCgroup]:
                 (path / "memory.memsw.limit_in_bytes").write_text(str(limit))
         yield cg
     finally:
-        home = _own_memory_cgroup(root, version)
+        home = own_memory_cgroup(root, version)
         deadline = time.monotonic() + 10
         while True:
             try:
