@@ -157,8 +157,9 @@ class SqliteStore:
             self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
 
     def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        # One statement, so its own transaction (autocommit): no BEGIN and
+        # COMMIT round trips, each of which let other threads take the GIL.
+        with self._lock:
             cur = self._db.execute(
                 "INSERT INTO intents (region, op, offset, length, keep, started) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
