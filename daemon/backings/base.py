@@ -49,8 +49,8 @@ class Backing(ABC):
 
     # ------------------------------------------------------------------ work on ranges
 
-    def allocate(self, offset: int, length: int, *, keep_gil: bool = False) -> None:
-        ops.fallocate(self.fd, offset, length, keep_gil=keep_gil)
+    def allocate(self, offset: int, length: int) -> None:
+        ops.fallocate(self.fd, offset, length)
 
     # Set by the engine from the region's options before any work.
     huge = False  # map 2 MiB-aligned with MADV_HUGEPAGE (shmem THP)
@@ -103,8 +103,8 @@ class Backing(ABC):
     def touch(self, offset: int, length: int) -> None:
         toucher.touch_in_helper(self.fd, offset, length, self.page_size)
 
-    def release(self, offset: int, length: int, *, keep_gil: bool = False) -> None:
-        ops.punch_hole(self.fd, offset, length, keep_gil=keep_gil)
+    def release(self, offset: int, length: int) -> None:
+        ops.punch_hole(self.fd, offset, length)
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Extents that held data before a plug; its rollback leaves them alone."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import logging
 import os
 import threading
@@ -91,9 +90,6 @@ from memplug.daemon.state.store import MemoryStore, RegionRecord, StateStore
 log = logging.getLogger("memplug.engine")
 
 DEFAULT_BLOCK_SIZE = 2 * MiB
-# Up to this much, a fallocate or punch made while no other operation runs
-# keeps the GIL: ~0.4 ms of kernel work on 4 KiB pages.
-KEEP_GIL_BYTES = 2 * MiB
 MAX_REGION_SIZE = 1 << 56  # 64 PiB: far beyond any machine, well inside off_t
 
 
@@ -272,11 +268,6 @@ class RegionEngine:
                 region.active -= 1
                 self._running.discard(token)
                 self._lock.notify_all()
-
-    def _alone(self) -> bool:
-        """Whether the calling operation is the only one running in the daemon."""
-        with self._lock:
-            return len(self._running) <= 1
 
     def _reserve_quota(self, region: Region, nbytes: int) -> None:
         with self._lock:
@@ -619,10 +610,8 @@ class RegionEngine:
                     raise
                 started = time.monotonic()
                 span = Range(gaps[0].offset, gaps[-1].end - gaps[0].offset)
-                # Alone in the daemon, a one-block fallocate keeps the GIL (see ops.fallocate).
-                keep_gil = method is Method.FALLOCATE and fresh <= KEEP_GIL_BYTES and self._alone()
                 try:
-                    with self._plug_work(backing, method, room is not None, span, keep_gil) as work:
+                    with self._plug_work(backing, method, room is not None, span) as work:
                         self._runner.run(plan, placed(region, work), token, progress)
                     lock_ranges(region, gaps)
                 except BaseException as exc:
@@ -667,7 +656,7 @@ class RegionEngine:
     @staticmethod
     @contextmanager
     def _plug_work(
-        backing: Backing, method: Method, isolate: bool, span: Range, keep_gil: bool = False
+        backing: Backing, method: Method, isolate: bool, span: Range
     ) -> Iterator[Callable[[int, int], None]]:
         """The function that allocates one chunk, for the duration of one plug.
 
@@ -684,7 +673,7 @@ class RegionEngine:
             finally:
                 helpers.close()
         elif method is Method.FALLOCATE:
-            yield functools.partial(backing.allocate, keep_gil=keep_gil)
+            yield backing.allocate
         else:
             with backing.populating(span, write=True) as work:
                 yield work
@@ -819,14 +808,13 @@ class RegionEngine:
             with region.locks.hold(r, token):
                 started = time.monotonic()
                 released = 0
-                keep_gil = r.length <= KEEP_GIL_BYTES and self._alone()
                 intent = self._begin(region, "unplug", r)
                 try:
                     for start, n in iter_chunks(r.offset, r.length, CHUNK_BYTES):
                         piece = Range(start, n)
                         unlock_ranges(region, [piece])
                         try:
-                            region.backing.release(start, n, keep_gil=keep_gil)
+                            region.backing.release(start, n)
                         except OSError as exc:
                             err = region.backing.translate(exc, 0)
                             raise type(err)(

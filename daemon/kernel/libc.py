@@ -2,9 +2,7 @@
 
 Loaded once with use_errno=True. CDLL (not PyDLL) releases the GIL for the
 duration of each call, so madvise/fallocate on several threads run in
-parallel and a long call never stalls the gRPC threads. fallocate also has
-a PyDLL twin that keeps the GIL, for short calls made while nothing else
-runs (see ops.fallocate).
+parallel and a long call never stalls the gRPC threads.
 """
 
 from __future__ import annotations
@@ -13,8 +11,7 @@ import ctypes
 import ctypes.util
 from typing import Final
 
-_LIBC_NAME: Final = ctypes.util.find_library("c") or "libc.so.6"
-_libc = ctypes.CDLL(_LIBC_NAME, use_errno=True)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 c_void_p: Final = ctypes.c_void_p
 c_size_t: Final = ctypes.c_size_t
@@ -37,10 +34,6 @@ munmap.restype = c_int
 fallocate = _libc.fallocate64
 fallocate.argtypes = [c_int, c_int, c_off_t, c_off_t]
 fallocate.restype = c_int
-
-fallocate_keeping_gil = ctypes.PyDLL(_LIBC_NAME, use_errno=True).fallocate64
-fallocate_keeping_gil.argtypes = [c_int, c_int, c_off_t, c_off_t]
-fallocate_keeping_gil.restype = c_int
 
 memfd_create = _libc.memfd_create
 memfd_create.argtypes = [ctypes.c_char_p, ctypes.c_uint]

@@ -103,23 +103,15 @@ def get_seals(fd: int) -> int:
 # --------------------------------------------------------------------------- allocation
 
 
-def fallocate(fd: int, offset: int, length: int, *, keep_gil: bool = False) -> None:
-    """Allocate backing for [offset, offset+length) without changing the size.
-
-    keep_gil: do not release the GIL around the call. Only for short calls
-    with no other Python thread to run meanwhile: releasing it then buys no
-    parallelism, and taking it back costs a thread switch or two (a 2 MiB
-    plug on an idle daemon went from 1.65 to 1.38 ms end to end).
-    """
-    call = libc.fallocate_keeping_gil if keep_gil else libc.fallocate
-    if call(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate backing for [offset, offset+length) without changing the size."""
+    if libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         raise _fail("fallocate")
 
 
-def punch_hole(fd: int, offset: int, length: int, *, keep_gil: bool = False) -> None:
+def punch_hole(fd: int, offset: int, length: int) -> None:
     """Free the backing of [offset, offset+length); it reads back as zeros."""
-    call = libc.fallocate_keeping_gil if keep_gil else libc.fallocate
-    if call(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         raise _fail("fallocate(PUNCH_HOLE)")
 
 

@@ -7,13 +7,11 @@ import errno
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HUGE_2M, GiB, MiB, require
+from conftest import HUGE_2M, MiB, require
 
 from memplug.daemon.backings.shmem import REGION_SEALS, create_memfd
 from memplug.daemon.kernel import ops, probe, toucher
@@ -93,19 +91,16 @@ def test_memfd_create_error_is_an_oserror_with_the_step() -> None:
 # --------------------------------------------------------------------------- allocation
 
 
-@pytest.mark.parametrize("keep_gil", [False, True])
-def test_fallocate_and_punch_hole_change_allocated_bytes_exactly(
-    fds: list[int], keep_gil: bool
-) -> None:
+def test_fallocate_and_punch_hole_change_allocated_bytes_exactly(fds: list[int]) -> None:
     fd = shmem_fd(fds, 16 * MiB)
     assert ops.allocated_bytes(fd) == 0
-    ops.fallocate(fd, 2 * MiB, 4 * MiB, keep_gil=keep_gil)
+    ops.fallocate(fd, 2 * MiB, 4 * MiB)
     assert ops.allocated_bytes(fd) == 4 * MiB
-    ops.fallocate(fd, 4 * MiB, 4 * MiB, keep_gil=keep_gil)  # half overlaps: 2 MiB are new
+    ops.fallocate(fd, 4 * MiB, 4 * MiB)  # half overlaps: only 2 MiB are new
     assert ops.allocated_bytes(fd) == 6 * MiB
-    ops.punch_hole(fd, 3 * MiB, PAGE, keep_gil=keep_gil)
+    ops.punch_hole(fd, 3 * MiB, PAGE)
     assert ops.allocated_bytes(fd) == 6 * MiB - PAGE
-    ops.punch_hole(fd, 0, 16 * MiB, keep_gil=keep_gil)
+    ops.punch_hole(fd, 0, 16 * MiB)
     assert ops.allocated_bytes(fd) == 0
     # KEEP_SIZE: fallocate never changes the size.
     assert os.fstat(fd).st_size == 16 * MiB
@@ -118,43 +113,11 @@ def test_punch_hole_zeroes_data(fds: list[int]) -> None:
     assert os.pread(fd, PAGE, MiB) == bytes(PAGE)
 
 
-@pytest.mark.parametrize("keep_gil", [False, True])
-def test_fallocate_error_carries_errno_and_step(fds: list[int], keep_gil: bool) -> None:
+def test_fallocate_error_carries_errno_and_step(fds: list[int]) -> None:
     fd = shmem_fd(fds, 4 * MiB)
     with pytest.raises(OSError, match="fallocate") as info:
-        ops.fallocate(fd, -PAGE, PAGE, keep_gil=keep_gil)
+        ops.fallocate(fd, -PAGE, PAGE)
     assert info.value.errno == errno.EINVAL
-    with pytest.raises(OSError, match="PUNCH_HOLE") as info:
-        ops.punch_hole(fd, -PAGE, PAGE, keep_gil=keep_gil)
-    assert info.value.errno == errno.EINVAL
-
-
-@pytest.mark.parametrize("keep_gil", [False, True])
-def test_fallocate_releases_the_gil_unless_told_to_keep_it(fds: list[int], keep_gil: bool) -> None:
-    """Another Python thread runs during a long fallocate only when the GIL is released."""
-    fd = shmem_fd(fds, GiB)
-    ticks: list[float] = []
-    stop = threading.Event()
-
-    def count() -> None:
-        while not stop.is_set():
-            ticks.append(time.monotonic())
-            time.sleep(0)  # hand the GIL back each time, so the main thread is never starved
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
-        time.sleep(0.01)
-        start = time.monotonic()
-        ops.fallocate(fd, 0, GiB, keep_gil=keep_gil)  # ~0.2 s of kernel work
-        end = time.monotonic()
-    finally:
-        stop.set()
-        counter.join()
-    # Ticks well inside the call (the edges may see a switch just before or after it).
-    margin = (end - start) / 5
-    inside = [t for t in ticks if start + margin < t < end - margin]
-    assert (not inside) if keep_gil else inside, (len(inside), end - start)
 
 
 # --------------------------------------------------------------------------- mappings
