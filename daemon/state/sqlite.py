@@ -1,6 +1,6 @@
-"""SQLite state store (stdlib sqlite3, WAL, synchronous=FULL).
+"""SQLite state store (stdlib sqlite3, WAL, synchronous=NORMAL).
 
-Schema, version 1:
+Schema, version 2:
 
     meta(key TEXT PRIMARY KEY, value TEXT)             schema_version
     regions(name TEXT PRIMARY KEY, size INTEGER, backing TEXT, page_size INTEGER,
@@ -8,9 +8,11 @@ Schema, version 1:
             acl TEXT (JSON object), created_at REAL,
             plugged TEXT (JSON [[offset, length], ...], merged, ascending),
             gone TEXT (why a restart lost the region; '' while it lives),
-            options TEXT (JSON: thp, numa_policy, numa_nodes, lock, from_warm_pool))
+            options TEXT (JSON: thp, numa_policy, numa_nodes, lock, from_warm_pool),
+            finished_intent INTEGER (v2: the intent the last finish() closed))
     intents(id INTEGER PRIMARY KEY, region TEXT, op TEXT, offset INTEGER,
             length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL)
+    trigger finish_intent (v2): setting regions.finished_intent deletes that intent
 
 Every write is one transaction. In WAL mode with synchronous=NORMAL a commit is
 durable against a crash of the daemon before the call returns, a crash rolls
@@ -32,7 +34,7 @@ from typing import Final
 from memplug.daemon.engine.ranges import Range
 from memplug.daemon.state.store import Intent, RegionRecord
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 
 def _v1(db: sqlite3.Connection) -> None:
@@ -54,7 +56,23 @@ def _v1(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1]
+def _v2(db: sqlite3.Connection) -> None:
+    # finish() becomes one UPDATE, atomic on its own: the trigger deletes the
+    # intent in the same statement. It was BEGIN, UPDATE, DELETE, COMMIT: four
+    # executes, each a point where the gRPC threads took the GIL from a small plug.
+    db.executescript(
+        """
+        ALTER TABLE regions ADD COLUMN finished_intent INTEGER;
+        CREATE TRIGGER finish_intent AFTER UPDATE OF finished_intent ON regions
+        WHEN NEW.finished_intent IS NOT NULL
+        BEGIN
+            DELETE FROM intents WHERE id = NEW.finished_intent;
+        END;
+        """
+    )
+
+
+MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1, _v2]
 
 
 def _ranges(text: str) -> tuple[Range, ...]:
@@ -117,7 +135,10 @@ class SqliteStore:
                     gone=row[10],
                     options=json.loads(row[11]),
                 )
-                for row in self._db.execute("SELECT * FROM regions ORDER BY name")
+                for row in self._db.execute(
+                    "SELECT name, size, backing, page_size, block_size, path, labels, acl, "
+                    "created_at, plugged, gone, options FROM regions ORDER BY name"
+                )
             ]
             intents = [
                 Intent(row[0], row[1], row[2], Range(row[3], row[4]), _ranges(row[5]))
@@ -129,7 +150,9 @@ class SqliteStore:
 
     def put_region(self, record: RegionRecord) -> None:
         self._write(
-            "INSERT OR REPLACE INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO regions (name, size, backing, page_size, block_size, path, "
+            "labels, acl, created_at, plugged, gone, options) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             record.name,
             record.size,
             record.backing,
@@ -168,12 +191,12 @@ class SqliteStore:
             return int(cur.lastrowid or 0)
 
     def finish(self, intent: int | None, region: str, plugged: tuple[Range, ...]) -> None:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "UPDATE regions SET plugged = ? WHERE name = ?", (_dump(plugged), region)
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE regions SET plugged = ?, finished_intent = ? WHERE name = ?",
+                (_dump(plugged), intent, region),
             )
-            if intent is not None:
+            if not cur.rowcount and intent is not None:  # no such region: no trigger either
                 self._db.execute("DELETE FROM intents WHERE id = ?", (intent,))
 
     def close(self) -> None:

@@ -30,10 +30,8 @@ class RegionRecord:
     acl: dict[str, list[int]]  # owner_uid: [uid], allowed_uids, allowed_gids, read_only_*
     created_at: float
     plugged: tuple[Range, ...] = ()
-    gone: str = ""
-    options: dict[str, object] = field(
-        default_factory=dict
-    )  # RegionOptions as JSON  # why a restart could not bring the region back; "" while it lives
+    gone: str = ""  # why a restart could not bring the region back; "" while it lives
+    options: dict[str, object] = field(default_factory=dict)  # RegionOptions as JSON
 
 
 @dataclass(frozen=True)
