@@ -25,7 +25,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m memplug.daemon.bench",
         description="Benchmark memplugd against the raw kernel paths and QEMU's prealloc.",
     )
-    p.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 5)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 7)")
     p.add_argument(
         "--quick", action="store_true", help="smoke test: 3 repetitions, small sizes; not saved"
     )

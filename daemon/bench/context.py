@@ -51,7 +51,7 @@ class Options:
                 regions=200,
             )  # fmt: skip
         return cls(
-            reps=reps or 5,
+            reps=reps or 7,
             quick=False,
             threads=threads,
             plug_cases=(("shmem", GiB), ("shmem", 4 * GiB), ("hugetlb", GiB), ("file", GiB)),

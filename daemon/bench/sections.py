@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memplug.client import Client
 from memplug.daemon.bench import echo, memplugd
 from memplug.daemon.bench import qemu as qemu_mod
 from memplug.daemon.bench.context import Bench
@@ -36,7 +37,7 @@ from memplug.daemon.bench.report import (
     fmt_size,
     fmt_time,
 )
-from memplug.daemon.bench.stats import Result, median, repeat
+from memplug.daemon.bench.stats import Result, Run, interleave, median, repeat
 from memplug.daemon.bench.thp_pool import thp_section, warm_pool_section
 from memplug.daemon.kernel import probe
 
@@ -147,14 +148,10 @@ class PlugCase:
         return [self.memplug, self.work, *self.raw.values(), *qemu]
 
 
-def measure_memplug_plug(b: Bench, kind: Kind, size: int) -> tuple[Result, Result]:
-    """Plug end to end through the daemon; Unplug (punch) between the repetitions."""
-    c = b.client()
-    name = f"plug-{kind}-{size // MiB}m"
-    path = f"{name}.img" if kind == "file" else ""
-    c.create_region(name, size, kind, page_size=HUGE_2M if kind == "hugetlb" else 0, path=path)
-    work: list[float] = []
-    used: set[str] = set()
+def memplug_plug_runs(
+    b: Bench, c: Client, kind: Kind, size: int, name: str, work: list[float], used: set[str]
+) -> Run:
+    """Plug end to end through the daemon; Unplug (punch) as the reset."""
 
     def run() -> float:
         start = time.perf_counter()
@@ -164,75 +161,81 @@ def measure_memplug_plug(b: Bench, kind: Kind, size: int) -> tuple[Result, Resul
         used.add(f"{result.strategy} on {threads(result.threads)}")
         return elapsed
 
-    b.log(f"memplug Plug {kind} {fmt_size(size)}")
-    try:
-        samples = repeat(
-            b.with_pages(kind, size, run),
-            reps=b.options.reps,
-            reset=lambda: c.unplug(name, 0, size),
+    return b.with_pages(kind, size, run), lambda: c.unplug(name, 0, size)
+
+
+def raw_runs(b: Bench, kind: Kind, mem: RawMemory) -> dict[str, tuple[str, int, Run]]:
+    """key -> (label, threads, run): fallocate, MADV_POPULATE_WRITE on 1..N threads, both."""
+    n, size = b.options.threads, mem.size
+
+    def guarded(run: Callable[[], float]) -> Callable[[], float]:
+        return b.with_pages(kind, size, run, undo=mem.discard)
+
+    runs: dict[str, tuple[str, int, Run]] = {
+        FALLOCATE: (
+            "raw fallocate, 1 thread",
+            1,
+            (guarded(lambda: b.raw.fallocate(mem)), mem.discard),
+        ),
+        # The daemon punches (Unplug) on an RPC thread and allocates on a worker:
+        # pages freed on another CPU come back slower than the punching thread's own.
+        "fallocate.freed-by-another-thread": (
+            "raw fallocate, 1 thread, range punched by another thread",
+            1,
+            (
+                guarded(lambda: b.raw.fallocate(mem)),
+                functools.partial(b.raw.elsewhere, mem.discard),
+            ),
+        ),
+    }
+    for t in range(1, n + 1):
+        populate = functools.partial(b.raw.populate, mem, t)
+        runs[populate_key(t)] = (
+            f"raw MADV_POPULATE_WRITE, {threads(t)}",
+            t,
+            (guarded(populate), mem.discard),
         )
+    runs[f"fallocate+populate-write.threads-{n}"] = (
+        f"raw fallocate, then MADV_POPULATE_WRITE on {threads(n)}",
+        n,
+        (guarded(lambda: b.raw.fallocate_then_populate(mem, n)), mem.discard),
+    )
+    return runs
+
+
+def plug_case(b: Bench, kind: Kind, size: int) -> PlugCase:
+    """memplug's Plug and every raw path on the same kind and size, repetitions interleaved."""
+    c = b.client()
+    name = f"plug-{kind}-{size // MiB}m"
+    path = f"{name}.img" if kind == "file" else ""
+    directory = b.tmpfs() if kind == "file" else None
+    work: list[float] = []
+    used: set[str] = set()
+    b.log(f"memplug Plug and the raw kernel paths, {kind} {fmt_size(size)}, interleaved")
+    c.create_region(name, size, kind, page_size=HUGE_2M if kind == "hugetlb" else 0, path=path)
+    try:
+        with RawMemory(kind, size, page_size=page_size(kind), directory=directory) as mem:
+            raws = raw_runs(b, kind, mem)
+            runs = {"memplug": memplug_plug_runs(b, c, kind, size, name, work, used)}
+            runs.update({key: run for key, (_, _, run) in raws.items()})
+            samples = interleave(runs, reps=b.options.reps)
     finally:
         c.delete_region(name)
         if path:
             (b.tmpfs() / path).unlink(missing_ok=True)
-    meta = {"kind": kind, "size": size, "strategy": ", ".join(sorted(used))}
     key = f"plug.{tag(kind, size)}"
-    return (
-        Result(f"{key}.memplug", samples, meta=meta),
-        Result(f"{key}.memplug-work", work[-len(samples) :], meta=meta),
-    )
-
-
-def measure_raw(b: Bench, kind: Kind, size: int) -> dict[str, Result]:
-    """fallocate, MADV_POPULATE_WRITE on 1..N threads, fallocate + populate; punch between."""
-    n = b.options.threads
-    directory = b.tmpfs() if kind == "file" else None
-    results: dict[str, Result] = {}
-    b.log(f"raw kernel paths {kind} {fmt_size(size)}")
-    with RawMemory(kind, size, page_size=page_size(kind), directory=directory) as mem:
-
-        def add(
-            key: str,
-            label: str,
-            run: Callable[[], float],
-            threads: int,
-            reset: Callable[[], object] = mem.discard,
-        ) -> None:
-            guarded = b.with_pages(kind, size, run, undo=mem.discard)
-            samples = repeat(guarded, reps=b.options.reps, reset=reset)
-            meta = {"kind": kind, "size": size, "threads": threads, "label": label}
-            results[key] = Result(f"raw.{tag(kind, size)}.{key}", samples, meta=meta)
-
-        add(FALLOCATE, "raw fallocate, 1 thread", lambda: b.raw.fallocate(mem), 1)
-        # The daemon punches (Unplug) on an RPC thread and allocates on a worker:
-        # pages freed on another CPU come back slower than the punching thread's own.
-        add(
-            "fallocate.freed-by-another-thread",
-            "raw fallocate, 1 thread, range punched by another thread",
-            lambda: b.raw.fallocate(mem),
-            1,
-            reset=functools.partial(b.raw.elsewhere, mem.discard),
+    meta = {"kind": kind, "size": size, "strategy": ", ".join(sorted(used))}
+    memplug = Result(f"{key}.memplug", samples["memplug"], meta=meta)
+    work_result = Result(f"{key}.memplug-work", work[-len(samples["memplug"]) :], meta=meta)
+    raw = {
+        k: Result(
+            f"raw.{tag(kind, size)}.{k}",
+            samples[k],
+            meta={"kind": kind, "size": size, "threads": t, "label": label},
         )
-        for t in range(1, n + 1):
-            add(
-                populate_key(t),
-                f"raw MADV_POPULATE_WRITE, {threads(t)}",
-                functools.partial(b.raw.populate, mem, t),
-                t,
-            )
-        add(
-            f"fallocate+populate-write.threads-{n}",
-            f"raw fallocate, then MADV_POPULATE_WRITE on {threads(n)}",
-            lambda: b.raw.fallocate_then_populate(mem, n),
-            n,
-        )
-    return results
-
-
-def plug_case(b: Bench, kind: Kind, size: int) -> PlugCase:
-    memplug, work = measure_memplug_plug(b, kind, size)
-    raw = measure_raw(b, kind, size)
-    return PlugCase(kind, size, memplug, work, raw, qemu_prealloc(b, kind, size))
+        for k, (label, t, _) in raws.items()
+    }
+    return PlugCase(kind, size, memplug, work_result, raw, qemu_prealloc(b, kind, size))
 
 
 def speed_target(name: str, memplug: float, other: float, other_is: str, need: float) -> Target:
@@ -330,6 +333,9 @@ def plug_section(b: Bench) -> Section:
         "memplug Plug: `Client.plug(name, 0, size)` to the last message of the stream; between "
         "repetitions `Client.unplug` punches the range. The gap between end to end and the "
         "daemon's own work time is RPC, bookkeeping (SQLite intents) and streaming.",
+        "memplug and the raw paths of a case are measured in turns (repetition 1 of each, then "
+        "2 of each, ...), so that a VM's drift between minutes does not land on one side of a "
+        "ratio; QEMU, which needs a process start per figure, is measured after them.",
         "Raw paths punch the range between repetitions on the timed thread itself, except the "
         "row 'punched by another thread': the daemon punches on an RPC thread and allocates on "
         "a worker, and pages freed on another CPU come back a little slower.",

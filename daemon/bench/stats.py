@@ -93,3 +93,22 @@ def repeat(
         if i >= warmup:
             samples.append(seconds)
     return samples
+
+
+Run = tuple[Callable[[], float], Callable[[], object]]  # (timed run, untimed reset)
+
+
+def interleave(runs: dict[str, Run], *, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Samples of every run, taken in turns: repetition i of each, then i + 1 of each.
+
+    Against the drift of a shared VM (the raw path measured at a quiet moment,
+    memplug at a busy one), taking the figures a ratio compares side by side.
+    """
+    samples: dict[str, list[float]] = {key: [] for key in runs}
+    for i in range(warmup + reps):
+        for key, (run, reset) in runs.items():
+            seconds = run()
+            reset()
+            if i >= warmup:
+                samples[key].append(seconds)
+    return samples

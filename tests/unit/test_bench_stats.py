@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 
 from memplug.daemon.bench.report import Section, Table, Target, fmt_ratio, fmt_time, render
-from memplug.daemon.bench.stats import Result, median, percentile, repeat
+from memplug.daemon.bench.stats import Result, interleave, median, percentile, repeat
 
 
 def test_percentile_interpolates_like_numpy() -> None:
@@ -27,6 +28,22 @@ def test_repeat_discards_the_warm_up_and_resets_after_every_run() -> None:
     assert samples == [1.0, 2.0, 3.0]
     assert len(resets) == 4
     assert Result("k", samples).median == 2.0
+
+
+def test_interleave_takes_turns_and_resets_each_run_before_the_next() -> None:
+    log: list[str] = []
+
+    def run(key: str) -> tuple[Callable[[], float], Callable[[], object]]:
+        def timed() -> float:
+            log.append(key)
+            return float(log.count(key))
+
+        return timed, lambda: log.append(f"reset {key}")
+
+    samples = interleave({"a": run("a"), "b": run("b")}, reps=2)
+    assert log == ["a", "reset a", "b", "reset b"] * 3
+    # The first turn is the warm-up: discarded for every run alike.
+    assert samples == {"a": [2.0, 3.0], "b": [2.0, 3.0]}
 
 
 def test_tables_and_targets_render_as_markdown() -> None:
