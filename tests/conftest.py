@@ -20,7 +20,9 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memplug.daemon.bench.memplugd import FAST_RECONNECT
 from memplug.daemon.kernel import probe
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
@@ -124,25 +126,24 @@ def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> D
         proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    channel = grpc.insecure_channel(f"unix:{sock}")
+    channel = grpc.insecure_channel(f"unix:{sock}", options=FAST_RECONNECT)
+    # Wait with a real call (the health service, which the access log leaves out):
+    # grpc.channel_ready_future polls connectivity on a thread of its own, which
+    # raised "Channel closed!" when a test closed the channel under it.
+    health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 20
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"memplugd exited with {proc.returncode}:\n{log_path.read_text()}")
-        ready = grpc.channel_ready_future(channel)
         try:
-            ready.result(timeout=0.2)
+            health.Check(health_pb2.HealthCheckRequest(), timeout=0.2, wait_for_ready=True)
             break
-        except grpc.FutureTimeoutError:
+        except grpc.RpcError:
             if time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(
                     f"memplugd did not serve in 20 s:\n{log_path.read_text()}"
                 ) from None
-        finally:
-            # Unsubscribe its connectivity poller, or it raises in a thread once
-            # the test closes the channel.
-            ready.cancel()
     return DaemonProcess(proc, sock, fd_sock, log_path, channel, pb_grpc.MemplugStub(channel), args)
 
 
