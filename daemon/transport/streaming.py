@@ -63,15 +63,25 @@ def stream_operation(
         yield run(_ignore_progress)
         return
     events: queue.SimpleQueue[tuple[int, int] | _Done[T]] = queue.SimpleQueue()
+    last = 0.0
+
+    def progress(done: int, total: int) -> None:
+        # Filtered here, on the worker, so that the RPC thread wakes only to
+        # send: every wake-up took the GIL from the workers between chunks.
+        # The final message carries done == total: no need to send it twice.
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= MIN_INTERVAL and done < total and not token.cancelled:
+            last = now
+            events.put((done, total))
 
     def body() -> None:
         try:
-            events.put(_Done(run(lambda done, total: events.put((done, total))), None))
+            events.put(_Done(run(progress), None))
         except BaseException as exc:
             events.put(_Done(None, exc))
 
     finished = _COORDINATORS.submit(body)
-    last = 0.0
     while True:
         event = events.get()
         if isinstance(event, _Done):
@@ -80,9 +90,4 @@ def stream_operation(
                 raise event.error
             yield event.value  # type: ignore[misc]
             return
-        now = time.monotonic()
-        done, total = event
-        # The final message carries done == total: no need to send it twice.
-        if now - last >= MIN_INTERVAL and done < total and not token.cancelled:
-            last = now
-            yield event
+        yield event
