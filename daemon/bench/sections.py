@@ -496,22 +496,25 @@ class ClientProcesses:
                 proc.stdout.close()
 
 
-def run_load(clients: ClientProcesses, iterations: int, reps: int) -> Load:
-    """Each repetition: every client runs its steps `iterations` times, all at once.
+def run_loads(loads: dict[str, ClientProcesses], iterations: int, reps: int) -> dict[str, Load]:
+    """Every workload's clients run their steps `iterations` times per repetition.
 
-    A repetition's rate is the cycles of all clients over the wall time until
-    the last one finished. One shorter warm-up repetition is discarded.
+    The workloads take turns within each repetition (as the plug section's
+    methods do), so an operation and its floors see the same moments of a
+    drifting VM. A repetition's rate is the cycles of all clients over the wall
+    time until the last one finished. One shorter warm-up repetition is discarded.
     """
-    latencies: dict[str, list[float]] = defaultdict(list)
-    rates: list[float] = []
+    latencies: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in loads}
+    rates: dict[str, list[float]] = {name: [] for name in loads}
     for rep in range(reps + 1):
         n = max(1, iterations // 5) if rep == 0 else iterations
-        got, wall = clients.round(n)
-        if rep:
-            for name, values in got.items():
-                latencies[name] += values
-            rates.append(len(clients.procs) * n / wall)
-    return Load(dict(latencies), rates)
+        for name, clients in loads.items():
+            got, wall = clients.round(n)
+            if rep:
+                for step, values in got.items():
+                    latencies[name][step] += values
+                rates[name].append(len(clients.procs) * n / wall)
+    return {name: Load(dict(latencies[name]), rates[name]) for name in loads}
 
 
 SMALL_REGION = 64 * MiB
@@ -574,14 +577,15 @@ def small_section(b: Bench) -> Section:
     try:
         workloads = list(dict.fromkeys(op.load for op in SMALL_OPS))
         for clients in b.options.small_clients:
-            loads: dict[str, Load] = {}
-            for name in workloads:
-                b.log(f"small ops: {name}, {clients_label(clients)}")
-                procs = ClientProcesses(name, clients, daemon.socket, server.path)
-                try:
-                    loads[name] = run_load(procs, b.options.small_iterations, b.options.reps)
-                finally:
-                    procs.close()
+            b.log(f"small ops: {len(workloads)} workloads in turns, {clients_label(clients)} each")
+            procs: dict[str, ClientProcesses] = {}
+            try:
+                for name in workloads:
+                    procs[name] = ClientProcesses(name, clients, daemon.socket, server.path)
+                loads = run_loads(procs, b.options.small_iterations, b.options.reps)
+            finally:
+                for started in procs.values():
+                    started.close()
             table = _small_table(s, loads, clients, ratios, attach_p50)
             s.tables.append(table)
     finally:
@@ -608,9 +612,10 @@ def small_section(b: Bench) -> Section:
         )
     s.notes += [
         "Each client is its own process (`memplug.daemon.bench.loadclient`), as memplugd's "
-        "clients are; the clients of a load start each repetition together. Latencies pool "
-        "every repetition; ops/s is the median over repetitions of all clients' operations "
-        "per second of wall time.",
+        "clients are; the clients of a load start each repetition together, and the loads "
+        "take turns within each repetition, so an operation and its floors are measured "
+        "seconds apart, not minutes. Latencies pool every repetition; ops/s is the median over "
+        "repetitions of all clients' operations per second of wall time.",
         "Floor: what the operation cannot avoid, measured in the same run at the same "
         "concurrency. For Plug and Unplug it is one client cycle of a gRPC no-op followed by "
         "the same kernel work (fallocate or punch of 2 MiB) done in the client: with more "
