@@ -147,6 +147,15 @@ def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> D
     return DaemonProcess(proc, sock, fd_sock, log_path, channel, pb_grpc.MemplugStub(channel), args)
 
 
+def stop_shared(d: DaemonProcess) -> None:
+    """Stop a daemon that a module's tests shared; it must have lived through them all."""
+    assert d.alive(), f"memplugd died during the tests:\n{d.log()}"
+    code = d.stop()
+    assert code == 0, f"memplugd exited with {code} on SIGTERM:\n{d.log()}"
+    # Whatever clients did, the daemon must never have hit an unexpected exception.
+    assert "Traceback" not in d.log(), f"memplugd logged a traceback:\n{d.log()}"
+
+
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start daemons with extra flags; each must still be alive at teardown and exit 0."""

@@ -29,7 +29,15 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import DaemonProcess, MiB, open_region_fd, require, require_root, start_daemon
+from conftest import (
+    DaemonProcess,
+    MiB,
+    open_region_fd,
+    require,
+    require_root,
+    start_daemon,
+    stop_shared,
+)
 
 from memplug.client import Client
 from memplug.v1 import memplug_pb2 as pb
@@ -259,14 +267,6 @@ _names = itertools.count()
 def fresh() -> str:
     """A region name no other test of this module uses (they share daemons)."""
     return f"r{next(_names)}"
-
-
-def stop_shared(d: DaemonProcess) -> None:
-    assert d.alive(), f"memplugd died during the tests:\n{d.log()}"
-    code = d.stop()
-    assert code == 0, f"memplugd exited with {code} on SIGTERM:\n{d.log()}"
-    # Whatever clients did, the fd socket must never have hit an unexpected exception.
-    assert "Traceback" not in d.log(), f"memplugd logged a traceback:\n{d.log()}"
 
 
 @pytest.fixture(scope="module")

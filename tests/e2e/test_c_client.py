@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, MiB, require, start_daemon
+from conftest import DaemonProcess, MiB, require, start_daemon, stop_shared
 
 from memplug.client import Client
 
@@ -37,9 +37,7 @@ def attach_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     d = start_daemon(tmp_path_factory.mktemp("memplugd"))
     yield d
-    assert d.alive(), f"memplugd died during the tests:\n{d.log()}"
-    assert d.stop() == 0, d.log()
-    assert "Traceback" not in d.log(), f"memplugd logged a traceback:\n{d.log()}"
+    stop_shared(d)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, GiB, MiB, start_daemon
+from conftest import DaemonProcess, GiB, MiB, start_daemon, stop_shared
 
 from memplug.client import Client
 
@@ -32,10 +32,7 @@ def fresh() -> str:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     d = start_daemon(tmp_path_factory.mktemp("memplugd"))
     yield d
-    assert d.alive(), f"memplugd died during the tests:\n{d.log()}"
-    code = d.stop()
-    assert code == 0, f"memplugd exited with {code} on SIGTERM:\n{d.log()}"
-    assert "Traceback" not in d.log(), f"memplugd logged a traceback:\n{d.log()}"
+    stop_shared(d)
 
 
 def env_for(socket: Path) -> dict[str, str]:

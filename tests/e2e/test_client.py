@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HUGE_2M, DaemonProcess, GiB, MiB, huge_free, start_daemon
+from conftest import HUGE_2M, DaemonProcess, GiB, MiB, huge_free, start_daemon, stop_shared
 
 from memplug.client import (
     AlreadyExists,
@@ -46,10 +46,7 @@ def fresh() -> str:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     d = start_daemon(tmp_path_factory.mktemp("memplugd"))
     yield d
-    assert d.alive(), f"memplugd died during the tests:\n{d.log()}"
-    code = d.stop()
-    assert code == 0, f"memplugd exited with {code} on SIGTERM:\n{d.log()}"
-    assert "Traceback" not in d.log(), f"memplugd logged a traceback:\n{d.log()}"
+    stop_shared(d)
 
 
 @pytest.fixture(scope="module")
