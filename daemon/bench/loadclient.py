@@ -27,9 +27,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memplug.client import Client
 from memplug.client.attach import redeem
 from memplug.daemon.bench import echo
+from memplug.daemon.bench.report import MiB
 from memplug.daemon.kernel import ops
 
-BLOCK = 2 * 1024 * 1024  # the small operations work on one 2 MiB block
+BLOCK = 2 * MiB  # the small operations work on one 2 MiB block
 
 Step = tuple[str, Callable[[], object]]
 

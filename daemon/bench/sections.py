@@ -23,6 +23,7 @@ from memplug.client import Client
 from memplug.daemon.bench import echo, memplugd
 from memplug.daemon.bench import qemu as qemu_mod
 from memplug.daemon.bench.context import Bench
+from memplug.daemon.bench.loadclient import BLOCK
 from memplug.daemon.bench.machine import HUGE_2M
 from memplug.daemon.bench.raw import Kind, RawMemory
 from memplug.daemon.bench.report import (
@@ -518,7 +519,6 @@ def run_loads(loads: dict[str, ClientProcesses], iterations: int, reps: int) -> 
 
 
 SMALL_REGION = 64 * MiB
-BLOCK = 2 * MiB
 
 
 @dataclass(frozen=True)

@@ -85,14 +85,11 @@ def repeat(
     reset() runs after every run, untimed, so that each repetition starts from
     an empty range (punch the hole, unplug, close the mapping).
     """
-    samples: list[float] = []
-    for i in range(warmup + reps):
-        seconds = run()
-        if reset is not None:
-            reset()
-        if i >= warmup:
-            samples.append(seconds)
-    return samples
+    return interleave({"": (run, reset or _nothing)}, reps=reps, warmup=warmup)[""]
+
+
+def _nothing() -> None:
+    pass
 
 
 Run = tuple[Callable[[], float], Callable[[], object]]  # (timed run, untimed reset)
