@@ -29,6 +29,9 @@ from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+ERROR_KEY = "memplug-error"  # trailing metadata: the error class of a failed call
+MAP_NORESERVE = 0x4000  # Linux; typeshed lacks mmap.MAP_NORESERVE
 HUGE_2M = 2 * MiB
 
 
@@ -145,6 +148,37 @@ def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> D
                     f"memplugd did not serve in 20 s:\n{log_path.read_text()}"
                 ) from None
     return DaemonProcess(proc, sock, fd_sock, log_path, channel, pb_grpc.MemplugStub(channel), args)
+
+
+def create(
+    daemon: DaemonProcess,
+    name: str,
+    size: int = 64 * MiB,
+    backing: int = pb.BACKING_SHMEM,
+    **kw: object,
+) -> pb.Region:
+    """CreateRegion through the raw stub; kw are further CreateRegionRequest fields."""
+    return daemon.stub.CreateRegion(
+        pb.CreateRegionRequest(name=name, size=size, backing=backing, **kw)  # type: ignore[arg-type]
+    )
+
+
+def get(daemon: DaemonProcess, name: str) -> pb.Region:
+    return daemon.stub.GetRegion(pb.GetRegionRequest(name=name))
+
+
+def spans(region: pb.Region) -> list[tuple[int, int]]:
+    return [(r.offset, r.length) for r in region.plugged]
+
+
+def error_class(err: grpc.RpcError) -> str | None:
+    """The error class the daemon named in the trailing metadata, if any."""
+    call: Any = err
+    for item in call.trailing_metadata() or ():
+        if item.key == ERROR_KEY:
+            value: str | bytes = item.value
+            return value.decode() if isinstance(value, bytes) else value
+    return None
 
 
 def stop_shared(d: DaemonProcess) -> None:

@@ -7,26 +7,12 @@ import time
 from collections.abc import Callable, Iterable
 
 import grpc
-from conftest import DaemonProcess, GiB, MiB
+from conftest import DaemonProcess, GiB, MiB, create, get, spans
 
 from memplug.v1 import memplug_pb2 as pb
 
 ANSWER_WITHIN = 0.5  # seconds a read may take while a long plug runs
 LONG = 4 * GiB  # a shmem plug of this takes about a second here
-
-
-def create(daemon: DaemonProcess, name: str, size: int) -> pb.Region:
-    return daemon.stub.CreateRegion(
-        pb.CreateRegionRequest(name=name, size=size, backing=pb.BACKING_SHMEM)
-    )
-
-
-def get(daemon: DaemonProcess, name: str) -> pb.Region:
-    return daemon.stub.GetRegion(pb.GetRegionRequest(name=name))
-
-
-def spans(region: pb.Region) -> list[tuple[int, int]]:
-    return [(r.offset, r.length) for r in region.plugged]
 
 
 def run_together(calls: list[Callable[[], pb.OperationResult]]) -> list[pb.OperationResult]:

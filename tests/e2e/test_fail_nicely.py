@@ -17,55 +17,24 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import (
+    MAP_NORESERVE,
     DaemonProcess,
     GiB,
     MiB,
+    create,
+    error_class,
+    get,
     huge_free,
     hugetlb_pool_of,
     open_region_fd,
+    spans,
     used_bytes,
 )
 
 from memplug.v1 import memplug_pb2 as pb
 
-ERROR_KEY = "memplug-error"
-MAP_NORESERVE = 0x4000  # Linux; typeshed lacks mmap.MAP_NORESERVE
 Code = grpc.StatusCode
 Factory = Callable[..., DaemonProcess]
-
-
-def create(
-    daemon: DaemonProcess,
-    name: str,
-    size: int,
-    backing: int = pb.BACKING_SHMEM,
-    path: str = "",
-    page_size: int = 0,
-) -> pb.Region:
-    request = pb.CreateRegionRequest(
-        name=name,
-        size=size,
-        backing=backing,  # type: ignore[arg-type]
-        path=path,
-        page_size=page_size,
-    )
-    return daemon.stub.CreateRegion(request)
-
-
-def get(daemon: DaemonProcess, name: str) -> pb.Region:
-    return daemon.stub.GetRegion(pb.GetRegionRequest(name=name))
-
-
-def spans(region: pb.Region) -> list[tuple[int, int]]:
-    return [(r.offset, r.length) for r in region.plugged]
-
-
-def error_class(err: grpc.RpcError) -> str | None:
-    for item in err.trailing_metadata():
-        if item.key == ERROR_KEY:
-            value: str | bytes = item.value
-            return value.decode() if isinstance(value, bytes) else value
-    return None
 
 
 def drain(stream: Iterable[pb.Progress]) -> list[pb.Progress]:

@@ -18,19 +18,23 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import (
+    ERROR_KEY,
     HUGE_2M,
+    MAP_NORESERVE,
     DaemonProcess,
     GiB,
     MiB,
+    create,
+    error_class,
+    get,
     huge_free,
     open_region_fd,
     require_root,
+    spans,
 )
 
 from memplug.v1 import memplug_pb2 as pb
 
-ERROR_KEY = "memplug-error"
-MAP_NORESERVE = 0x4000  # Linux; typeshed lacks mmap.MAP_NORESERVE
 Code = grpc.StatusCode
 Factory = Callable[..., DaemonProcess]
 
@@ -38,37 +42,9 @@ Factory = Callable[..., DaemonProcess]
 # --------------------------------------------------------------------------- helpers
 
 
-def create(
-    daemon: DaemonProcess,
-    name: str,
-    size: int = 64 * MiB,
-    backing: int = pb.BACKING_SHMEM,
-    **kw: object,
-) -> pb.Region:
-    return daemon.stub.CreateRegion(
-        pb.CreateRegionRequest(name=name, size=size, backing=backing, **kw)  # type: ignore[arg-type]
-    )
-
-
-def get(daemon: DaemonProcess, name: str) -> pb.Region:
-    return daemon.stub.GetRegion(pb.GetRegionRequest(name=name))
-
-
 def names(daemon: DaemonProcess, **selector: str) -> list[str]:
     listed = daemon.stub.ListRegions(pb.ListRegionsRequest(label_selector=selector))
     return [r.name for r in listed.regions]
-
-
-def spans(region: pb.Region) -> list[tuple[int, int]]:
-    return [(r.offset, r.length) for r in region.plugged]
-
-
-def error_class(err: grpc.RpcError) -> str | None:
-    for item in err.trailing_metadata():
-        if item.key == ERROR_KEY:
-            value: str | bytes = item.value
-            return value.decode() if isinstance(value, bytes) else value
-    return None
 
 
 def snapshot(daemon: DaemonProcess) -> list[tuple[str, int, list[tuple[int, int]], int]]:

@@ -37,7 +37,6 @@ from memplug.v1 import memplug_pb2 as pb
 FIGURES_ENV: Final = "MEMPLUG_FIGURES"
 NOBODY: Final = 65534
 UNPRIVILEGED_PYTHON: Final = "/usr/bin/python3"  # stdlib only; readable by every uid
-ERROR_KEY: Final = "memplug-error"
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 
 # The codes the API documents for failures a caller can cause or meet.
@@ -94,15 +93,6 @@ def leak_check(what: str, leaked: float, unit: str = "bytes", tolerance: float =
 
 
 # --------------------------------------------------------------------------- RPC helpers
-
-
-def error_class(err: grpc.RpcError) -> str | None:
-    call: Any = err
-    for item in call.trailing_metadata() or ():
-        if item.key == ERROR_KEY:
-            value: str | bytes = item.value
-            return value.decode() if isinstance(value, bytes) else value
-    return None
 
 
 def code_of(err: grpc.RpcError) -> str:
