@@ -20,6 +20,7 @@ RUN python3 -m venv /opt/memplug
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY proto ./proto
+COPY common ./common
 COPY daemon ./daemon
 COPY client ./client
 # Behind a TLS-intercepting proxy, pass the CA bundle that signs its

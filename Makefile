@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SOURCES := $(shell find daemon client proto -name '*.py' -o -name '*.pyi' -o -name 'py.typed' 2>/dev/null)
+SOURCES := $(shell find common daemon client proto -name '*.py' -o -name '*.pyi' -o -name 'py.typed' 2>/dev/null)
 # Tests marked `container` build an image and run it with podman (minutes, and
 # podman, runc and debootstrap installed): skipped here, run by .ci/run
 # (`make test PYTEST_ARGS=`). Run them alone with `make pytest PYTEST_ARGS="-m container"`.
@@ -47,11 +47,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/lint-imports --no-cache
 
 # mypy reads the installed link tree; report paths as they are in this checkout.
 EDITABLE_TREE := build/__editable__.memplug-0.1.0-py3-none-any/memplug
 typecheck: $(STAMP)
-	$(BIN)/mypy -p memplug.daemon -p memplug.client -p memplug.v1 2>&1 \
+	$(BIN)/mypy -p memplug.common -p memplug.daemon -p memplug.client -p memplug.v1 2>&1 \
 		| sed -e 's|$(EDITABLE_TREE)/v1/|proto/memplug/v1/|' -e 's|$(EDITABLE_TREE)/\([a-z]*\)/|\1/|'; \
 		exit $${PIPESTATUS[0]}
 	$(BIN)/mypy tests scripts

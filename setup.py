@@ -13,6 +13,7 @@ NAMESPACE_ROOTS = {
     "memplug.daemon": "daemon",
     "memplug.client": "client",
     "memplug.v1": "proto/memplug/v1",
+    "memplug.common": "common",
 }
 
 

@@ -14,8 +14,8 @@ import grpc
 
 from memplug.client.errors import BY_CODE
 from memplug.client.local import populate_mapping
-from memplug.daemon.errors import Internal, MemplugError, Unavailable
-from memplug.daemon.kernel import ops
+from memplug.common import memory
+from memplug.common.errors import Internal, MemplugError, Unavailable
 
 PROTOCOL = "MEMPLUG/1"
 MAX_REPLY = 4096
@@ -123,7 +123,7 @@ class Attachment:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
         # MAP_NORESERVE: a hugetlb region is sparse; without it mmap would try
         # to reserve huge pages for every unplugged block too.
-        flags = mmap.MAP_SHARED | ops.MAP_NORESERVE
+        flags = mmap.MAP_SHARED | memory.MAP_NORESERVE
         self.mmap = mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
         try:
             if populate is not None:

@@ -37,7 +37,7 @@ from memplug.client.errors import (
     Unavailable,
 )
 from memplug.client.types import OperationResult, Region, Status
-from memplug.daemon.engine.ranges import format_size, parse_size
+from memplug.common.sizes import format_size, parse_size
 
 EXIT_CODES: dict[type[MemplugError], int] = {
     InvalidArgument: 2,

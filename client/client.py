@@ -15,8 +15,8 @@ from memplug.client import convert
 from memplug.client.attach import Attachment, open_region, redeem
 from memplug.client.errors import error_from_rpc
 from memplug.client.types import OperationResult, RangeResult, Region, Status, Ticket
-from memplug.daemon.config import default_socket
-from memplug.daemon.errors import Cancelled, Internal, MemplugError
+from memplug.common.errors import Cancelled, Internal, MemplugError
+from memplug.common.paths import default_socket
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 

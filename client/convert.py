@@ -14,7 +14,7 @@ from memplug.client.types import (
     Ticket,
     WarmPool,
 )
-from memplug.daemon.errors import InvalidArgument
+from memplug.common.errors import InvalidArgument
 from memplug.v1 import memplug_pb2 as pb
 
 BACKINGS: Final = {

@@ -10,7 +10,7 @@ from typing import Final
 
 import grpc
 
-from memplug.daemon.errors import (
+from memplug.common.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -28,7 +28,7 @@ from memplug.daemon.errors import (
     Unavailable,
     all_error_classes,
 )
-from memplug.daemon.transport.status import ERROR_CLASS_KEY, STATUS
+from memplug.common.status import ERROR_CLASS_KEY, STATUS
 
 # The daemon's one class -> code table, read backwards: a code names its base class.
 BY_CODE: Final[dict[grpc.StatusCode, type[MemplugError]]] = {

@@ -3,8 +3,9 @@
 A daemon can plug shared memory for everyone, but private mappings
 (anonymous memory, MAP_PRIVATE hugetlb: configurations 1 and 2 of the
 MADV_POPULATE thread) belong to one process, which must fault them in
-itself. This uses the daemon's own planner and worker runner, so the slicing,
-threads, cancellation and error mapping are the same.
+itself. The work is cut into chunks that up to `threads` threads take in
+turn (ctypes releases the GIL during madvise); a CancelToken stops it between
+chunks, as it stops the daemon's own workers.
 """
 
 from __future__ import annotations
@@ -13,23 +14,27 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-from memplug.daemon.engine.cancel import CancelToken
-from memplug.daemon.engine.ranges import Range, format_size
-from memplug.daemon.engine.runner import ProgressCallback, Runner
-from memplug.daemon.engine.strategy import make_plan, populate_method
-from memplug.daemon.errors import (
+from memplug.common import memory
+from memplug.common.cancel import CancelToken
+from memplug.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     MemplugError,
     PoolExhausted,
     ResourceExhausted,
 )
-from memplug.daemon.kernel import ops, probe
+from memplug.common.ranges import Range
+from memplug.common.sizes import MiB, format_size
 
-MAP_HUGETLB = 0x40000
-MAP_HUGE_SHIFT = 26
+ProgressCallback = Callable[[int, int], None]  # (done_bytes, total_bytes)
+
+# Large enough that a call's overhead vanishes, small enough that threads
+# share the work evenly and a cancel is seen within milliseconds.
+CHUNK_BYTES = 64 * MiB
 
 
 def mapping_address(m: mmap.mmap) -> int | None:
@@ -49,7 +54,7 @@ def populate_mapping(
     *,
     write: bool = True,
     threads: int = 0,
-    page_size: int = probe.BASE_PAGE_SIZE,
+    page_size: int = memory.BASE_PAGE_SIZE,
     hugetlb: bool = False,
     token: CancelToken | None = None,
     progress: ProgressCallback | None = None,
@@ -59,7 +64,7 @@ def populate_mapping(
     Writable mappings are populated on up to `threads` threads with the GIL
     released; read-only ones on this thread through mmap.madvise.
     """
-    if not probe.has_madv_populate():
+    if not memory.has_madv_populate():
         raise FailedPrecondition("this kernel lacks MADV_POPULATE_READ/WRITE (Linux >= 5.14)")
     work_ranges = [Range(o, n) for o, n in (ranges if ranges is not None else [(0, len(m))])]
     for r in work_ranges:
@@ -70,32 +75,77 @@ def populate_mapping(
     address = mapping_address(m)
     if address is None and write:
         raise InvalidArgument("cannot populate a read-only mapping for writing")
-    advice = ops.MADV_POPULATE_WRITE if write else ops.MADV_POPULATE_READ
+    advice = memory.MADV_POPULATE_WRITE if write else memory.MADV_POPULATE_READ
 
     def work(offset: int, length: int) -> None:
         if address is not None:
-            ops.madvise(address + offset, length, advice)
+            memory.madvise(address + offset, length, advice)
         else:
             m.madvise(advice, offset, length)
 
-    method = populate_method(write=write, has_populate=True)
-    plan = make_plan(
-        method, work_ranges, max_threads=threads or os.cpu_count() or 1, align=page_size
-    )
-    runner = Runner(plan.threads)
+    total = sum(r.length for r in work_ranges)
+    chunk = max(page_size, CHUNK_BYTES // page_size * page_size)
+    workers = max(1, min(threads or os.cpu_count() or 1, -(-total // chunk)))
     try:
-        runner.run(plan, work, token or CancelToken(), progress)
+        _run_chunks(
+            work, _chunks(work_ranges, chunk), workers, token or CancelToken(), progress, total
+        )
     except OSError as exc:
-        raise _translate(exc, plan.total, hugetlb=hugetlb, page_size=page_size) from exc
-    finally:
-        runner.shutdown()
-    return plan.total
+        raise _translate(exc, total, hugetlb=hugetlb, page_size=page_size) from exc
+    return total
+
+
+def _chunks(ranges: list[Range], chunk: int) -> Iterator[tuple[int, int]]:
+    for r in ranges:
+        for offset in range(r.offset, r.end, chunk):
+            yield offset, min(chunk, r.end - offset)
+
+
+def _run_chunks(
+    work: Callable[[int, int], None],
+    chunks: Iterator[tuple[int, int]],
+    workers: int,
+    token: CancelToken,
+    progress: ProgressCallback | None,
+    total: int,
+) -> None:
+    """Each worker takes the next chunk until none is left or one fails; the first error wins."""
+    lock = threading.Lock()
+    failed = threading.Event()
+    done = 0
+
+    def worker() -> None:
+        nonlocal done
+        while not failed.is_set():
+            with lock:
+                piece = next(chunks, None)
+            if piece is None:
+                return
+            try:
+                token.check()
+                work(*piece)
+            except BaseException:
+                failed.set()
+                raise
+            with lock:
+                done += piece[1]
+                if progress is not None:
+                    progress(done, total)
+
+    if workers == 1:
+        worker()
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="memplug-populate") as pool:
+        futures = [pool.submit(worker) for _ in range(workers)]
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:
+        raise errors[0]
 
 
 def _translate(exc: OSError, total: int, *, hugetlb: bool, page_size: int) -> MemplugError:
     if exc.errno in (errno.EFAULT, errno.ENOMEM, errno.ENOSPC):
         if hugetlb:
-            pool = probe.huge_pool(page_size)
+            pool = memory.huge_pool(page_size)
             return PoolExhausted(
                 f"hugetlb {format_size(page_size)} pool exhausted while populating "
                 f"{format_size(total)}: the pool has {pool.free} free of {pool.total}"
@@ -123,15 +173,19 @@ class PrivateMemory:
         threads: int = 0,
     ) -> None:
         self.page_size = (
-            (page_size or probe.default_huge_page_size() or 0) if hugetlb else probe.BASE_PAGE_SIZE
+            (page_size or memory.default_huge_page_size() or 0)
+            if hugetlb
+            else memory.BASE_PAGE_SIZE
         )
-        if hugetlb and self.page_size not in probe.huge_page_sizes():
+        if hugetlb and self.page_size not in memory.huge_page_sizes():
             raise InvalidArgument(f"huge page size {page_size} is not offered by this kernel")
         if size <= 0 or size % self.page_size:
             raise InvalidArgument(f"size must be a positive multiple of {self.page_size}")
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         if hugetlb:
-            flags |= MAP_HUGETLB | ((self.page_size.bit_length() - 1) << MAP_HUGE_SHIFT)
+            flags |= memory.MAP_HUGETLB | (
+                (self.page_size.bit_length() - 1) << memory.MAP_HUGE_SHIFT
+            )
         try:
             self.mmap = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:

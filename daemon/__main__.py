@@ -9,11 +9,10 @@ import signal
 import sys
 import threading
 
+from memplug.common.errors import MemplugError, StartupError
 from memplug.daemon import __version__
 from memplug.daemon.config import load
-from memplug.daemon.errors import MemplugError
 from memplug.daemon.server import Daemon
-from memplug.daemon.transport.unixsock import StartupError
 
 
 class JsonFormatter(logging.Formatter):

@@ -6,21 +6,15 @@ import argparse
 import grp
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from memplug.daemon.engine.ranges import parse_size
+from memplug.common.errors import InvalidArgument
+from memplug.common.paths import FD_SOCKET_NAME, SOCKET_NAME, runtime_dir
+from memplug.common.sizes import parse_size
 from memplug.daemon.engine.warmpool import PoolSpec
-from memplug.daemon.errors import InvalidArgument
-
-
-def runtime_dir() -> Path:
-    """/run/memplug as root, $XDG_RUNTIME_DIR/memplug (or /tmp/memplug-UID) otherwise."""
-    if os.geteuid() == 0:
-        return Path("/run/memplug")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "memplug" if xdg else Path(f"/tmp/memplug-{os.geteuid()}")
 
 
 def default_state_dir() -> Path:
@@ -30,16 +24,29 @@ def default_state_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "memplug"
 
 
-def default_socket() -> Path:
-    """Where clients look for the daemon: $MEMPLUG_SOCKET, else the runtime dir."""
-    env = os.environ.get("MEMPLUG_SOCKET")
-    return Path(env) if env else runtime_dir() / "memplug.sock"
+@dataclass(frozen=True)
+class Switches:
+    """Environment switches for tests and diagnosis, read once, here and nowhere else."""
+
+    # MEMPLUG_DISABLE_MADV_POPULATE=1: plug by fallocate and populate by touching
+    # pages, as on a kernel without MADV_POPULATE_* (runs the fallback paths).
+    madv_populate: bool = True
+    # MEMPLUG_MEMCG_CHECK=0: skip the memory cgroup headroom check before a plug
+    # (the OOM-safe helper processes still keep the daemon alive).
+    memcg_check: bool = True
+
+
+def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
+    return Switches(
+        madv_populate=environ.get("MEMPLUG_DISABLE_MADV_POPULATE") != "1",
+        memcg_check=environ.get("MEMPLUG_MEMCG_CHECK", "1") != "0",
+    )
 
 
 @dataclass(frozen=True)
 class Config:
-    socket: Path = field(default_factory=lambda: runtime_dir() / "memplug.sock")
-    fd_socket: Path = field(default_factory=lambda: runtime_dir() / "fd.sock")
+    socket: Path = field(default_factory=lambda: runtime_dir() / SOCKET_NAME)
+    fd_socket: Path = field(default_factory=lambda: runtime_dir() / FD_SOCKET_NAME)
     state_dir: Path = field(default_factory=default_state_dir)
     allow_dirs: tuple[Path, ...] = ()
     max_bytes: int | None = None  # quota on plugged bytes across regions; None: no quota

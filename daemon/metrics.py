@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from memplug.daemon.kernel import probe
+from memplug.common import memory
 
 if TYPE_CHECKING:
     from memplug.daemon.engine.engine import RegionEngine
@@ -87,7 +87,7 @@ class EngineCollector(Collector):
             "The kernel's hugetlb pools, by page size and state (total, free, reserved, surplus)",
             labels=["page_size", "state"],
         )
-        for pool in probe.huge_pools():
+        for pool in memory.huge_pools():
             for state in ("total", "free", "reserved", "surplus"):
                 pages.add_metric([str(pool.page_size), state], getattr(pool, state))
         yield pages

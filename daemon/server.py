@@ -23,18 +23,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from memplug.common import memory
+from memplug.common.errors import StartupError
+from memplug.common.sizes import format_size
 from memplug.daemon import __version__, metrics
 from memplug.daemon.backings import Backing, BackingKind
-from memplug.daemon.config import Config, metrics_address
+from memplug.daemon.config import Config, environment_switches, metrics_address
 from memplug.daemon.engine.engine import RegionEngine
-from memplug.daemon.engine.ranges import format_size
-from memplug.daemon.kernel import probe
 from memplug.daemon.state.sqlite import SqliteStore
 from memplug.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from memplug.daemon.transport.fdserver import FdServer
 from memplug.daemon.transport.interceptors import MetricsInterceptor
 from memplug.daemon.transport.servicer import MemplugServicer
-from memplug.daemon.transport.unixsock import StartupError, claim_socket_path
+from memplug.daemon.transport.unixsock import claim_socket_path
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -74,7 +75,7 @@ class FdStore:
 def apply_hugetlb_pools(pools: tuple[tuple[int, int], ...]) -> None:
     """Size the kernel's huge page pools as configured; say what the kernel gave."""
     for page_size, pages in pools:
-        path = probe.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
+        path = memory.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
         try:
             path.write_text(str(pages))
             got = int(path.read_text())
@@ -128,6 +129,7 @@ class Daemon:
             self._store = SqliteStore(config.state_dir / "memplug.db")
         except Exception as exc:
             raise StartupError(f"cannot open the state in {config.state_dir}: {exc}") from exc
+        switches = environment_switches()
         self.engine = RegionEngine(
             threads=config.threads,
             max_bytes=config.max_bytes,
@@ -136,6 +138,8 @@ class Daemon:
             store=self._store,
             listener=FdStore(self.notifier),
             warm_pools=list(config.warm_pools),
+            madv_populate=switches.madv_populate,
+            memcg_check=switches.memcg_check,
         )
         metrics.REGISTRY.register(metrics.EngineCollector(self.engine))
         report = self.engine.restore(adopted)

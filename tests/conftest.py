@@ -22,8 +22,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memplug.common import memory
 from memplug.daemon.bench.memplugd import FAST_RECONNECT
-from memplug.daemon.kernel import probe
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -229,7 +229,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def _pool_file(page_size: int) -> Path:
-    return probe.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
+    return memory.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
 
 
 @contextlib.contextmanager
@@ -265,7 +265,7 @@ def hugetlb_pool() -> Iterator[Callable[[int], None]]:
 
 
 def huge_free(page_size: int = HUGE_2M) -> int:
-    return probe.huge_pool(page_size).free
+    return memory.huge_pool(page_size).free
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from memplug.daemon.engine.ranges import Range
-from memplug.daemon.errors import FailedPrecondition, Internal, MemplugError, ResourceExhausted
+from memplug.common import memory
+from memplug.common.errors import FailedPrecondition, Internal, MemplugError, ResourceExhausted
+from memplug.common.ranges import Range
 from memplug.daemon.kernel import ops, toucher
 from memplug.daemon.kernel.helper import OOM_KILLED
 
@@ -70,17 +71,17 @@ class Backing(ABC):
             return
         with self._mapped(span.offset, span.length) as mapping:
             base = mapping.address - span.offset
-            yield lambda offset, length: ops.populate(base + offset, length, write=write)
+            yield lambda offset, length: memory.populate(base + offset, length, write=write)
 
     def populate(self, offset: int, length: int, *, write: bool) -> None:
         with self._mapped(offset, length) as mapping:
-            ops.populate(mapping.address, length, write=write)
+            memory.populate(mapping.address, length, write=write)
 
     def _mapped(self, offset: int, length: int) -> ops.Mapping:
         mapping = ops.map_shared(self.fd, offset, length, align=HUGE_ALIGN if self.huge else 0)
         try:
             if self.huge:
-                ops.madvise(mapping.address, length, ops.MADV_HUGEPAGE)
+                memory.madvise(mapping.address, length, memory.MADV_HUGEPAGE)
             if self.mpol is not None:
                 ops.mbind(mapping.address, length, *self.mpol)
         except BaseException:

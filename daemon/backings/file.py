@@ -7,16 +7,12 @@ import os
 import stat
 from pathlib import Path
 
+from memplug.common import memory
+from memplug.common.errors import FailedPrecondition, InvalidArgument, NoSpace, PermissionDenied
+from memplug.common.sizes import format_size
 from memplug.daemon.backings.base import Backing, BackingKind
 from memplug.daemon.backings.shmem import restrict_inode
-from memplug.daemon.engine.ranges import format_size
-from memplug.daemon.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NoSpace,
-    PermissionDenied,
-)
-from memplug.daemon.kernel import ops, probe
+from memplug.daemon.kernel import ops
 
 
 def _locate(path: str, allow_dirs: list[Path]) -> tuple[Path, str]:
@@ -129,11 +125,11 @@ class FileBacking(Backing):
                 raise FailedPrecondition(
                     f"{full} exists with size {st.st_size}; ask for that size, or 0 to adopt it"
                 )
-            backing = cls(fd, size, probe.BASE_PAGE_SIZE, full, created, parent_fd)
+            backing = cls(fd, size, memory.BASE_PAGE_SIZE, full, created, parent_fd)
             return backing
         except BaseException:
             if backing is None:
-                backing = cls(fd, 0, probe.BASE_PAGE_SIZE, full, created, parent_fd)
+                backing = cls(fd, 0, memory.BASE_PAGE_SIZE, full, created, parent_fd)
             backing.discard_file()
             backing.close()
             raise

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from memplug.common import memory
+from memplug.common.errors import PoolExhausted
+from memplug.common.sizes import format_size
 from memplug.daemon.backings.base import Backing, BackingKind
 from memplug.daemon.backings.shmem import create_memfd
-from memplug.daemon.engine.ranges import format_size
-from memplug.daemon.errors import PoolExhausted
-from memplug.daemon.kernel import ops, probe
+from memplug.daemon.kernel import ops
 
 
 class HugetlbBacking(Backing):
@@ -25,7 +26,7 @@ class HugetlbBacking(Backing):
     def exhausted(self, missing: int) -> PoolExhausted:
         pages = -(-missing // self.page_size)
         try:
-            pool = probe.huge_pool(self.page_size)
+            pool = memory.huge_pool(self.page_size)
             state = f"the pool has {pool.free} free of {pool.total}"
         except OSError:
             state = "the pool's state is unreadable"

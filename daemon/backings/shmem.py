@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+from memplug.common import memory
+from memplug.common.errors import FailedPrecondition, ResourceExhausted
+from memplug.common.sizes import format_size
 from memplug.daemon.backings.base import Backing, BackingKind
-from memplug.daemon.engine.ranges import format_size
-from memplug.daemon.errors import FailedPrecondition, ResourceExhausted
 from memplug.daemon.kernel import ops, probe
 
 # Nobody holding the fd may resize it (shrinking SIGBUSes every other mapper)
@@ -53,7 +54,7 @@ class ShmemBacking(Backing):
 
     @classmethod
     def create(cls, name: str, size: int, owner_uid: int) -> ShmemBacking:
-        return cls(create_memfd(name, size, owner_uid), size, probe.BASE_PAGE_SIZE)
+        return cls(create_memfd(name, size, owner_uid), size, memory.BASE_PAGE_SIZE)
 
     def exhausted(self, missing: int) -> ResourceExhausted:
         return ResourceExhausted(

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+from memplug.common import memory
 from memplug.daemon.bench.report import GiB, MiB, fmt_size
-from memplug.daemon.kernel import probe
 
 NODE_SYSFS = Path("/sys/devices/system/node")
 THP_SHMEM = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
@@ -156,20 +156,20 @@ class HugePool:
 
     def __init__(self, page_size: int = HUGE_2M) -> None:
         self.page_size = page_size
-        self.path = probe.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
+        self.path = memory.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
         self.original = int(self.path.read_text())
         self.pages = 0
 
     def ensure(self, pages: int) -> None:
         """Make at least `pages` pages free for us; RuntimeError if the kernel cannot."""
         self.pages = max(self.pages, pages)
-        pool = probe.huge_pool(self.page_size)
+        pool = memory.huge_pool(self.page_size)
         if pool.free - pool.reserved >= self.pages:
             return
         in_use = pool.total - pool.free + pool.reserved
         want = in_use + self.pages
         self.path.write_text(str(want))
-        got = probe.huge_pool(self.page_size)
+        got = memory.huge_pool(self.page_size)
         if got.free - got.reserved < self.pages:
             raise RuntimeError(
                 f"the {fmt_size(self.page_size)} hugetlb pool gave {got.free - got.reserved} free "

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+from memplug.common import memory
 from memplug.daemon.bench.stats import timed
-from memplug.daemon.kernel import ops, probe
+from memplug.daemon.kernel import ops
 
 Kind = Literal["shmem", "hugetlb", "file"]
 KINDS: tuple[Kind, ...] = ("shmem", "hugetlb", "file")
@@ -117,7 +118,7 @@ class RawPaths:
         self, address: int, size: int, threads: int, align: int, write: bool
     ) -> None:
         futures = [
-            self._pool.submit(ops.populate, address + offset, length, write=write)
+            self._pool.submit(memory.populate, address + offset, length, write=write)
             for offset, length in slices(size, threads, align)
         ]
         for f in futures:
@@ -126,5 +127,5 @@ class RawPaths:
 
 def warm_up(size: int, raw: RawPaths) -> None:
     """Populate and discard `size` bytes of shmem once: the VM's first touch is slow."""
-    with RawMemory("shmem", size, page_size=probe.BASE_PAGE_SIZE) as mem:
+    with RawMemory("shmem", size, page_size=memory.BASE_PAGE_SIZE) as mem:
         raw.populate(mem, raw.max_threads)

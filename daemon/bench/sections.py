@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memplug.client import Client
+from memplug.common import memory
 from memplug.daemon.bench import echo, memplugd
 from memplug.daemon.bench import qemu as qemu_mod
 from memplug.daemon.bench.context import Bench
@@ -40,13 +41,12 @@ from memplug.daemon.bench.report import (
 )
 from memplug.daemon.bench.stats import Result, Run, interleave, median, repeat
 from memplug.daemon.bench.thp_pool import thp_section, warm_pool_section
-from memplug.daemon.kernel import probe
 
 SectionFn = Callable[[Bench], Section]
 
 
 def page_size(kind: Kind) -> int:
-    return HUGE_2M if kind == "hugetlb" else probe.BASE_PAGE_SIZE
+    return HUGE_2M if kind == "hugetlb" else memory.BASE_PAGE_SIZE
 
 
 def tag(kind: Kind, size: int) -> str:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 from memplug.client import Client
+from memplug.common import memory
 from memplug.daemon.bench import memplugd
 from memplug.daemon.bench.context import Bench
 from memplug.daemon.bench.report import (
@@ -55,8 +56,8 @@ def memset_bandwidth(b: Bench, size: int) -> Result:
     try:
         os.ftruncate(fd, size)
         with ops.map_shared(fd, 0, size, align=HUGE) as m:
-            ops.madvise(m.address, size, ops.MADV_HUGEPAGE)
-            ops.populate(m.address, size, write=True)
+            memory.madvise(m.address, size, memory.MADV_HUGEPAGE)
+            memory.populate(m.address, size, write=True)
 
             def fill() -> float:
                 return timed(lambda: ctypes.memset(m.address, 0x5A, size))
@@ -76,7 +77,7 @@ def raw_thp_populate(b: Bench, size: int) -> Result:
     def run() -> float:
         start = time.perf_counter()
         with ops.map_shared(fd, 0, size, align=HUGE) as m:
-            ops.madvise(m.address, size, ops.MADV_HUGEPAGE)
+            memory.madvise(m.address, size, memory.MADV_HUGEPAGE)
             b.raw._populate_mapping(m.address, size, n, HUGE, True)
             return time.perf_counter() - start
 

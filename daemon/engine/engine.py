@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,6 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from memplug.common import memory
+from memplug.common.cancel import CancelToken
+from memplug.common.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MemplugError,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    ResourceExhausted,
+)
+from memplug.common.ranges import Range, subtract
+from memplug.common.sizes import MiB, format_size
 from memplug.daemon.backings import (
     Backing,
     BackingKind,
@@ -33,19 +49,12 @@ from memplug.daemon.backings import (
     ShmemBacking,
 )
 from memplug.daemon.backings.shmem import restrict_inode
-from memplug.daemon.engine.cancel import CancelToken
 from memplug.daemon.engine.options import (
     lock_ranges,
     placed,
     prepare_backing,
     release_region,
     unlock_ranges,
-)
-from memplug.daemon.engine.ranges import (
-    MiB,
-    Range,
-    format_size,
-    subtract,
 )
 from memplug.daemon.engine.region import (
     Access,
@@ -69,19 +78,6 @@ from memplug.daemon.engine.strategy import (
 )
 from memplug.daemon.engine.tickets import Handoff, Peer, Ticket, TicketBook
 from memplug.daemon.engine.warmpool import PoolSpec, WarmPool
-from memplug.daemon.errors import (
-    AlreadyExists,
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    MemplugError,
-    NotFound,
-    PermissionDenied,
-    QuotaExceeded,
-    ResourceExhausted,
-)
 from memplug.daemon.kernel import memcg, probe
 from memplug.daemon.kernel.helper import HelperPool
 from memplug.daemon.kernel.ops import iter_chunks
@@ -187,8 +183,15 @@ class RegionEngine:
         store: StateStore | None = None,
         listener: RegionListener | None = None,
         warm_pools: list[PoolSpec] | None = None,
+        madv_populate: bool = True,
+        memcg_check: bool = True,
     ) -> None:
+        """madv_populate=False plugs and populates as on a kernel without
+        MADV_POPULATE_* (the fallback paths); memcg_check=False skips the cgroup
+        headroom check before a plug."""
         self.threads = threads
+        self.madv_populate = madv_populate and memory.has_madv_populate()
+        self.memcg_check = memcg_check
         self.max_bytes = max_bytes
         self.ticket_ttl = ticket_ttl
         self.allow_dirs = [Path(d).resolve() for d in (allow_dirs or [])]
@@ -207,6 +210,7 @@ class RegionEngine:
             list(warm_pools or []),
             self._runner,
             threads=threads,
+            madv_populate=self.madv_populate,
             reserve=self._try_reserve,
             release=self._release_quota,
         )
@@ -243,7 +247,7 @@ class RegionEngine:
             allocated_bytes=sum(r.backing.allocated_bytes() for r in regions),
             quota_bytes=self.max_bytes,
             threads=self.threads,
-            madv_populate=probe.has_madv_populate(),
+            madv_populate=self.madv_populate,
             warm_pools=[
                 (spec, self._pool.ready(spec), self._pool.hits[spec], self._pool.misses[spec])
                 for spec in self._pool.specs
@@ -451,14 +455,14 @@ class RegionEngine:
     @staticmethod
     def _page_size(spec: RegionSpec) -> int:
         if spec.backing is not BackingKind.HUGETLB:
-            if spec.page_size not in (0, probe.BASE_PAGE_SIZE):
+            if spec.page_size not in (0, memory.BASE_PAGE_SIZE):
                 raise InvalidArgument(
                     f"page size {spec.page_size} is not available for {spec.backing} regions "
-                    f"(only {probe.BASE_PAGE_SIZE}); use a HUGETLB region for huge pages"
+                    f"(only {memory.BASE_PAGE_SIZE}); use a HUGETLB region for huge pages"
                 )
-            return probe.BASE_PAGE_SIZE
-        offered = probe.huge_page_sizes()
-        page_size = spec.page_size or probe.default_huge_page_size() or 0
+            return memory.BASE_PAGE_SIZE
+        offered = memory.huge_page_sizes()
+        page_size = spec.page_size or memory.default_huge_page_size() or 0
         if page_size not in offered:
             sizes = ", ".join(format_size(s) for s in offered) or "none"
             raise InvalidArgument(
@@ -573,7 +577,7 @@ class RegionEngine:
             method = plug_method(
                 hugetlb=backing.kind is BackingKind.HUGETLB,
                 requested=requested,
-                has_populate=probe.has_madv_populate(),
+                has_populate=self.madv_populate,
                 thp=region.options.thp,
             )
             with region.locks.hold(r, token):
@@ -678,8 +682,7 @@ class RegionEngine:
             with backing.populating(span, write=True) as work:
                 yield work
 
-    @staticmethod
-    def _memcg_room(region: Region, r: Range, new: int) -> memcg.Headroom | None:
+    def _memcg_room(self, region: Region, r: Range, new: int) -> memcg.Headroom | None:
         """The cgroup headroom a plug is charged against (None: no limit); refuse misfits.
 
         hugetlb pages are not charged to memcg (unless the cgroup v2 hierarchy
@@ -690,7 +693,7 @@ class RegionEngine:
         room = memcg.headroom()
         if room is None:
             return None
-        if new > room.bytes and os.environ.get("MEMPLUG_MEMCG_CHECK", "1") != "0":
+        if new > room.bytes and self.memcg_check:
             raise ResourceExhausted(
                 f"region {region.name!r}: plug of {r} needs {format_size(new)}, but the "
                 f"daemon's {room.describe()} has {format_size(room.bytes)} left; raise the "
@@ -747,7 +750,7 @@ class RegionEngine:
         token = token or CancelToken()
         with self._operation(name, token) as region:
             r = region.range_of(offset, length, "populate")
-            method = populate_method(write=write, has_populate=probe.has_madv_populate())
+            method = populate_method(write=write, has_populate=self.madv_populate)
             with region.locks.hold(r, token):
                 self._require_plugged(region, "populate", r)
                 plan = make_plan(

@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from memplug.daemon.engine.ranges import Range
+from memplug.common.ranges import Range
 from memplug.daemon.engine.region import Region
 from memplug.daemon.kernel import ops, probe
 

@@ -6,8 +6,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from memplug.daemon.engine.cancel import CancelToken
-from memplug.daemon.engine.ranges import Range
+from memplug.common.cancel import CancelToken
+from memplug.common.ranges import Range
 
 _POLL = 0.05  # how often a waiter re-checks its cancel token and deadline
 

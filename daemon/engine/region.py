@@ -8,10 +8,10 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from memplug.common.errors import InvalidArgument
+from memplug.common.ranges import IntervalSet, Range, check_range
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.engine.rangelock import RangeLock
-from memplug.daemon.engine.ranges import IntervalSet, Range, check_range
-from memplug.daemon.errors import InvalidArgument
 from memplug.daemon.kernel.ops import Mapping as Mapping_
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")

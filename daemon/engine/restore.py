@@ -21,12 +21,13 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memplug.common.errors import MemplugError
+from memplug.common.ranges import IntervalSet, Range, subtract
+from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking, HugetlbBacking, ShmemBacking
 from memplug.daemon.backings.shmem import REGION_SEALS
 from memplug.daemon.engine.options import prepare_backing
-from memplug.daemon.engine.ranges import IntervalSet, Range, format_size, subtract
 from memplug.daemon.engine.region import Acl, Placement, Region, RegionOptions
-from memplug.daemon.errors import MemplugError
 from memplug.daemon.kernel import ops
 from memplug.daemon.state.store import Intent, RegionRecord, StateStore
 

@@ -6,10 +6,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
-from memplug.daemon.engine.cancel import CancelToken
-from memplug.daemon.engine.ranges import Range
+from memplug.common.cancel import CancelToken
+from memplug.common.errors import Cancelled, DeadlineExceeded
+from memplug.common.ranges import Range
 from memplug.daemon.engine.strategy import Plan
-from memplug.daemon.errors import Cancelled, DeadlineExceeded
 from memplug.daemon.kernel.ops import iter_chunks
 
 Work = Callable[[int, int], None]  # (offset, length) -> None; raises on failure

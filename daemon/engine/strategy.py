@@ -16,8 +16,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from memplug.daemon.engine.ranges import MiB, Range
-from memplug.daemon.errors import FailedPrecondition
+from memplug.common.errors import FailedPrecondition
+from memplug.common.ranges import Range
+from memplug.common.sizes import MiB
 
 MIN_BYTES_PER_THREAD = 64 * MiB
 CHUNK_BYTES = 64 * MiB  # granularity of progress reports and cancellation

@@ -7,8 +7,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from memplug.common.errors import NotFound, PermissionDenied, ResourceExhausted
 from memplug.daemon.engine.region import Access
-from memplug.daemon.errors import NotFound, PermissionDenied, ResourceExhausted
 
 TICKET_BYTES = 24  # 192 random bits
 MAX_OUTSTANDING = 4096

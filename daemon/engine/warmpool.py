@@ -15,12 +15,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from memplug.common import memory
+from memplug.common.cancel import CancelToken
+from memplug.common.errors import InvalidArgument, MemplugError
+from memplug.common.ranges import Range
+from memplug.common.sizes import format_size, parse_size
 from memplug.daemon.backings import Backing, BackingKind, HugetlbBacking, ShmemBacking
-from memplug.daemon.engine.cancel import CancelToken
-from memplug.daemon.engine.ranges import Range, format_size, parse_size
 from memplug.daemon.engine.runner import Runner
 from memplug.daemon.engine.strategy import Requested, make_plan, plug_method
-from memplug.daemon.errors import InvalidArgument, MemplugError
 from memplug.daemon.kernel import probe
 
 log = logging.getLogger("memplug.warmpool")
@@ -51,9 +53,9 @@ class PoolSpec:
             raise InvalidArgument(f"warm-pool {text!r}: COUNT must be a whole number")
         count = int(parts[2])
         if backing is BackingKind.HUGETLB:
-            page = parse_size(parts[3]) if len(parts) == 4 else probe.default_huge_page_size() or 0
+            page = parse_size(parts[3]) if len(parts) == 4 else memory.default_huge_page_size() or 0
         else:
-            page = probe.BASE_PAGE_SIZE
+            page = memory.BASE_PAGE_SIZE
         if count < 1 or size <= 0 or not page or size % max(page, 2 << 20):
             raise InvalidArgument(f"warm-pool {text!r}: size must be a multiple of the block size")
         thp = backing is BackingKind.SHMEM and probe.shmem_thp_allowed()
@@ -70,12 +72,14 @@ class WarmPool:
         runner: Runner,
         *,
         threads: int,
+        madv_populate: bool,
         reserve: Callable[[int], bool],
         release: Callable[[int], None],
     ) -> None:
         self.specs = specs
         self._runner = runner
         self._threads = threads
+        self._madv_populate = madv_populate
         self._reserve = reserve  # take quota for pool memory; False if it does not fit
         self._release = release
         self._ready: dict[PoolSpec, list[Backing]] = {s: [] for s in specs}
@@ -170,7 +174,7 @@ class WarmPool:
             method = plug_method(
                 hugetlb=spec.backing is BackingKind.HUGETLB,
                 requested=Requested.AUTO,
-                has_populate=probe.has_madv_populate(),
+                has_populate=self._madv_populate,
                 thp=spec.thp,
             )
             plan = make_plan(

@@ -22,6 +22,7 @@ import sys
 import threading
 from typing import IO, Final
 
+from memplug.common import memory
 from memplug.daemon.kernel import ops
 
 OOM_KILLED: Final = "the allocation helper was killed by the kernel (OOM)"
@@ -112,7 +113,7 @@ def _serve(fd: int, stdin: IO[str], stdout: IO[str]) -> None:
             elif words[0] == "populate":
                 offset, length = int(words[1]), int(words[2])
                 with ops.map_shared(fd, offset, length) as mapping:
-                    ops.populate(mapping.address, length, write=words[3] == "1")
+                    memory.populate(mapping.address, length, write=words[3] == "1")
             else:
                 raise OSError(errno.EINVAL, f"unknown request {words[0]!r}")
             stdout.write("ok\n")

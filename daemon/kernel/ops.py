@@ -14,12 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from memplug.daemon.kernel import libc
-
-# madvise(2)
-MADV_POPULATE_READ: Final = 22  # Linux 5.14; Python 3.11's mmap module lacks them
-MADV_POPULATE_WRITE: Final = 23
-MADV_HUGEPAGE: Final = 14
+from memplug.common import libc
+from memplug.common.memory import MAP_NORESERVE
 
 # fallocate(2)
 FALLOC_FL_KEEP_SIZE: Final = 0x01
@@ -50,7 +46,6 @@ MAP_SHARED: Final = 0x01
 MAP_PRIVATE: Final = 0x02
 MAP_FIXED: Final = 0x10
 MAP_ANONYMOUS: Final = 0x20
-MAP_NORESERVE: Final = 0x4000
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 
 # openat2(2)
@@ -275,23 +270,6 @@ def get_mempolicy(address: int) -> tuple[int, list[int]]:
         raise _fail("get_mempolicy")
     nodes = [i for i in range(_MAX_NODES) if mask[i // 64] >> (i % 64) & 1]
     return mode.value, nodes
-
-
-def madvise(address: int, length: int, advice: int) -> None:
-    if libc.madvise(address, length, advice) != 0:
-        raise _fail(f"madvise({_ADVICE_NAMES.get(advice, advice)})")
-
-
-_ADVICE_NAMES: Final = {
-    MADV_POPULATE_READ: "MADV_POPULATE_READ",
-    MADV_POPULATE_WRITE: "MADV_POPULATE_WRITE",
-    MADV_HUGEPAGE: "MADV_HUGEPAGE",
-}
-
-
-def populate(address: int, length: int, *, write: bool) -> None:
-    """Fault in page tables (and backing pages) without SIGBUS: errors return EFAULT etc."""
-    madvise(address, length, MADV_POPULATE_WRITE if write else MADV_POPULATE_READ)
 
 
 # --------------------------------------------------------------------------- paths

@@ -1,9 +1,8 @@
-"""What this kernel can do, probed once and cached.
+"""What this kernel can do for the daemon, probed once and cached.
 
 Like QEMU's memfd probe: a feature is offered only after it was seen to work.
-MEMPLUG_DISABLE_MADV_POPULATE=1 makes the probe report MADV_POPULATE_* as
-missing, so that tests (and operators chasing a kernel bug) can run the
-fallback paths on a kernel that has them.
+Page sizes, huge-page pools and MADV_POPULATE, which clients need too, are
+probed in memplug.common.memory.
 """
 
 from __future__ import annotations
@@ -12,95 +11,10 @@ import errno
 import functools
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from memplug.daemon.kernel import ops
-
-HUGEPAGES_SYSFS: Final = Path("/sys/kernel/mm/hugepages")
-BASE_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
-
-
-@dataclass(frozen=True)
-class HugePool:
-    """One hugetlb pool, as /sys/kernel/mm/hugepages/hugepages-<N>kB reports it."""
-
-    page_size: int
-    total: int
-    free: int
-    reserved: int
-    surplus: int
-    overcommit: int
-
-
-def huge_page_sizes() -> list[int]:
-    """Huge page sizes the kernel offers pools for, ascending."""
-    sizes = []
-    if HUGEPAGES_SYSFS.is_dir():
-        for entry in HUGEPAGES_SYSFS.iterdir():
-            match = re.fullmatch(r"hugepages-(\d+)kB", entry.name)
-            if match:
-                sizes.append(int(match.group(1)) * 1024)
-    return sorted(sizes)
-
-
-def default_huge_page_size() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("Hugepagesize:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def huge_pool(page_size: int) -> HugePool:
-    """Current state of the pool of page_size; FileNotFoundError if there is none."""
-    base = HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB"
-
-    def read(name: str) -> int:
-        return int((base / name).read_text())
-
-    return HugePool(
-        page_size=page_size,
-        total=read("nr_hugepages"),
-        free=read("free_hugepages"),
-        reserved=read("resv_hugepages"),
-        surplus=read("surplus_hugepages"),
-        overcommit=read("nr_overcommit_hugepages"),
-    )
-
-
-def huge_pools() -> list[HugePool]:
-    """Every pool the kernel offers that can be read now, by ascending page size."""
-    pools = []
-    for size in huge_page_sizes():
-        try:
-            pools.append(huge_pool(size))
-        except OSError:
-            continue
-    return pools
-
-
-@functools.cache
-def has_madv_populate() -> bool:
-    """True if MADV_POPULATE_READ/WRITE work (Linux >= 5.14)."""
-    if os.environ.get("MEMPLUG_DISABLE_MADV_POPULATE") == "1":
-        return False
-    fd = ops.memfd_create("memplug-probe", ops.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, BASE_PAGE_SIZE)
-        with ops.map_shared(fd, 0, BASE_PAGE_SIZE) as mapping:
-            try:
-                ops.populate(mapping.address, BASE_PAGE_SIZE, write=True)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    return False
-                raise
-    finally:
-        os.close(fd)
-    return True
 
 
 @functools.cache

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 
-from memplug.daemon.kernel.ops import MAP_NORESERVE
+from memplug.common.memory import MAP_NORESERVE
 
 
 def touch_in_helper(fd: int, offset: int, length: int, page_size: int) -> None:

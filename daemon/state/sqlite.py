@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from memplug.daemon.engine.ranges import Range
+from memplug.common.ranges import Range
 from memplug.daemon.state.store import Intent, RegionRecord
 
 SCHEMA_VERSION: Final = 2

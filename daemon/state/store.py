@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from memplug.daemon.engine.ranges import Range
+from memplug.common.ranges import Range
 
 
 @dataclass(frozen=True)

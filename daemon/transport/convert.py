@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Final
 
+from memplug.common import memory
+from memplug.common.errors import InvalidArgument
+from memplug.common.ranges import Range
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine.engine import EngineStatus, OpResult, RangeOutcome
-from memplug.daemon.engine.ranges import Range
 from memplug.daemon.engine.region import Access, Acl, Placement, RegionInfo, RegionSpec
 from memplug.daemon.engine.strategy import Requested
 from memplug.daemon.engine.tickets import Ticket
-from memplug.daemon.errors import InvalidArgument
 from memplug.daemon.kernel import probe
 from memplug.v1 import memplug_pb2 as pb
 
@@ -168,7 +169,7 @@ def status_to_proto(
             reserved=p.reserved,
             surplus=p.surplus,
         )
-        for p in probe.huge_pools()
+        for p in memory.huge_pools()
     ]
     thp_allowed = probe.shmem_thp_allowed()
     return pb.DaemonStatus(

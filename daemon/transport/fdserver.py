@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from memplug.common.errors import InvalidArgument, MemplugError
+from memplug.common.status import code_for
 from memplug.daemon import metrics
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.region import Access
 from memplug.daemon.engine.tickets import Handoff
-from memplug.daemon.errors import InvalidArgument, MemplugError
 from memplug.daemon.transport.peercred import peer_of
-from memplug.daemon.transport.status import code_for
 from memplug.daemon.transport.unixsock import claim_socket_path
 
 log = logging.getLogger("memplug.fdserver")

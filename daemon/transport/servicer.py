@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from memplug.common.cancel import CancelToken
 from memplug.daemon import __version__, metrics
-from memplug.daemon.engine.cancel import CancelToken
 from memplug.daemon.engine.engine import OpResult, RegionEngine
 from memplug.daemon.engine.runner import ProgressCallback
 from memplug.daemon.transport import convert

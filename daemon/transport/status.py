@@ -1,7 +1,8 @@
-"""THE table from memplug errors to gRPC status codes, and the RPC wrapper using it.
+"""The RPC wrapper: every servicer method answers errors through translate().
 
-Every servicer method is wrapped by translate(); a contract test checks that
-each RPC is and that every error class maps to a code other than INTERNAL.
+The class -> code table itself is memplug.common.status; a contract test checks
+that each RPC is wrapped and that every error class maps to a code other than
+INTERNAL.
 """
 
 from __future__ import annotations
@@ -9,53 +10,17 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn, TypeVar
 
 import grpc
 
-from memplug.daemon.errors import (
-    AlreadyExists,
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    MemplugError,
-    NotFound,
-    OutOfRange,
-    PermissionDenied,
-    ResourceExhausted,
-    Unavailable,
-)
+from memplug.common.errors import Internal, MemplugError
+from memplug.common.status import ERROR_CLASS_KEY, code_for
 
 log = logging.getLogger("memplug.rpc")
 
-ERROR_CLASS_KEY: Final = "memplug-error"  # trailing metadata: the error's class name
-
-STATUS: Final[Mapping[type[MemplugError], grpc.StatusCode]] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    Cancelled: grpc.StatusCode.CANCELLED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Internal: grpc.StatusCode.INTERNAL,
-}
-
 INTERNAL_MESSAGE: Final = "internal error in memplugd (a bug: its log has the details)"
-
-
-def code_for(exc: MemplugError) -> grpc.StatusCode:
-    """The code of the most specific class in the table (subclasses inherit)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return grpc.StatusCode.INTERNAL
 
 
 def abort(context: grpc.ServicerContext, exc: MemplugError) -> NoReturn:

@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from memplug.daemon.engine.cancel import CancelToken
+from memplug.common.cancel import CancelToken
 from memplug.daemon.engine.runner import ProgressCallback
 from memplug.daemon.engine.strategy import CHUNK_BYTES
 

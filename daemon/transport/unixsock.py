@@ -8,11 +8,9 @@ import socket
 import stat
 from pathlib import Path
 
+from memplug.common.errors import StartupError
+
 log = logging.getLogger("memplug.server")
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
 
 
 def claim_socket_path(path: Path) -> None:

@@ -40,7 +40,7 @@ from conftest import HUGE_2M, MiB, require, require_root
 from memplug.client import Client
 from memplug.client.attach import Attachment, redeem
 from memplug.client.errors import MemplugError
-from memplug.daemon.kernel import probe
+from memplug.common import memory
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
@@ -403,7 +403,7 @@ def test_sidecar(
         assert user == ("0" if profile == "root" else "10001")
         exercise(sockdir)
         if profile == "root":
-            pool = probe.huge_pool(HUGE_2M)
+            pool = memory.huge_pool(HUGE_2M)
             hugetlb_pool(pool.total - pool.free + 8)  # 8 free pages, whatever others hold
             exercise(sockdir, backing="hugetlb")
         stop_cleanly(podman, cid, sockdir)

@@ -31,7 +31,7 @@ from sdharness import FakeSystemd
 
 from memplug.client import Client
 from memplug.client.attach import Attachment
-from memplug.daemon.errors import NotFound, QuotaExceeded
+from memplug.common.errors import NotFound, QuotaExceeded
 from memplug.v1 import memplug_pb2 as pb
 
 FALLOC_FL_KEEP_SIZE = 0x01

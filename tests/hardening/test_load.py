@@ -46,7 +46,7 @@ from hardening_kit import (
 )
 
 from memplug.client import Client, MemplugError, Region
-from memplug.daemon.kernel import probe
+from memplug.common import memory
 
 Factory = Callable[..., DaemonProcess]
 
@@ -442,7 +442,7 @@ def test_sixteen_clients_at_random(
     leak_check("daemon RSS after load", max(0, rss - base_rss), tolerance=slack)
     with contextlib.suppress(AssertionError):
         wait_until(lambda: huge_free() == POOL_PAGES, 10, "the hugetlb pool to be free again")
-    pool = probe.huge_pool(HUGE_2M)
+    pool = memory.huge_pool(HUGE_2M)
     leak_check("hugetlb pages after load", POOL_PAGES - pool.free, "pages")
     leak_check("allow-dir tmpfs after load", used_bytes(allow) - base_used)
     held = memfds_of(pid)

@@ -9,7 +9,7 @@ import textwrap
 
 from hardening_kit import memory_cgroup, own_memory_cgroup
 
-from memplug.daemon.engine.ranges import MiB
+from memplug.common.sizes import MiB
 
 LIMIT = 256 * MiB
 

@@ -14,11 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import HUGE_2M, GiB, MiB, require, used_bytes
 
-from memplug.daemon.backings import BackingKind
-from memplug.daemon.engine.engine import RegionEngine
-from memplug.daemon.engine.ranges import Range
-from memplug.daemon.engine.region import RegionSpec
-from memplug.daemon.errors import (
+from memplug.common.errors import (
     Cancelled,
     FailedPrecondition,
     InvalidArgument,
@@ -28,6 +24,10 @@ from memplug.daemon.errors import (
     PoolExhausted,
     QuotaExceeded,
 )
+from memplug.common.ranges import Range
+from memplug.daemon.backings import BackingKind
+from memplug.daemon.engine.engine import RegionEngine
+from memplug.daemon.engine.region import RegionSpec
 from memplug.daemon.kernel import ops, probe
 
 EngineFactory = Callable[..., RegionEngine]
@@ -271,12 +271,11 @@ FALLBACK_SCRIPT = textwrap.dedent(
     from memplug.daemon.backings import BackingKind
     from memplug.daemon.engine.engine import RegionEngine
     from memplug.daemon.engine.region import RegionSpec
-    from memplug.daemon.errors import PoolExhausted
-    from memplug.daemon.kernel import probe
+    from memplug.common.errors import PoolExhausted
 
     MiB = 1 << 20
-    out = {"madv_populate": probe.has_madv_populate()}
-    engine = RegionEngine(threads=2)
+    engine = RegionEngine(threads=2, madv_populate=False)
+    out = {"madv_populate": engine.status().madv_populate}
     try:
         spec = RegionSpec(name="h", size=8 * MiB, backing=BackingKind.HUGETLB, page_size=2 * MiB)
         engine.create_region(spec)
@@ -303,7 +302,6 @@ def test_forced_fallbacks_without_madv_populate(hugetlb_pool: Callable[[int], No
     hugetlb_pool(3)
     proc = subprocess.run(
         [sys.executable, "-c", FALLBACK_SCRIPT],
-        env={**os.environ, "MEMPLUG_DISABLE_MADV_POPULATE": "1"},
         capture_output=True,
         text=True,
         timeout=60,

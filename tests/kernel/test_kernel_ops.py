@@ -5,18 +5,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import HUGE_2M, MiB, require
 
+from memplug.common import memory
 from memplug.daemon.backings.shmem import REGION_SEALS, create_memfd
+from memplug.daemon.config import Switches, environment_switches
 from memplug.daemon.kernel import ops, probe, toucher
 
-PAGE = probe.BASE_PAGE_SIZE
+PAGE = memory.BASE_PAGE_SIZE
 
 
 @pytest.fixture
@@ -126,10 +126,10 @@ def test_fallocate_error_carries_errno_and_step(fds: list[int]) -> None:
 def test_map_shared_and_populate_on_shmem(fds: list[int]) -> None:
     fd = shmem_fd(fds, 8 * MiB)
     with ops.map_shared(fd, 0, 8 * MiB) as m:
-        ops.populate(m.address, 2 * MiB, write=True)
+        memory.populate(m.address, 2 * MiB, write=True)
         assert ops.allocated_bytes(fd) == 2 * MiB
         # Populating shmem for read allocates its pages too.
-        ops.populate(m.address + 2 * MiB, 2 * MiB, write=False)
+        memory.populate(m.address + 2 * MiB, 2 * MiB, write=False)
         assert ops.allocated_bytes(fd) == 4 * MiB
         # The mapping is the file: writes through it are seen by pread, and back.
         ctypes.memmove(m.address + MiB, b"memplug", 7)
@@ -151,7 +151,7 @@ def test_populate_past_eof_is_efault_not_sigbus(fds: list[int]) -> None:
     fd = shmem_fd(fds, 2 * MiB)
     with ops.map_shared(fd, 0, 4 * MiB) as m:
         with pytest.raises(OSError, match="MADV_POPULATE_WRITE") as info:
-            ops.populate(m.address, 4 * MiB, write=True)
+            memory.populate(m.address, 4 * MiB, write=True)
         assert info.value.errno == errno.EFAULT
     assert ops.allocated_bytes(fd) == 2 * MiB  # what it populated stays
 
@@ -160,9 +160,9 @@ def test_populate_write_on_a_read_only_mapping_is_einval(fds: list[int]) -> None
     fd = shmem_fd(fds, 2 * MiB)
     with ops.map_shared(fd, 0, 2 * MiB, writable=False) as m:
         with pytest.raises(OSError) as info:
-            ops.populate(m.address, 2 * MiB, write=True)
+            memory.populate(m.address, 2 * MiB, write=True)
         assert info.value.errno == errno.EINVAL
-        ops.populate(m.address, 2 * MiB, write=False)
+        memory.populate(m.address, 2 * MiB, write=False)
 
 
 def test_map_shared_error(fds: list[int]) -> None:
@@ -284,23 +284,20 @@ def current_umask() -> int:
 
 
 def test_probe_sees_madv_populate() -> None:
-    assert probe.has_madv_populate() is True
+    assert memory.has_madv_populate() is True
 
 
-def test_probe_reports_madv_populate_missing_when_disabled() -> None:
-    code = "from memplug.daemon.kernel import probe; print(probe.has_madv_populate())"
-    env = {**os.environ, "MEMPLUG_DISABLE_MADV_POPULATE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "False"
+def test_environment_switches_turn_madv_populate_and_the_memcg_check_off() -> None:
+    assert environment_switches({}) == Switches(madv_populate=True, memcg_check=True)
+    off = environment_switches({"MEMPLUG_DISABLE_MADV_POPULATE": "1", "MEMPLUG_MEMCG_CHECK": "0"})
+    assert off == Switches(madv_populate=False, memcg_check=False)
 
 
 def test_huge_page_sizes() -> None:
-    sizes = probe.huge_page_sizes()
+    sizes = memory.huge_page_sizes()
     assert HUGE_2M in sizes
     assert sizes == sorted(sizes)
-    assert probe.default_huge_page_size() in sizes
+    assert memory.default_huge_page_size() in sizes
 
 
 def test_huge_page_flag_encodes_log2_of_the_size() -> None:
@@ -309,11 +306,11 @@ def test_huge_page_flag_encodes_log2_of_the_size() -> None:
 
 
 def test_huge_pool_reads_sysfs() -> None:
-    pool = probe.huge_pool(HUGE_2M)
+    pool = memory.huge_pool(HUGE_2M)
     assert pool.page_size == HUGE_2M
     assert 0 <= pool.free <= pool.total
     with pytest.raises(FileNotFoundError):
-        probe.huge_pool(3 * MiB)
+        memory.huge_pool(3 * MiB)
 
 
 # --------------------------------------------------------------------------- hugetlb
@@ -345,7 +342,7 @@ def test_hugetlb_populate_past_the_pool_is_efault_not_sigbus(
     # MAP_NORESERVE: a mapping larger than the pool can be made at all.
     with ops.map_shared(fd, 0, 8 * MiB) as m:
         with pytest.raises(OSError, match="MADV_POPULATE_WRITE") as info:
-            ops.populate(m.address, 8 * MiB, write=True)
+            memory.populate(m.address, 8 * MiB, write=True)
         assert info.value.errno == errno.EFAULT
     assert ops.allocated_bytes(fd) == HUGE_2M  # what it populated stays
     ops.punch_hole(fd, 0, 8 * MiB)
@@ -358,7 +355,7 @@ def test_hugetlb_populate_within_the_pool(
     hugetlb_pool(2)
     fd = hugetlb_fd(fds, 4 * MiB)
     with ops.map_shared(fd, 0, 4 * MiB) as m:
-        ops.populate(m.address, 4 * MiB, write=True)
+        memory.populate(m.address, 4 * MiB, write=True)
     assert ops.allocated_bytes(fd) == 4 * MiB
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from memplug.daemon.errors import (
+from memplug.common import status
+from memplug.common.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -28,7 +29,6 @@ from memplug.daemon.errors import (
     Unavailable,
     all_error_classes,
 )
-from memplug.daemon.transport import status
 from memplug.daemon.transport.servicer import MemplugServicer
 from memplug.v1 import memplug_pb2 as pb
 

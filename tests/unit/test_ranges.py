@@ -8,18 +8,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from memplug.daemon.engine.ranges import (
-    GiB,
-    IntervalSet,
-    KiB,
-    MiB,
-    Range,
-    check_range,
-    format_size,
-    parse_size,
-    subtract,
-)
-from memplug.daemon.errors import InvalidArgument, OutOfRange
+from memplug.common.errors import InvalidArgument, OutOfRange
+from memplug.common.ranges import IntervalSet, Range, check_range, subtract
+from memplug.common.sizes import GiB, KiB, MiB, format_size, parse_size
 
 TiB = 1 << 40
 

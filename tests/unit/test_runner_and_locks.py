@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from memplug.daemon.engine.cancel import CancelToken
+from memplug.common.cancel import CancelToken
+from memplug.common.errors import Cancelled, DeadlineExceeded
+from memplug.common.ranges import Range
 from memplug.daemon.engine.rangelock import RangeLock
-from memplug.daemon.engine.ranges import Range
 from memplug.daemon.engine.runner import Runner
 from memplug.daemon.engine.strategy import Method, Plan
-from memplug.daemon.errors import Cancelled, DeadlineExceeded
 
 WAIT = 5.0  # upper bound for things that should happen at once
 

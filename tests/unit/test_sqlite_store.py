@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from memplug.daemon.engine.ranges import MiB, Range
+from memplug.common.ranges import Range
+from memplug.common.sizes import MiB
 from memplug.daemon.state import sqlite as store_mod
 from memplug.daemon.state.sqlite import SCHEMA_VERSION, SqliteStore
 from memplug.daemon.state.store import RegionRecord

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from memplug.daemon.engine.ranges import GiB, KiB, MiB, Range
+from memplug.common.errors import FailedPrecondition
+from memplug.common.ranges import Range
+from memplug.common.sizes import GiB, KiB, MiB
 from memplug.daemon.engine.strategy import (
     CHUNK_BYTES,
     MIN_BYTES_PER_THREAD,
@@ -17,7 +19,6 @@ from memplug.daemon.engine.strategy import (
     plug_method,
     populate_method,
 )
-from memplug.daemon.errors import FailedPrecondition
 
 # --------------------------------------------------------------------------- methods
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from memplug.daemon.errors import Cancelled, DeadlineExceeded
+from memplug.common.errors import Cancelled, DeadlineExceeded
 
 
 class CancelToken:

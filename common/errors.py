@@ -17,8 +17,8 @@
     ├── Unavailable                   UNAVAILABLE          (client side) daemon unreachable
     └── Internal                      INTERNAL             a bug in memplug
 
-The mapping to gRPC codes lives in one table, memplug.daemon.transport.status.
-This module imports nothing from the daemon so that the client can reuse it.
+The mapping to gRPC codes lives in one table, memplug.common.status; the
+daemon raises these classes and the client raises them again from the status.
 """
 
 from __future__ import annotations
@@ -108,6 +108,13 @@ class Unavailable(MemplugError):
 
 class Internal(MemplugError):
     pass
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do.
+
+    Not a MemplugError: no RPC answers with it, memplugd prints it and exits.
+    """
 
 
 def all_error_classes() -> list[type[MemplugError]]:
