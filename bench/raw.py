@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from memplug.daemon.bench.stats import timed
+from bench.stats import timed
 from memplug.daemon.kernel import ops, probe
 
 Kind = Literal["shmem", "hugetlb", "file"]
