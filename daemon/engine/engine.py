@@ -724,7 +724,8 @@ class RegionEngine:
     def record_pending(self) -> None:
         """Retry closing the intents whose closing write failed (called periodically)."""
         with self._lock:
-            waiting = [self._regions[n] for n, ids in self._unrecorded.items() if ids]
+            names = [n for n, ids in self._unrecorded.items() if ids and n in self._regions]
+            waiting = [self._regions[n] for n in names]
         for region in waiting:
             self._finish(region, None, quiet=True)
 
