@@ -67,3 +67,11 @@ def test_the_wheel_imports_from_itself(wheel: Path, tmp_path: Path) -> None:
         "memplug.daemon.server.__file__"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+
+
+def test_the_license_is_an_spdx_expression(wheel: Path) -> None:
+    """PEP 639: `License-Expression`, not the deprecated table that warns at every build."""
+    zf = zipfile.ZipFile(wheel)
+    metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA")))
+    lines = metadata.decode().splitlines()
+    assert "License-Expression: Apache-2.0" in lines, metadata.decode()[:2000]
