@@ -15,7 +15,7 @@ import grpc
 from memplug.client.errors import BY_CODE
 from memplug.client.local import populate_mapping
 from memplug.common import memory
-from memplug.common.errors import Internal, MemplugError, Unavailable
+from memplug.common.errors import DeadlineExceeded, Internal, MemplugError, Unavailable
 
 PROTOCOL = "MEMPLUG/1"
 MAX_REPLY = 4096
@@ -54,10 +54,27 @@ def _exchange(fd_socket: str, request: str, timeout: float) -> tuple[int, Attach
             sock.connect(fd_socket)
         except OSError as exc:
             raise Unavailable(f"cannot reach the fd socket {fd_socket}: {exc.strerror}") from exc
-        sock.sendall(request.encode())
-        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REPLY, 1, socket.MSG_CMSG_CLOEXEC)
+        try:
+            sock.sendall(request.encode())
+            msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REPLY, 1, socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"the fd socket {fd_socket} did not answer within {timeout:g} s"
+            ) from exc
+        except OSError as exc:
+            # A connection accepted into the backlog is reset when its listening
+            # socket goes away (the daemon or systemd closing it): try again.
+            raise Unavailable(
+                f"the fd socket {fd_socket} dropped the connection ({exc.strerror or exc}): "
+                "is memplugd restarting? try again"
+            ) from exc
     finally:
         sock.close()
+    if not msg and not fds:
+        raise Unavailable(
+            f"the fd socket {fd_socket} closed the connection without an answer: "
+            "is memplugd stopping? try again"
+        )
     line = msg.decode(errors="replace").rstrip("\n")
     if line.startswith("OK ") and len(fds) == 1:
         fields = dict(item.split("=", 1) for item in line[3:].split())

@@ -205,7 +205,9 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--block-size", type=SIZE, default=0, help="unit of plug (default 2M)")
 @click.option("--path", default="", help="FILE regions: the file, inside an allowed dir")
 @click.option("--label", "-l", multiple=True, help="KEY=VALUE (repeatable)")
-@click.option("--owner-uid", type=int, default=None, help="uid owning the region (default 0)")
+@click.option(
+    "--owner-uid", type=int, default=None, help="uid owning the region (default: the daemon's uid)"
+)
 @click.option("--allow-uid", type=int, multiple=True, help="uid that may attach (repeatable)")
 @click.option("--allow-gid", type=int, multiple=True, help="gid that may attach (repeatable)")
 @click.option("--ro-uid", type=int, multiple=True, help="uid that may attach read-only")

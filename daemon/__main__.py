@@ -8,11 +8,13 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
 from memplug.common.errors import MemplugError, StartupError
 from memplug.daemon import __version__
 from memplug.daemon.config import load
 from memplug.daemon.server import Daemon
+from memplug.daemon.systemd import reload_running
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,17 +51,62 @@ def _kv(value: object) -> str:
     return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
 
 
+# logging level -> syslog priority, which journald reads from a "<N>" line prefix.
+SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def stderr_is_journal(environ: Mapping[str, str] = os.environ) -> bool:
+    """True if stderr is the journal stream systemd set up.
+
+    systemd documents the check: $JOURNAL_STREAM is "DEVICE:INODE" of the
+    stream it connected, and counts only if stderr is still that stream (a
+    child whose stderr was redirected inherits the variable, not the journal).
+    """
+    device, sep, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep or not device.isdigit() or not inode.isdigit() or sys.stderr is None:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+class JournalFormatter(logging.Formatter):
+    """One journal entry per event: "<N>" (its syslog priority) and one line.
+
+    journald splits a stream at newlines and reads the priority only from a
+    "<N>" prefix (SyslogLevelPrefix=yes, the default); without this every
+    line is PRIORITY=6 and a traceback becomes many unrelated entries.
+    """
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        priority = SYSLOG_PRIORITY.get(record.levelno, 3 if record.levelno > logging.INFO else 7)
+        return f"<{priority}>" + " | ".join(line for line in text.splitlines() if line.strip())
+
+
 def setup_logging(level: str, fmt: str) -> None:
     # journald stamps each line itself; elsewhere we add the time.
-    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    journald = stderr_is_journal()
     handler = logging.StreamHandler(sys.stderr)
+    formatter: logging.Formatter
     if fmt == "json":
-        handler.setFormatter(JsonFormatter(timestamps=not journald))
+        formatter = JsonFormatter(timestamps=not journald)
     else:
         stamp = "" if journald else "%(asctime)s "
-        handler.setFormatter(
-            KeyValueFormatter(f"{stamp}level=%(levelname)s logger=%(name)s %(message)s")
-        )
+        formatter = KeyValueFormatter(f"{stamp}level=%(levelname)s logger=%(name)s %(message)s")
+    handler.setFormatter(JournalFormatter(formatter) if journald else formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
@@ -72,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"memplugd {__version__}")
         return 0
+    if args.reload_running is not None:
+        ok, message = reload_running(args.reload_running, config.state_dir)
+        print(f"memplugd: {message}", file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
     setup_logging(config.log_level, config.log_format)
     daemon = Daemon(config, reload_config=lambda: load(argv)[0])
     stop = threading.Event()
@@ -82,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.start()
     except (StartupError, OSError) as exc:
-        print(f"memplugd: cannot start: {exc}", file=sys.stderr)
         daemon.stop()
+        # Last, so that it is the line an operator sees.
+        prefix = "<3>" if stderr_is_journal() else ""
+        print(f"{prefix}memplugd: cannot start: {exc}", file=sys.stderr)
         return 1
     while not stop.wait(0.2):
         if reload.is_set():

@@ -239,6 +239,15 @@ def parser() -> argparse.ArgumentParser:
         help="BACKING:SIZE:COUNT[:PAGESIZE], e.g. shmem:1G:2: keep COUNT pre-plugged memfds "
         "ready for matching CreateRegion calls (repeatable; within the quota)",
     )
+    p.add_argument(
+        "--reload-running",
+        dest="reload_running",
+        type=int,
+        metavar="PID",
+        default=None,
+        help="ask the running memplugd PID (same --state-dir) to reload its configuration, "
+        "wait for its answer and exit 0 if it was applied, 1 if not (for ExecReload=)",
+    )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 

@@ -12,10 +12,13 @@ import dataclasses
 import grp
 import logging
 import os
+import pwd
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,7 +34,12 @@ from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.metrics_http import MetricsServer
 from memplug.daemon.state.lock import StateDirBusy, StateDirLock
 from memplug.daemon.state.sqlite import SqliteStore
-from memplug.daemon.systemd import Notifier, listen_fds, watchdog_interval
+from memplug.daemon.systemd import (
+    Notifier,
+    listen_fds,
+    watchdog_interval,
+    write_reload_result,
+)
 from memplug.daemon.transport.fdserver import FdServer
 from memplug.daemon.transport.interceptors import MetricsInterceptor
 from memplug.daemon.transport.servicer import MemplugServicer
@@ -72,8 +80,9 @@ class FdStore:
             self.notifier.remove_fd(name)
 
 
-def apply_hugetlb_pools(pools: tuple[tuple[int, int], ...]) -> None:
-    """Size the kernel's huge page pools as configured; say what the kernel gave."""
+def apply_hugetlb_pools(pools: tuple[tuple[int, int], ...]) -> list[str]:
+    """Size the kernel's huge page pools as configured; say (and return) what fell short."""
+    problems = []
     for page_size, pages in pools:
         path = memory.HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB" / "nr_hugepages"
         try:
@@ -81,9 +90,36 @@ def apply_hugetlb_pools(pools: tuple[tuple[int, int], ...]) -> None:
             got = int(path.read_text())
         except OSError as exc:
             log.error("cannot set the %s hugetlb pool: %s", format_size(page_size), exc)
+            problems.append(f"cannot set the {format_size(page_size)} hugetlb pool: {exc}")
             continue
         level = logging.INFO if got == pages else logging.WARNING
         log.log(level, "hugetlb %s pool: %d of %d pages", format_size(page_size), got, pages)
+        if got != pages:
+            problems.append(f"the {format_size(page_size)} hugetlb pool got {got} of {pages} pages")
+    return problems
+
+
+def make_own_dir(path: Path, mode: int, flag: str) -> None:
+    """mkdir -p, or one line naming the flag that puts it elsewhere.
+
+    A non-root daemon started with another user's HOME (sudo -u, setpriv)
+    derives its default directories from that HOME and cannot create them.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as exc:
+        user = pwd_name(os.geteuid())
+        raise StartupError(
+            f"cannot use {path}: {exc.strerror or exc} (running as {user}); "
+            f"give a directory this user may write with {flag}"
+        ) from exc
+
+
+def pwd_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def split_inherited(fds: list[tuple[int, str]]) -> tuple[int | None, dict[str, int]]:
@@ -122,20 +158,24 @@ class Daemon:
         config = self.config
         # First, before anything opens an fd: 3.. are systemd's.
         listen_fd, adopted = split_inherited(listen_fds())
-        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_own_dir(config.state_dir, 0o700, "--state-dir DIR (or set XDG_STATE_HOME)")
         # Before anything else is touched: a second daemon on this state must
         # change nothing (no socket, no pool, no store write), only refuse.
         try:
             self._state_lock = StateDirLock(config.state_dir)
         except StateDirBusy as exc:
             raise StartupError(str(exc)) from None
-        config.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        make_own_dir(config.socket.parent, 0o755, "--socket PATH (or set XDG_RUNTIME_DIR)")
         claim_socket_path(config.socket)
         apply_hugetlb_pools(config.hugetlb_pools)
         try:
             self._store = SqliteStore(config.state_dir / "memplug.db")
         except Exception as exc:
-            raise StartupError(f"cannot open the state in {config.state_dir}: {exc}") from exc
+            raise StartupError(
+                f"cannot open the state in {config.state_dir}: {exc} (running as "
+                f"{pwd_name(os.geteuid())}); give a directory this user may write with "
+                "--state-dir DIR"
+            ) from exc
         switches = environment_switches()
         self.engine = RegionEngine(
             threads=config.threads,
@@ -165,7 +205,11 @@ class Daemon:
             raise StartupError(f"cannot listen on {config.fd_socket}: {exc}") from exc
         self._start_grpc()
         if self.notifier.enabled:
-            log.info("memfd regions are kept in systemd's fd store across restarts")
+            log.info(
+                "memfd regions are kept in systemd's fd store across restarts; systemd "
+                "empties it at `systemctl stop` unless FileDescriptorStorePreserve=yes "
+                "(systemd >= 254)"
+            )
         else:
             log.warning(
                 "no systemd (NOTIFY_SOCKET unset): memfd regions (shmem, hugetlb) will not "
@@ -257,28 +301,43 @@ class Daemon:
             self.engine.record_pending()
             self.notifier.status(self.status_line())
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the configuration; quota, allowed dirs and pools change live."""
+    def reload(self) -> tuple[bool, str]:
+        """SIGHUP: re-read the configuration; quota, allowed dirs and pools change live.
+
+        Returns (applied, what happened), also written to the state dir for
+        `memplugd --reload-running` (ExecReload=) to report.
+        """
+        started_ns = time.monotonic_ns()
         if self._reload_config is None:
-            return
+            return True, "nothing to reload"
         self.notifier.reloading()
+        ok, message = self._reload()
+        write_reload_result(self.config.state_dir, started_ns=started_ns, ok=ok, message=message)
+        self.notifier.ready(self.status_line())
+        return ok, message
+
+    def _reload(self) -> tuple[bool, str]:
+        assert self._reload_config is not None
         try:
             new = self._reload_config()
         except Exception as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-        else:
-            self.engine.reconfigure(max_bytes=new.max_bytes, allow_dirs=list(new.allow_dirs))
-            apply_hugetlb_pools(new.hugetlb_pools)
-            later = [f for f in RESTART_ONLY if getattr(new, f) != getattr(self.config, f)]
-            if later:
-                log.warning("reload: %s take effect only after a restart", ", ".join(later))
-            # Keep what is bound or running: the watchdog probes, and stop()
-            # unlinks, the socket this process serves, not the configured one.
-            self.config = dataclasses.replace(
-                new, **{f: getattr(self.config, f) for f in RESTART_ONLY}
-            )
-            log.info("reloaded the configuration")
-        self.notifier.ready(self.status_line())
+            return False, f"reload failed, keeping the running configuration: {exc}"
+        self.engine.reconfigure(max_bytes=new.max_bytes, allow_dirs=list(new.allow_dirs))
+        problems = apply_hugetlb_pools(new.hugetlb_pools)
+        later = [f for f in RESTART_ONLY if getattr(new, f) != getattr(self.config, f)]
+        notes = []
+        if later:
+            note = f"{', '.join(later)} take effect only after a restart"
+            log.warning("reload: %s", note)
+            notes.append(note)
+        # Keep what is bound or running: the watchdog probes, and stop()
+        # unlinks, the socket this process serves, not the configured one.
+        self.config = dataclasses.replace(new, **{f: getattr(self.config, f) for f in RESTART_ONLY})
+        if problems:
+            return False, "reloaded the configuration, but " + "; ".join(problems + notes)
+        log.info("reloaded the configuration")
+        return True, "; ".join(["reloaded the configuration", *notes])
 
     # ------------------------------------------------------------------ stop
 

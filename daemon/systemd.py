@@ -1,4 +1,4 @@
-"""systemd's service protocol, spoken directly: sd_notify, the fd store, LISTEN_FDS.
+"""systemd's service protocol, spoken directly: sd_notify, the fd store, LISTEN_FDS, reload.
 
 No libsystemd: the protocol is a datagram of NEWLINE-separated KEY=VALUE
 fields on $NOTIFY_SOCKET (fds ride along with SCM_RIGHTS), and inherited fds
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
+from pathlib import Path
 from typing import Final
 
 log = logging.getLogger("memplug.systemd")
@@ -107,3 +110,69 @@ def listen_fds(env: MutableMapping[str, str] | None = None) -> list[tuple[int, s
             fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
             fds.append((fd, names[i] if i < len(names) else "unknown"))
     return fds
+
+
+# --------------------------------------------------------------------------- reload
+
+# systemd 252 has no Type=notify-reload (>= 253): ExecReload= must itself wait
+# until the daemon has reloaded, or `systemctl reload` returns early and never
+# fails. The daemon writes each reload's outcome here, in its state dir;
+# `memplugd --reload-running PID` sends SIGHUP and waits for the outcome of a
+# reload that began after the signal.
+RELOAD_RESULT = "reload-result.json"
+RELOAD_TIMEOUT = 60.0
+
+
+def write_reload_result(state_dir: Path, *, started_ns: int, ok: bool, message: str) -> None:
+    """Publish a reload's outcome atomically (rename), for `--reload-running` to read."""
+    result = {"pid": os.getpid(), "started_ns": started_ns, "ok": ok, "message": message}
+    path = state_dir / RELOAD_RESULT
+    tmp = path.with_name(f".{RELOAD_RESULT}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(result) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.error("cannot write the reload result %s: %s", path, exc)
+
+
+def _read_reload_result(path: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_memplugd(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"memplugd" in arg or b"memplug.daemon" in arg for arg in argv[:3])
+
+
+def reload_running(pid: int, state_dir: Path, timeout: float = RELOAD_TIMEOUT) -> tuple[bool, str]:
+    """Ask the memplugd of pid to reload and wait for its answer: (reloaded, what it said)."""
+    if not _is_memplugd(pid):
+        return False, f"process {pid} is not a running memplugd"
+    path = state_dir / RELOAD_RESULT
+    asked_ns = time.monotonic_ns()  # CLOCK_MONOTONIC: the daemon reads the same clock
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        return False, f"cannot signal memplugd (pid {pid}): {exc.strerror}"
+    deadline = time.monotonic() + timeout
+    while True:
+        result = _read_reload_result(path) or {}
+        started = result.get("started_ns")
+        # Only a reload that began after the signal read the configuration as it is now.
+        if result.get("pid") == pid and isinstance(started, int) and started >= asked_ns:
+            return bool(result.get("ok")), str(result.get("message", ""))
+        if not _is_memplugd(pid):
+            return False, f"memplugd (pid {pid}) exited during the reload"
+        if time.monotonic() > deadline:
+            return False, (
+                f"memplugd (pid {pid}) gave no answer in {path} within {timeout:g} s: "
+                "is --state-dir the daemon's own?"
+            )
+        time.sleep(0.02)

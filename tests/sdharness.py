@@ -144,6 +144,13 @@ class FakeSystemd:
             proc, sock, fd_sock, log_path, channel, pb_grpc.MemplugStub(channel), daemon_argv
         )
 
+    def empty_fd_store(self) -> None:
+        """What systemd does at `systemctl stop` (before 254's FileDescriptorStorePreserve=)."""
+        with self._cond:
+            for fd in self.fdstore.values():
+                os.close(fd)
+            self.fdstore.clear()
+
     def close(self) -> None:
         self._stop = True
         self._thread.join(2)

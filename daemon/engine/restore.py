@@ -36,9 +36,14 @@ from memplug.daemon.state.store import Intent, RegionRecord, StateStore
 
 log = logging.getLogger("memplug.restore")
 
+# Why a memfd region's fd may not come back, as systemd really behaves: its fd
+# store outlives restarts of the service but not a stop (before systemd 254).
 NO_FD_STORE = (
-    "memfd regions live only as long as the daemon process unless systemd keeps "
-    "their fds (run memplugd as a Type=notify service with FileDescriptorStoreMax)"
+    "a memfd region's memory lives only in its fds; systemd's fd store keeps them across "
+    "restarts (systemctl restart, a crash, the watchdog) but empties it at `systemctl stop` "
+    "and at reboot, unless the unit sets FileDescriptorStorePreserve=yes (systemd >= 254); "
+    "without systemd they end with the daemon process. Use `systemctl restart memplugd`, "
+    "not stop and start, or a file region (--allow-dir) for memory that must outlive a stop"
 )
 
 

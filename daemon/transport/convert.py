@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 from memplug.common import memory
@@ -97,7 +98,9 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
         path=request.path,
         labels=dict(request.labels),
         acl=Acl(
-            owner_uid=request.owner_uid if request.HasField("owner_uid") else 0,
+            # gRPC cannot tell who calls (no SO_PEERCRED through grpcio): unset means
+            # the daemon's own uid, root under systemd, the user of a non-root daemon.
+            owner_uid=request.owner_uid if request.HasField("owner_uid") else os.geteuid(),
             allowed_uids=frozenset(request.allowed_uids),
             allowed_gids=frozenset(request.allowed_gids),
             read_only_uids=frozenset(request.read_only_uids),

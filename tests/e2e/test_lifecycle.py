@@ -800,3 +800,75 @@ def test_activated_socket_and_fd_store_across_restart(systemd: Systemd) -> None:
         assert fd_sock.exists(), "memplugd unlinked the fd socket systemd owns"
     finally:
         listener.close()
+
+
+def test_region_lost_to_a_stop_says_what_happened(systemd: Systemd) -> None:
+    """`systemctl stop` empties the fd store: the message says so and what keeps regions.
+
+    The unit already is Type=notify with FileDescriptorStoreMax; advising that
+    would send an operator in circles.
+    """
+    d = systemd.start()
+    with Client(d.socket) as c:
+        c.create_region("vm0", 8 * MiB)
+    assert d.stop() == 0
+    systemd.sd.empty_fd_store()
+    d2 = systemd.start()
+    with Client(d2.socket) as c, pytest.raises(NotFound) as info:
+        c.get_region("vm0")
+    message = info.value.message
+    assert "systemctl stop" in message, message
+    assert "FileDescriptorStorePreserve=yes" in message, message
+    assert "systemctl restart" in message, message
+    assert "run memplugd as a Type=notify service" not in message, message
+
+
+def reload_running(pid: int, state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """What the unit's ExecReload= runs."""
+    argv = [sys.executable, "-m", "memplug.daemon", "--reload-running", str(pid)]
+    return subprocess.run(
+        [*argv, "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+def test_reload_running_waits_and_tells_the_truth(systemd: Systemd, tmp_path: Path) -> None:
+    """ExecReload= returns once the daemon has reloaded, non-zero when it refused."""
+    config = tmp_path / "memplugd.toml"
+    config.write_text('max-bytes = "8M"\n')
+    d = systemd.start("--config", str(config))
+    state = systemd.sd.workdir / "state"
+    config.write_text('max-bytes = "64M"\n')
+    out = reload_running(d.proc.pid, state)
+    assert out.returncode == 0, out.stderr
+    assert "reloaded the configuration" in out.stdout, out.stdout
+    with Client(d.socket) as c:
+        # At once, no waiting: the command returned after the daemon applied it.
+        assert c.status().quota_bytes == 64 * MiB
+        c.create_region("vm0", 64 * MiB)
+        config.write_text("max-bytes = [\n")
+        out = reload_running(d.proc.pid, state)
+        assert out.returncode == 1, out.stdout
+        assert "reload failed, keeping the running configuration" in out.stderr, out.stderr
+        assert str(config) in out.stderr, out.stderr
+        # Still serving, with the old configuration.
+        assert c.status().quota_bytes == 64 * MiB
+        assert c.plug("vm0", 0, 32 * MiB).bytes == 32 * MiB
+    # Both reloads spoke the notify protocol newer systemds read.
+    assert sum(1 for m in systemd.sd.messages if m.get("RELOADING") == "1") >= 1
+    assert d.alive()
+
+
+def test_reload_running_refuses_a_process_that_is_not_memplugd(systemd: Systemd) -> None:
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        out = reload_running(other.pid, systemd.sd.workdir / "state")
+        assert out.returncode == 1
+        assert "is not a running memplugd" in out.stderr, out.stderr
+        assert other.poll() is None, "it sent SIGHUP to a process that is not memplugd"
+    finally:
+        other.kill()
+        other.wait()

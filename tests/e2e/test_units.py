@@ -8,6 +8,7 @@ calls it is built on; the unit keeps what the daemon's systemd code relies on.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -176,7 +177,6 @@ def test_service_keeps_what_the_daemon_relies_on(units: Units) -> None:
     assert service.get("NotifyAccess", ["main"])[-1] in ("main", "all")
     assert int(service["WatchdogSec"][-1]) > 0
     assert int(service["FileDescriptorStoreMax"][-1]) > 0  # memfd regions live there
-    assert any("-HUP" in v for v in service.get("ExecReload", [])), "SIGHUP reloads"
     socket = directives(units.socket, "Socket")
     argv = shlex.split(service["ExecStart"][-1])
     assert argv[0] == str(units.binary)
@@ -184,6 +184,82 @@ def test_service_keeps_what_the_daemon_relies_on(units: Units) -> None:
     assert socket["ListenStream"] == [fd_socket], "the socket unit must bind the --fd-socket"
     assert socket["FileDescriptorName"] == ["fd-socket"]
     assert socket["Service"] == [SERVICE]
+
+
+def test_reload_waits_for_the_daemon(units: Units) -> None:
+    """systemd 252 has no Type=notify-reload: ExecReload= itself must wait and fail.
+
+    `kill -HUP` returns before the daemon has reloaded and never reports a refusal;
+    `memplugd --reload-running $MAINPID` waits for the answer in the daemon's state dir.
+    """
+    service = directives(units.service, "Service")
+    (reload,) = service["ExecReload"]
+    argv, start = shlex.split(reload), shlex.split(service["ExecStart"][-1])
+    assert argv[:3] == [str(units.binary), "--reload-running", "$MAINPID"], argv
+    assert argv[argv.index("--state-dir") + 1] == start[start.index("--state-dir") + 1]
+
+
+def test_socket_outlives_restarts_of_the_daemon(units: Units) -> None:
+    """PartOf= on the socket re-creates it at every restart (crash and watchdog too),
+    resetting consumers that wait in its backlog. Requires= on the service keeps
+    `systemctl stop memplugd-fd.socket` stopping both.
+    """
+    socket_unit = directives(units.socket, "Unit")
+    assert "PartOf" not in socket_unit, socket_unit
+    assert "BindsTo" not in socket_unit, socket_unit
+    service_unit = directives(units.service, "Unit")
+    required = " ".join(service_unit.get("Requires", [])).split()
+    assert SOCKET in required, service_unit
+    out = analyze("verify", str(units.service), str(units.socket))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_user_unit_verifies(tmp_path: Path) -> None:
+    """packaging/systemd/user/memplugd.service, for `systemctl --user`."""
+    require(shutil.which("systemd-analyze") is not None, "systemd-analyze is not installed")
+    binary = Path(sys.executable).parent / "memplugd"
+    text = (UNITS / "user" / SERVICE).read_text()
+    assert SHIPPED_BINARY in text
+    service = tmp_path / SERVICE
+    service.write_text(text.replace(SHIPPED_BINARY, str(binary)))
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    out = subprocess.run(
+        ["systemd-analyze", "--user", "verify", str(service)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+    )
+    text_out = out.stdout + out.stderr
+    assert out.returncode == 0, text_out
+    assert not re.search(r"Unknown|[Ff]ailed|not executable|Invalid", text_out), text_out
+    unit = directives(service, "Service")
+    assert unit["Type"] == ["notify"]
+    assert "User" not in unit, "a user unit runs as its user"
+    assert "--reload-running" in unit["ExecReload"][-1]
+    assert "--state-dir" in unit["ExecStart"][-1]
+
+
+def test_fd_store_preserve_drop_in(units: Units) -> None:
+    """The drop-in for systemd >= 254; older versions ignore its one key."""
+    dropin_dir = units.service.parent / f"{SERVICE}.d"
+    dropin_dir.mkdir()
+    shutil.copy(UNITS / "fdstore-preserve.conf", dropin_dir / "fdstore-preserve.conf")
+    assert directives(dropin_dir / "fdstore-preserve.conf", "Service") == {
+        "FileDescriptorStorePreserve": ["yes"]
+    }
+    out = analyze("verify", str(units.service), str(units.socket))
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    complaints = [line for line in text.splitlines() if line.strip()]
+    version = int(analyze("--version").stdout.split()[1])
+    if version < 254:
+        assert complaints, "systemd-analyze never read the drop-in"
+        assert all("Unknown key 'FileDescriptorStorePreserve'" in c for c in complaints), text
+    else:
+        assert not complaints, text
 
 
 def test_syscall_groups_hold_what_the_daemon_needs() -> None:

@@ -83,6 +83,14 @@ def test_the_wheel_imports_from_itself(wheel: Path, tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
 
 
+def test_the_license_is_an_spdx_expression(wheel: Path) -> None:
+    """PEP 639: `License-Expression`, not the deprecated table that warns at every build."""
+    zf = zipfile.ZipFile(wheel)
+    metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA")))
+    lines = metadata.decode().splitlines()
+    assert "License-Expression: Apache-2.0" in lines, metadata.decode()[:2000]
+
+
 def test_no_measuring_tool_is_in_the_wheel(wheel: Path) -> None:
     tools = {path.read_bytes() for path in BENCH.rglob("*.py") if "__pycache__" not in path.parts}
     tools.discard(b"")  # an empty module would match every empty __init__.py

@@ -384,7 +384,7 @@ class CreateRegionRequest(_message.Message):
     are resolved by the kernel and must stay beneath the allowed directory.
     """
     owner_uid: _builtins.int
-    """See Region.owner_uid; unset means root (0)."""
+    """See Region.owner_uid; unset means the daemon's own uid (root when it runs as root)."""
     transparent_huge_pages: _builtins.bool
     """SHMEM only. Unset: use transparent huge pages when the kernel allows them
     for shmem (shmem_enabled = always, within_size, advise or force); true:
