@@ -62,9 +62,62 @@ def exit_code(exc: MemplugError) -> int:
     return 1
 
 
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """text with its line breaks escaped: an argument may carry them into a message."""
+    return _LINE_BREAKS.sub(lambda m: m.group(0).encode("unicode_escape").decode(), text)
+
+
 def fail(exc: MemplugError) -> NoReturn:
-    click.echo(f"memplug: {exc}", err=True)
+    click.echo(f"memplug: {one_line(str(exc))}", err=True)
     sys.exit(exit_code(exc))
+
+
+U64_MAX = (1 << 64) - 1  # sizes and offsets are uint64 in the API
+U32 = click.IntRange(0, (1 << 32) - 1)  # uids, gids, NUMA nodes and threads are uint32
+
+
+class InputError(click.ClickException):
+    """A usage error (bad option, missing argument, bad value), shown as one line.
+
+    click prints usage errors on several lines (usage, hint, error); memplug's
+    errors are one line each, whatever their cause, with the same exit code 2.
+    """
+
+    exit_code = 2
+
+    def __init__(self, exc: click.UsageError) -> None:
+        ctx = exc.ctx
+        verb = f"{ctx.info_name}: " if ctx is not None and ctx.parent is not None else ""
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        super().__init__(f"{verb}{exc.format_message()}{hint}")
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"memplug: {one_line(self.format_message())}", err=True)
+
+
+class Cli(click.Group):
+    """The memplug group: usage errors of the group and of every verb become InputError."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise InputError(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:  # a verb's own arguments (parsed in here)
+            raise InputError(exc) from None
 
 
 class Size(click.ParamType[int, Any]):
@@ -76,9 +129,12 @@ class Size(click.ParamType[int, Any]):
         if isinstance(value, int):
             return value
         try:
-            return parse_size(str(value))
+            size = parse_size(str(value))
         except InvalidArgument as exc:
             self.fail(str(exc), param, ctx)
+        if not 0 <= size <= U64_MAX:
+            self.fail(f"{value!r} is out of range: at most 16 EiB - 1 ({U64_MAX:#x})", param, ctx)
+        return size
 
 
 SIZE = Size()
@@ -110,7 +166,7 @@ def command(group: click.Group, name: str, **kw: Any) -> Callable[[F], F]:
     return wrap
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
     envvar="MEMPLUG_SOCKET",
@@ -206,12 +262,12 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--path", default="", help="FILE regions: the file, inside an allowed dir")
 @click.option("--label", "-l", multiple=True, help="KEY=VALUE (repeatable)")
 @click.option(
-    "--owner-uid", type=int, default=None, help="uid owning the region (default: the daemon's uid)"
+    "--owner-uid", type=U32, default=None, help="uid owning the region (default: the daemon's uid)"
 )
-@click.option("--allow-uid", type=int, multiple=True, help="uid that may attach (repeatable)")
-@click.option("--allow-gid", type=int, multiple=True, help="gid that may attach (repeatable)")
-@click.option("--ro-uid", type=int, multiple=True, help="uid that may attach read-only")
-@click.option("--ro-gid", type=int, multiple=True, help="gid that may attach read-only")
+@click.option("--allow-uid", type=U32, multiple=True, help="uid that may attach (repeatable)")
+@click.option("--allow-gid", type=U32, multiple=True, help="gid that may attach (repeatable)")
+@click.option("--ro-uid", type=U32, multiple=True, help="uid that may attach read-only")
+@click.option("--ro-gid", type=U32, multiple=True, help="gid that may attach read-only")
 @click.option(
     "--thp/--no-thp", default=None, help="shmem: transparent huge pages (default: when allowed)"
 )
@@ -220,7 +276,7 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
     type=click.Choice(["default", "bind", "preferred", "interleave"]),
     default="default",
 )
-@click.option("--numa-node", type=int, multiple=True, help="node for --numa-policy (repeatable)")
+@click.option("--numa-node", type=U32, multiple=True, help="node for --numa-policy (repeatable)")
 @click.option("--lock", is_flag=True, help="mlock plugged blocks")
 def create_cmd(
     name: str,
@@ -321,7 +377,50 @@ def rm_cmd(names: tuple[str, ...]) -> None:
 # --------------------------------------------------------------------------- ranges
 
 
-def _run_streaming(verb: str, name: str, call: Callable[..., OperationResult]) -> None:
+ROLLBACK_WAIT = 5.0  # seconds Ctrl-C waits for the daemon to confirm a plug's rollback
+
+
+def _cancelled_plug(c: Client, name: str, before: Region) -> Cancelled:
+    """What a cancelled plug left, as the daemon shows it: wait (bounded) until it says.
+
+    The client's cancel ends the call at once, but the daemon releases the
+    memory afterwards (seconds for many GiB), and a cancel that arrives as
+    the plug finishes finds nothing to undo: say only what GetRegion confirms.
+    """
+    deadline = time.monotonic() + ROLLBACK_WAIT
+    now = before
+    try:
+        while True:
+            now = c.get_region(name)
+            if now.plugged == before.plugged and now.allocated_bytes <= before.allocated_bytes:
+                return Cancelled(f"plug {name}: cancelled; the daemon rolled back what it had done")
+            if now.plugged != before.plugged and now.plugged_bytes > before.plugged_bytes:
+                return Cancelled(
+                    f"plug {name}: cancelled too late: the daemon had finished the plug "
+                    f"(plugged {format_size(now.plugged_bytes)}); unplug gives it back"
+                )
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+    except (MemplugError, KeyboardInterrupt):
+        pass  # the region went away or a second Ctrl-C: report what is known
+    extra = max(0, now.allocated_bytes - before.allocated_bytes)
+    return Cancelled(
+        f"plug {name}: cancelled; the daemon is still rolling back "
+        f"({format_size(extra)} not yet released); `memplug show {name}` follows it"
+    )
+
+
+def _run_streaming(
+    verb: str,
+    name: str,
+    call: Callable[..., OperationResult],
+    on_cancel: Callable[[], Cancelled] | None = None,
+) -> None:
+    """Run a plug or populate with a progress bar; Ctrl-C cancels it (exit 130).
+
+    on_cancel: what to say after Ctrl-C (default: nothing was left to undo).
+    """
     ctx = click.get_current_context()
     interactive = sys.stderr.isatty() and not ctx.obj["json"]
     try:
@@ -349,7 +448,9 @@ def _run_streaming(verb: str, name: str, call: Callable[..., OperationResult]) -
         else:
             result = call(progress=None)
     except KeyboardInterrupt:
-        fail(Cancelled(f"{verb} {name}: cancelled; the daemon rolled back what it had done"))
+        if on_cancel is not None:
+            fail(on_cancel())
+        fail(Cancelled(f"{verb} {name}: cancelled; it allocates nothing, so nothing to undo"))
     _emit(ctx, dataclasses.asdict(result), lambda: show_result(verb, name, result))
 
 
@@ -364,21 +465,23 @@ def _range_args(fn: F) -> F:
 @click.option(
     "--strategy", type=click.Choice(["auto", "fallocate", "populate-write"]), default="auto"
 )
-@click.option("--threads", type=int, default=0, help="most worker threads (default: daemon's)")
+@click.option("--threads", type=U32, default=0, help="most worker threads (default: daemon's)")
 def plug_cmd(name: str, offset: int, length: int | None, strategy: str, threads: int) -> None:
     """Allocate backing memory for NAME [OFFSET [LENGTH]] (default: all of it)."""
     with client() as c:
+        before = c.get_region(name)
         _run_streaming(
             "plug",
             name,
             functools.partial(c.plug, name, offset, length, strategy=strategy, threads=threads),
+            on_cancel=lambda: _cancelled_plug(c, name, before),
         )
 
 
 @command(cli, "populate")
 @_range_args
 @click.option("--mode", type=click.Choice(["read", "write"]), default="write")
-@click.option("--threads", type=int, default=0)
+@click.option("--threads", type=U32, default=0, help="most worker threads (default: daemon's)")
 def populate_cmd(name: str, offset: int, length: int | None, mode: str, threads: int) -> None:
     """Prefault plugged memory of NAME [OFFSET [LENGTH]]."""
     with client() as c:

@@ -15,8 +15,9 @@ from memplug.client import convert
 from memplug.client.attach import Attachment, open_region, redeem
 from memplug.client.errors import error_from_rpc
 from memplug.client.types import OperationResult, RangeResult, Region, Status, Ticket
-from memplug.common.errors import Cancelled, Internal, MemplugError
+from memplug.common.errors import Cancelled, Internal, InvalidArgument, MemplugError, OutOfRange
 from memplug.common.paths import default_socket
+from memplug.common.sizes import format_size
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -29,6 +30,17 @@ T = TypeVar("T")
 # is most of what a small plug costs beyond its unary floor. cancel() from
 # another thread still ends the call.
 _CHANNEL_OPTIONS = [(ChannelOptions.SingleThreadedUnaryStream, 1)]
+
+
+def _check_uint(value: int, bits: int, what: str) -> int:
+    """value, if it fits the API's unsigned field; protobuf would raise a bare ValueError."""
+    if not 0 <= value < 1 << bits:
+        raise InvalidArgument(f"{what} {value} is out of range: it must be 0 to {(1 << bits) - 1}")
+    return value
+
+
+def _check_uints(values: list[int] | None, bits: int, what: str) -> list[int]:
+    return [_check_uint(v, bits, what) for v in values or []]
 
 
 class Client:
@@ -94,20 +106,20 @@ class Client:
     ) -> Region:
         request = pb.CreateRegionRequest(
             name=name,
-            size=size,
+            size=_check_uint(size, 64, "size"),
             backing=convert.pick(convert.BACKINGS, backing, "backing"),
-            page_size=page_size,
-            block_size=block_size,
+            page_size=_check_uint(page_size, 64, "page size"),
+            block_size=_check_uint(block_size, 64, "block size"),
             path=path,
             labels=dict(labels or {}),
-            owner_uid=owner_uid,
-            allowed_uids=allowed_uids or [],
-            allowed_gids=allowed_gids or [],
-            read_only_uids=read_only_uids or [],
-            read_only_gids=read_only_gids or [],
+            owner_uid=None if owner_uid is None else _check_uint(owner_uid, 32, "owner uid"),
+            allowed_uids=_check_uints(allowed_uids, 32, "uid"),
+            allowed_gids=_check_uints(allowed_gids, 32, "gid"),
+            read_only_uids=_check_uints(read_only_uids, 32, "uid"),
+            read_only_gids=_check_uints(read_only_gids, 32, "gid"),
             transparent_huge_pages=transparent_huge_pages,
             numa_policy=convert.pick(convert.NUMA_POLICIES, numa_policy, "NUMA policy"),
-            numa_nodes=numa_nodes or [],
+            numa_nodes=_check_uints(numa_nodes, 32, "NUMA node"),
             lock=lock,
         )
         return convert.region(self._unary(self._stub.CreateRegion, request))
@@ -137,7 +149,16 @@ class Client:
 
     def _whole(self, name: str, offset: int, length: int | None) -> int:
         """length None means up to the end of the region."""
-        return self.get_region(name).size - offset if length is None else length
+        _check_uint(offset, 64, "offset")
+        if length is not None:
+            return _check_uint(length, 64, "length")
+        size = self.get_region(name).size
+        if offset >= size:
+            raise OutOfRange(
+                f"{name}: offset {offset:#x} is at or past the end of the region "
+                f"({format_size(size)}, {size:#x})"
+            )
+        return size - offset
 
     def plug(
         self,
@@ -161,7 +182,7 @@ class Client:
             offset=offset,
             length=self._whole(name, offset, length),
             strategy=convert.pick(convert.STRATEGIES, strategy, "strategy"),
-            threads=threads,
+            threads=_check_uint(threads, 32, "threads"),
         )
         return self._stream(self._stub.Plug, request, progress, cancel, timeout)
 
@@ -183,7 +204,7 @@ class Client:
             offset=offset,
             length=self._whole(name, offset, length),
             mode=convert.pick(modes, mode, "populate mode"),
-            threads=threads,
+            threads=_check_uint(threads, 32, "threads"),
         )
         return self._stream(self._stub.Populate, request, progress, cancel, timeout)
 

@@ -615,19 +615,23 @@ class RegionEngine:
                             progress(new, new)
                         return OpResult(new, 0.0, "warm-pool", 0, region.info(), zeroing="done")
                 fresh = sum(g.length for g in gaps)
-                plan = make_plan(
-                    method, gaps, max_threads=threads or self.threads, align=region.block_size
-                )
+                # Refusals first: a plug too big for the cgroup or the quota costs
+                # no planning, no extent scan and no intent, whatever its size.
                 room = self._memcg_room(region, r, fresh)
-                before = backing.allocated_bytes()
-                keep = [
-                    Range(o, n) for g in gaps for o, n in backing.data_extents(g.offset, g.length)
-                ]
-                intent = self._begin(region, "plug", r, tuple(keep))
+                self._reserve_quota(region, fresh)
                 try:
-                    self._reserve_quota(region, fresh)
+                    plan = make_plan(
+                        method, gaps, max_threads=self._threads(threads), align=region.block_size
+                    )
+                    before = backing.allocated_bytes()
+                    keep = [
+                        Range(o, n)
+                        for g in gaps
+                        for o, n in backing.data_extents(g.offset, g.length)
+                    ]
+                    intent = self._begin(region, "plug", r, tuple(keep))
                 except BaseException:
-                    self._finish(region, intent, quiet=True)
+                    self._release_quota(fresh)
                     raise
                 started = time.monotonic()
                 span = Range(gaps[0].offset, gaps[-1].end - gaps[0].offset)
@@ -670,6 +674,14 @@ class RegionEngine:
                 region.info(),
                 zeroing=backing.zeroing(method.value),
             )
+
+    def _threads(self, requested: int) -> int:
+        """Threads for one operation: as asked (0: all), at most the daemon's workers.
+
+        The plan holds one slice per thread, so an uncapped request (uint32) would
+        cost memory in proportion to the range instead of to the workers.
+        """
+        return min(requested or self.threads, self.threads)
 
     def _adopt_prebacked(self, region: Region, warm: list[Range]) -> None:
         """Plug ranges whose memory is already allocated (quota was taken with the pool)."""
@@ -830,7 +842,7 @@ class RegionEngine:
             with region.locks.hold(r, token):
                 self._require_plugged(region, "populate", r)
                 plan = make_plan(
-                    method, [r], max_threads=threads or self.threads, align=region.block_size
+                    method, [r], max_threads=self._threads(threads), align=region.block_size
                 )
                 backing = region.backing
                 started = time.monotonic()

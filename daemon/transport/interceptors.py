@@ -9,13 +9,24 @@ from typing import Any
 import grpc
 
 from memplug.daemon import metrics
+from memplug.daemon.transport.status import abandoned_code
 
 
-def _code(context: grpc.ServicerContext) -> str:
+def _code(context: grpc.ServicerContext, *, abandoned: bool = False) -> str:
+    """The RPC's final status; abandoned: the handler never returned or raised.
+
+    grpcio drops a streaming handler without setting a code when the client
+    went away (cancel, disconnect, deadline) while a message was on its way,
+    and a unary handler can return after its caller left: neither is OK.
+    """
     code = context.code()  # type: ignore[attr-defined]  # grpcio >= 1.38; not in grpc-stubs
     if isinstance(code, grpc.StatusCode):
         return code.name
-    return "OK" if code is None else str(code)
+    if code is not None:
+        return str(code)
+    if abandoned or not context.is_active():
+        return abandoned_code(context).name
+    return "OK"
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -31,8 +42,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return None
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
 
-        def done(context: grpc.ServicerContext, started: float) -> None:
-            metrics.RPC_TOTAL.labels(rpc, _code(context)).inc()
+        def done(context: grpc.ServicerContext, started: float, abandoned: bool = False) -> None:
+            metrics.RPC_TOTAL.labels(rpc, _code(context, abandoned=abandoned)).inc()
             metrics.RPC_SECONDS.labels(rpc).observe(time.monotonic() - started)
 
         if handler.unary_unary is not None:
@@ -53,10 +64,17 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 started = time.monotonic()
+                finished = False
                 try:
                     yield from inner_stream(request, context)
+                    finished = True
+                except Exception:
+                    finished = True  # raised: the handler set its status (translate aborts)
+                    raise
                 finally:
-                    done(context, started)
+                    # Not finished: grpcio closed the generator (GeneratorExit),
+                    # the client having gone before a message could be sent.
+                    done(context, started, abandoned=not finished)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer

@@ -32,6 +32,19 @@ def abort(context: grpc.ServicerContext, exc: MemplugError) -> NoReturn:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def abandoned_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The status of an RPC whose client went away before its answer was sent.
+
+    grpcio then closes a streaming handler at its pending message
+    (GeneratorExit) and sets no code; the client saw CANCELLED or
+    DEADLINE_EXCEEDED.
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 def _fields(rpc: str, request: Any, code: str, t0: float) -> dict[str, object]:
     fields: dict[str, object] = {"rpc": rpc}
     for attr, key in (("name", "region"), ("offset", "offset"), ("length", "length")):
@@ -67,6 +80,11 @@ def translate(rpc: str, *, streaming: bool = False) -> Callable[[_F], _F]:
                 t0 = time.monotonic()
                 try:
                     yield from method(self, request, context)
+                except GeneratorExit:
+                    fields = _fields(rpc, request, abandoned_code(context).name, t0)
+                    gone = "the client went away before the answer was sent"
+                    log.warning("rpc failed", extra={"fields": {**fields, "error": gone}})
+                    raise
                 except Exception as exc:
                     if _aborted(exc):
                         raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Generic, TypeVar
 
 import grpc
@@ -82,12 +82,21 @@ def stream_operation(
             events.put(_Done(None, exc))
 
     finished = _COORDINATORS.submit(body)
-    while True:
-        event = events.get()
-        if isinstance(event, _Done):
-            finished.result()
-            if event.error is not None:
-                raise event.error
-            yield event.value  # type: ignore[misc]
-            return
-        yield event
+    try:
+        while True:
+            event = events.get()
+            if isinstance(event, _Done):
+                finished.result()
+                if event.error is not None:
+                    raise event.error
+                yield event.value  # type: ignore[misc]
+                return
+            yield event
+    except GeneratorExit:
+        # grpcio closes the stream when the client went away while a message was
+        # on its way. The token is cancelled by then (token_for); wait for the
+        # call's rollback so that the RPC ends, and is counted and logged, only
+        # once the daemon has undone it, as when the cancel reaches run() itself.
+        token.cancel("cancelled by the client")
+        wait([finished])
+        raise

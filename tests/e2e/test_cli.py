@@ -8,15 +8,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from conftest import DaemonProcess, GiB, MiB, start_daemon, stop_shared
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_operations import free_port, scrape, value
 
-from memplug.client import Client
+from memplug.client import Cancelled, Client
+from memplug.client.cli import cli
 
 MEMPLUG = Path(sys.executable).parent / "memplug"
 Factory = Callable[..., DaemonProcess]
@@ -231,3 +238,227 @@ def test_ctrl_c_cancels_plug_and_rolls_back(daemon: DaemonProcess) -> None:
             assert time.monotonic() < deadline, f"no rollback after Ctrl-C: {region}"
             time.sleep(0.05)
         c.delete_region(name)
+
+
+# --------------------------------------------------------------------------- cancel accounting
+
+
+def plug_cancels(daemon: DaemonProcess) -> tuple[int, int]:
+    """(CANCELLED, OK) Plug RPCs in the daemon's log."""
+    lines = [line for line in daemon.log().splitlines() if " rpc=Plug " in line]
+    return (
+        sum("status=CANCELLED" in line for line in lines),
+        sum("status=OK" in line for line in lines),
+    )
+
+
+def test_every_cancelled_plug_is_counted_and_logged(daemon_factory: Factory) -> None:
+    """Cancels landing as the plug finishes: each shows as CANCELLED in metrics and log.
+
+    The client cancels the moment GetRegion shows the range plugged, before the
+    result can reach it: the daemon then has its answer on the way to a client
+    that has gone. Whatever the client saw, the daemon counts and logs the same.
+    """
+    port = free_port()
+    d = daemon_factory("--metrics", f"127.0.0.1:{port}")
+    with Client(d.socket) as c:
+        c.create_region("fin", 256 * MiB)
+        seen = {"OK": 0, "CANCELLED": 0}
+        for _ in range(12):
+            cancel = threading.Event()
+            outcome: list[str] = []
+
+            def run(cancel: threading.Event = cancel, outcome: list[str] = outcome) -> None:
+                try:
+                    c.plug("fin", cancel=cancel)
+                    outcome.append("OK")
+                except Cancelled:
+                    outcome.append("CANCELLED")
+
+            worker = threading.Thread(target=run)
+            worker.start()
+            while c.get_region("fin").plugged_bytes < 256 * MiB and worker.is_alive():
+                pass  # spin: cancel within a GetRegion round trip of the plug's end
+            cancel.set()
+            worker.join(30)
+            seen[outcome[0]] += 1
+            c.unplug("fin")
+        assert seen["OK"] + seen["CANCELLED"] == 12
+
+        def counted() -> tuple[float, float]:
+            m = scrape(port)
+            return (
+                value(m, "memplug_rpc_total", rpc="Plug", code="CANCELLED"),
+                value(m, "memplug_rpc_total", rpc="Plug", code="OK"),
+            )
+
+        deadline = time.monotonic() + 10
+        while counted() != (seen["CANCELLED"], seen["OK"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert counted() == (seen["CANCELLED"], seen["OK"]), f"the client saw {seen}"
+        assert plug_cancels(d) == (seen["CANCELLED"], seen["OK"]), f"the client saw {seen}"
+
+
+def test_ctrl_c_says_rolled_back_only_once_it_is(daemon: DaemonProcess) -> None:
+    """Repeated Ctrl-C of a big plug: after "rolled back" the memory is already back."""
+    sock = daemon.socket
+    name = fresh()
+    ok(sock, "create", name, "4G")
+    ok(sock, "plug", name, "0", "2M")  # some memory from before that the rollback keeps
+    with Client(sock) as c:
+        before = c.get_region(name)
+        rolled_back = 0
+        for delay in (0.15, 0.3, 0.45, 0.6, 0.8, 1.0):
+            proc = subprocess.Popen(
+                [str(MEMPLUG), "plug", name],
+                env=env_for(sock),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                while c.get_region(name).allocated_bytes <= before.allocated_bytes:
+                    assert proc.poll() is None, f"memplug plug ended early: {proc.communicate()}"
+                    time.sleep(0.01)
+                time.sleep(delay)
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            after = c.get_region(name)  # no waiting: the CLI has waited
+            if proc.returncode == 0:  # the plug was done before the signal came
+                assert after.plugged_bytes == 4 * GiB, out
+            else:
+                assert proc.returncode == 130, f"exit {proc.returncode}, want 130\n{err}"
+                lines = err.splitlines()
+                assert len(lines) == 1 and lines[0].startswith("memplug: "), err
+                if "rolled back" in lines[0]:
+                    rolled_back += 1
+                    assert after.plugged == before.plugged, lines[0]
+                    assert after.allocated_bytes == before.allocated_bytes, (lines[0], after)
+                else:
+                    assert "too late" in lines[0] or "still rolling back" in lines[0], lines[0]
+            if after.plugged_bytes > before.plugged_bytes:
+                c.unplug(name, 2 * MiB)
+        assert rolled_back > 0, "no Ctrl-C ever ended in a confirmed rollback"
+        c.delete_region(name)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_ranges_and_sizes_are_one_line(daemon: DaemonProcess) -> None:
+    sock = daemon.socket
+    name = fresh()
+    ok(sock, "create", name, "64M")
+    for verb in ("plug", "populate", "unplug", "discard"):
+        line = fails(sock, 2, verb, name, "70M")  # offset past the end, length to the end
+        assert "past the end" in line, line
+        fails(sock, 2, verb, name, "64M")  # offset at the end
+        line = fails(sock, 2, verb, name, "0", "66M")  # the daemon's OUT_OF_RANGE
+        assert "exceeds" in line, line
+        fails(sock, 2, verb, name, "0", "99999999999T")
+        fails(sock, 2, verb, name, "-2M")
+    fails(sock, 2, "plug", name, "--threads", "-1")
+    fails(sock, 2, "plug", name, "--threads", str(1 << 32))
+    line = fails(sock, 2, "create", fresh(), "99999999999T")
+    assert "out of range" in line, line
+    fails(sock, 2, "create", fresh(), "16M", "--owner-uid", str(1 << 32))
+    fails(sock, 2, "create", fresh(), "16M", "--allow-gid", "-1")
+    fails(sock, 2, "create", fresh(), "16M", "--numa-node", str(1 << 40))
+    fails(sock, 2, "create", fresh(), "16M", "--block-size", "0x-1")
+    fails(sock, 2, "--no-such-option", "ls")
+    fails(sock, 2, "plug")  # NAME missing
+    ok(sock, "rm", name)
+
+
+EXIT_CODES_DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 124, 130}  # 1 is a bug
+SIZE_TEXTS = ["0", "1", "2M", "64M", "70M", "1G", "0x200000", "0x0", "-1", "-0x10", "1.5M",
+              "0.5K", "1e3", "inf", "nan", "", " ", "16E", "99999999999T", "18446744073709551615",
+              "18446744073709551616", "2MiB", "2mb", "0x", "M", "3.0000000001G",
+              "1" * 40]  # fmt: skip
+CLI_NAMES = ["fz", "fz-missing", "", "Bad_Name", "a" * 64, "ü", "-x", "--json", "fz:ro", "..."]
+
+
+def sizes() -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.sampled_from(SIZE_TEXTS),
+        st.integers(-(1 << 70), 1 << 70).map(str),
+        st.integers(0, 1 << 70).map(hex),
+        st.text(max_size=12),
+    )
+
+
+def invocations() -> st.SearchStrategy[list[str]]:
+    name = st.one_of(st.sampled_from(CLI_NAMES), st.text(max_size=10))
+    number = st.one_of(st.integers(-(1 << 40), 1 << 40).map(str), st.text(max_size=6))
+    ranged = st.tuples(
+        st.sampled_from(["plug", "populate", "unplug", "discard"]),
+        name,
+        st.lists(sizes(), max_size=3),
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("--threads"), number),
+                st.tuples(st.just("--strategy"), st.sampled_from(["auto", "fallocate", "x"])),
+                st.tuples(st.just("--mode"), st.sampled_from(["read", "write", ""])),
+                st.tuples(st.just("--json")),
+            ),
+            max_size=2,
+        ),
+    ).map(lambda t: [t[0], t[1], *t[2], *(a for opt in t[3] for a in opt)])
+    create = st.tuples(
+        name,
+        st.lists(sizes(), max_size=2),
+        st.lists(
+            st.one_of(
+                st.tuples(st.sampled_from(["--page-size", "--block-size"]), sizes()),
+                st.tuples(
+                    st.sampled_from(
+                        ["--owner-uid", "--allow-uid", "--allow-gid", "--ro-uid", "--numa-node"]
+                    ),
+                    number,
+                ),
+                st.tuples(st.just("-b"), st.sampled_from(["shmem", "hugetlb", "file", "x"])),
+                st.tuples(st.just("-l"), st.text(max_size=8)),
+                st.tuples(st.sampled_from(["--thp", "--no-thp", "--lock", "--bogus"])),
+            ),
+            max_size=3,
+        ),
+    ).map(lambda t: ["create", t[0], *t[1], *(a for opt in t[2] for a in opt)])
+    other = st.tuples(
+        st.sampled_from(["show", "rm", "attach", "ls", "status", "nosuchverb"]), name
+    ).map(list)
+    return st.one_of(ranged, create, other)
+
+
+@settings(
+    max_examples=int(os.environ.get("MEMPLUG_FUZZ_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(args=invocations())
+def test_fuzz_cli_arguments(daemon: DaemonProcess, args: list[str]) -> None:
+    """Any arguments: an exit code from the documented set, never a traceback; an error
+    is one 'memplug: ' line on stderr. Runs the CLI in-process (CliRunner)."""
+    with Client(daemon.socket) as c:
+        if "fz" not in {r.name for r in c.list_regions()}:
+            c.create_region("fz", 64 * MiB)
+        result = CliRunner().invoke(cli, ["--socket", str(daemon.socket), *args])
+        for r in c.list_regions():  # back to the one region, nothing plugged
+            if r.name != "fz":
+                c.delete_region(r.name)
+            elif r.plugged:
+                c.unplug("fz")
+    shown = f"memplug {args!r}: exit {result.exit_code}\n{result.output}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        shown,
+        "".join(traceback.format_exception(result.exception)),
+    )
+    assert result.exit_code in EXIT_CODES_DOCUMENTED, shown
+    assert "Traceback" not in result.output, shown
+    if result.exit_code != 0:
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("memplug: "), shown

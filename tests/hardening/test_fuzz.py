@@ -40,12 +40,30 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import HUGE_2M, DaemonProcess, MiB, hugetlb_pool_of, require_root, start_daemon
+from conftest import (
+    HUGE_2M,
+    DaemonProcess,
+    GiB,
+    MiB,
+    hugetlb_pool_of,
+    require_root,
+    start_daemon,
+    stop_shared,
+)
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from hardening_kit import DOCUMENTED_CODES, code_of, details_of, drain, fd_count, record, wait_until
-from hypothesis import HealthCheck, given, settings
+from hardening_kit import (
+    DOCUMENTED_CODES,
+    code_of,
+    details_of,
+    drain,
+    fd_count,
+    record,
+    rss_bytes,
+    wait_until,
+)
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memplug.client import Client
@@ -707,6 +725,95 @@ def test_fd_socket_refuses_garbage_fast(world: World) -> None:
     assert nfds == 0
     assert reply == b"" or reply.startswith(b"ERR INVALID_ARGUMENT "), reply
     good_attach(world)
+
+
+# --------------------------------------------------------------------------- huge sparse regions
+
+SPARSE_QUOTA = 64 * MiB
+THREADS_EDGES = [0, 1, 2, 3, 64, (1 << 31) - 1, 1 << 31, (1 << 32) - 1]
+
+
+@pytest.fixture(scope="module")
+def quota_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """A daemon with a small quota: a plug of a huge sparse region must be refused, never run."""
+    d = start_daemon(tmp_path_factory.mktemp("sparse"), "--max-bytes", str(SPARSE_QUOTA))
+    # One refusal first, so that what the daemon loads lazily is not counted as growth.
+    d.stub.CreateRegion(pb.CreateRegionRequest(name="warm", size=GiB, backing=pb.BACKING_SHMEM))
+    with pytest.raises(grpc.RpcError):
+        drain(d.stub.Plug(pb.RangeRequest(name="warm", offset=0, length=GiB)))
+    d.stub.DeleteRegion(pb.DeleteRegionRequest(name="warm"))
+    yield d
+    stop_shared(d)
+
+
+@FUZZ
+@given(
+    size_blocks=st.one_of(
+        st.sampled_from([1 << 17, 1 << 27, 1 << 29, (1 << 35) - 1, 1 << 35]),
+        st.integers(1, 1 << 35),
+    ),
+    start=st.floats(0, 1),
+    span=st.floats(0, 1),
+    threads=st.one_of(st.sampled_from(THREADS_EDGES), st.integers(0, (1 << 32) - 1)),
+    strategy=st.sampled_from([pb.STRATEGY_AUTO, pb.STRATEGY_FALLOCATE, pb.STRATEGY_POPULATE_WRITE]),
+    populate=st.booleans(),
+)
+@example(  # the worst case, always tried: 64 PiB with every thread a uint32 can ask for
+    size_blocks=1 << 35,
+    start=0.0,
+    span=1.0,
+    threads=(1 << 32) - 1,
+    strategy=pb.STRATEGY_POPULATE_WRITE,
+    populate=False,
+)
+def test_huge_sparse_plug_and_extreme_threads(
+    quota_daemon: DaemonProcess,
+    size_blocks: int,
+    start: float,
+    span: float,
+    threads: int,
+    strategy: pb.Strategy.ValueType,
+    populate: bool,
+) -> None:
+    """Regions up to 64 PiB, any range of them, any thread count: a prompt answer, a
+    documented code, and no daemon memory spent on the size of the request."""
+    d = quota_daemon
+    size = size_blocks * MB2
+    offset = min(int(start * size_blocks), size_blocks - 1) * MB2
+    length = max(1, int(span * (size_blocks - offset // MB2))) * MB2
+    d.stub.CreateRegion(pb.CreateRegionRequest(name="sparse", size=size, backing=pb.BACKING_SHMEM))
+    try:
+        rss_before = rss_bytes(d.proc.pid)
+        started = time.monotonic()
+        try:
+            if populate:
+                request: Any = pb.PopulateRequest(
+                    name="sparse",
+                    offset=offset,
+                    length=length,
+                    mode=pb.POPULATE_MODE_WRITE,
+                    threads=threads,
+                )
+                drain(d.stub.Populate(request, timeout=30))
+            else:
+                request = pb.RangeRequest(
+                    name="sparse", offset=offset, length=length, threads=threads, strategy=strategy
+                )
+                drain(d.stub.Plug(request, timeout=30))
+            code = "OK"
+        except grpc.RpcError as err:
+            code = code_of(err)
+        seconds = time.monotonic() - started
+        growth = rss_bytes(d.proc.pid) - rss_before
+        assert code in DOCUMENTED_CODES | {"OK"}, (code, size, offset, length, threads)
+        if length > SPARSE_QUOTA:
+            assert code == "RESOURCE_EXHAUSTED" or (populate and code == "FAILED_PRECONDITION")
+            # Refused before any work: no time, no memory in proportion to the size.
+            assert seconds < 1.0, f"refusing {length} bytes took {seconds:.2f} s"
+            assert growth < 5 * MiB, f"refusing {length} bytes grew the daemon's RSS by {growth}"
+        assert d.alive(), d.log()[-4000:]
+    finally:
+        d.stub.DeleteRegion(pb.DeleteRegionRequest(name="sparse"))
 
 
 def test_fuzz_saw_every_outcome_class(world: World) -> None:

@@ -584,7 +584,9 @@ class RangeRequest(_message.Message):
     strategy: Global___Strategy.ValueType
     """Plug only: how to allocate; AUTO unless experimenting."""
     threads: _builtins.int
-    """Plug only: most worker threads to use; 0 means the daemon's --threads."""
+    """Plug only: most worker threads to use; 0 means the daemon's --threads,
+    and more than --threads is capped to it (the daemon has no more workers).
+    """
     def __init__(
         self,
         *,
@@ -617,7 +619,9 @@ class PopulateRequest(_message.Message):
     mode: Global___PopulateMode.ValueType
     """Required."""
     threads: _builtins.int
-    """Most worker threads to use; 0 means the daemon's --threads."""
+    """Most worker threads to use; 0 means the daemon's --threads, and more
+    than --threads is capped to it (the daemon has no more workers).
+    """
     def __init__(
         self,
         *,
