@@ -113,6 +113,11 @@ class DaemonProcess:
         return last.result
 
 
+# env={"JOURNAL_STREAM": JOURNAL_IS_LOG}: the daemon's stderr (its log file) is
+# announced as the journal's stream, as systemd does, by its device:inode.
+JOURNAL_IS_LOG = "the log file"
+
+
 def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
     tmp.mkdir(parents=True, exist_ok=True)
     sock, fd_sock = tmp / "memplug.sock", tmp / "fd.sock"
@@ -132,6 +137,9 @@ def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> D
         *extra,
     ]
     with log_path.open("wb") as log:
+        if env is not None and env.get("JOURNAL_STREAM") == JOURNAL_IS_LOG:
+            st = os.fstat(log.fileno())
+            env = {**env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
