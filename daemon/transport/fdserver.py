@@ -69,9 +69,16 @@ MAX_REQUEST: Final = 512
 READ_TIMEOUT: Final = 5.0
 MAX_CONNECTIONS: Final = 4096  # in all, however high RLIMIT_NOFILE is
 RESERVED_FDS: Final = 256  # at least this many fds stay for regions, gRPC, the store
-LISTEN_BACKLOG: Final = 4096  # the kernel caps it at net.core.somaxconn
+# Short on purpose: under a flood the backlog is full of the flooder's connects, and a
+# client that waits for room (a blocking connect) waits behind all of them.
+LISTEN_BACKLOG: Final = 128
 ACCEPT_BATCH: Final = 64  # accepts per turn of the loop, so connections already in get served
 ACCEPT_BACKOFF: Final = (0.05, 1.0)  # pause accepting after EMFILE/ENFILE: first, longest
+# Shedding costs the daemon about what reconnecting costs the flooder: past this many
+# sheds in a window, accepting pauses until the window ends (the connects wait in the
+# backlog), so a reconnect loop cannot take more than a sliver of a CPU.
+SHED_BURST: Final = 100
+SHED_WINDOW: Final = 0.1  # seconds
 UNREAD_RECHECK: Final = (0.01, 1.0)  # SIOCOUTQ polls of an unread reply: first, longest
 _ATTACH_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} ATTACH ([A-Za-z0-9_-]{{16,128}})")
 _OPEN_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} OPEN ([a-z0-9][a-z0-9._-]{{0,62}}) (rw|ro)")
@@ -169,6 +176,8 @@ class FdServer:
         self._seq = 0
         self._accept_paused_until: float | None = None
         self._accept_backoff = ACCEPT_BACKOFF[0]
+        self._shed_window = 0.0  # when the current window of sheds began
+        self._shed_count = 0
         self._ratelog = RateLimitedLog(log)
         # Only these peers see why an OPEN failed; others could probe names with it.
         self._insiders = frozenset({0, os.geteuid()})
@@ -192,8 +201,6 @@ class FdServer:
             finally:
                 os.umask(old)
             os.chmod(self.path, self._mode)
-            # A deep backlog: while a flood is shed, other clients' connects queue
-            # instead of failing with EAGAIN.
             listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
         self._listener = listener
@@ -281,6 +288,8 @@ class FdServer:
                 with contextlib.suppress(OSError):
                     sock.send(err_line(refusal), socket.MSG_DONTWAIT)
                 sock.close()
+                if self._shed_budget_spent():
+                    return
                 continue
             sock.setblocking(False)
             conn = _Conn(sock, uid, time.monotonic() + self._read_timeout)
@@ -314,8 +323,18 @@ class FdServer:
             )
         return None
 
+    def _shed_budget_spent(self) -> bool:
+        """Count a shed connection; past SHED_BURST in a window, pause accepting."""
+        now = time.monotonic()
+        if now - self._shed_window >= SHED_WINDOW:
+            self._shed_window, self._shed_count = now, 0
+        self._shed_count += 1
+        if self._shed_count < SHED_BURST:
+            return False
+        self._pause_until(self._shed_window + SHED_WINDOW)
+        return True
+
     def _pause_accepting(self, exc: OSError) -> None:
-        assert self._listener is not None
         pause = self._accept_backoff
         self._accept_backoff = min(ACCEPT_BACKOFF[1], pause * 2)
         self._ratelog.warning(
@@ -323,9 +342,13 @@ class FdServer:
             "fd socket: cannot accept (%s); pausing accepts for %.2f s (%d connections open)",
             exc.strerror, pause, len(self._conns),
         )  # fmt: skip
+        self._pause_until(time.monotonic() + pause)
+
+    def _pause_until(self, until: float) -> None:
+        assert self._listener is not None
         if self._accept_paused_until is None:
             self._sel.unregister(self._listener)
-        self._accept_paused_until = time.monotonic() + pause
+        self._accept_paused_until = until
 
     def _resume_accepting(self) -> None:
         assert self._listener is not None
