@@ -179,7 +179,9 @@ class FdServer:
         self._shed_window = 0.0  # when the current window of sheds began
         self._shed_count = 0
         self._ratelog = RateLimitedLog(log)
-        # Only these peers see why an OPEN failed; others could probe names with it.
+        # Root and the daemon's own uid: they see why an OPEN failed (others could probe
+        # names with it), and only the limit on all connections bounds them (they can
+        # stop the daemon anyway; their tools may hold many hand-offs at once).
         self._insiders = frozenset({0, os.geteuid()})
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -300,7 +302,7 @@ class FdServer:
 
     def _over_limit(self, uid: int) -> ResourceExhausted | None:
         limits = self.limits
-        if self._per_uid[uid] >= limits.per_uid:
+        if self._per_uid[uid] >= limits.per_uid and uid not in self._insiders:
             self._ratelog.warning(
                 ("uid-full", uid),
                 "fd socket: shed a connection of uid=%d: it holds %d, the limit per uid",
@@ -397,7 +399,7 @@ class FdServer:
             )
             return
         unread = self._unread_per_uid[peer.uid]
-        if unread >= self.limits.unread_per_uid:
+        if unread >= self.limits.unread_per_uid and peer.uid not in self._insiders:
             metrics.ATTACHES.labels("refused").inc()
             self._ratelog.warning(
                 ("unread", peer.uid, peer.pid),
