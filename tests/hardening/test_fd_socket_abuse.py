@@ -214,7 +214,7 @@ def stopped(d: DaemonProcess) -> None:
 
 def open_many(d: DaemonProcess, name: str, count: int) -> tuple[int, dict[str, int]]:
     """count OPENs of name by this (root) process with the project's client."""
-    ok, failures = 0, {}
+    ok, failures = 0, dict[str, int]()
     for _ in range(count):
         try:
             fd, _ = open_region(str(d.fd_socket), name, "rw", timeout=OPEN_TIMEOUT)
