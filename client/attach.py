@@ -8,6 +8,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 import grpc
@@ -48,12 +49,21 @@ def open_region(
 
 def _exchange(fd_socket: str, request: str, timeout: float) -> tuple[int, AttachInfo]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
     try:
+        # A blocking connect with a send timeout waits in the kernel for room in a
+        # full listen backlog (first in line when the daemon accepts); with
+        # settimeout() the socket is non-blocking and would fail at once with EAGAIN.
+        seconds = int(timeout)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000)),
+        )
         try:
             sock.connect(fd_socket)
         except OSError as exc:
             raise Unavailable(f"cannot reach the fd socket {fd_socket}: {exc.strerror}") from exc
+        sock.settimeout(timeout)
         try:
             sock.sendall(request.encode())
             msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REPLY, 1, socket.MSG_CMSG_CLOEXEC)

@@ -13,6 +13,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import stat
 import threading
 import time
@@ -40,7 +41,7 @@ from memplug.daemon.systemd import (
     watchdog_interval,
     write_reload_result,
 )
-from memplug.daemon.transport.fdserver import FdServer
+from memplug.daemon.transport.fdserver import FdLimits, FdServer
 from memplug.daemon.transport.interceptors import MetricsInterceptor
 from memplug.daemon.transport.servicer import MemplugServicer
 from memplug.daemon.transport.unixsock import claim_socket_path
@@ -122,6 +123,28 @@ def pwd_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+def raise_nofile_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit (a shell's 1024 is too few for a
+    daemon holding regions and connections); return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel caps fds at fs.nr_open anyway
+        try:
+            with open("/proc/sys/fs/nr_open") as nr_open:
+                target = int(nr_open.read())
+        except (OSError, ValueError):
+            return soft
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+        return soft
+    log.info("raised RLIMIT_NOFILE from %d to its hard limit %d", soft, target)
+    return target
+
+
 def split_inherited(fds: list[tuple[int, str]]) -> tuple[int | None, dict[str, int]]:
     """Sockets (the activated fd socket) apart from memfds (regions, by name)."""
     listen: int | None = None
@@ -158,6 +181,7 @@ class Daemon:
         config = self.config
         # First, before anything opens an fd: 3.. are systemd's.
         listen_fd, adopted = split_inherited(listen_fds())
+        nofile = raise_nofile_limit()
         make_own_dir(config.state_dir, 0o700, "--state-dir DIR (or set XDG_STATE_HOME)")
         # Before anything else is touched: a second daemon on this state must
         # change nothing (no socket, no pool, no store write), only refuse.
@@ -197,7 +221,11 @@ class Daemon:
             log.warning("systemd kept an fd named %s that matches no region: dropped", name)
             self.notifier.remove_fd(name)
         self.fd_server = FdServer(
-            config.fd_socket, self.engine, mode=config.fd_socket_mode, listen_fd=listen_fd
+            config.fd_socket,
+            self.engine,
+            mode=config.fd_socket_mode,
+            listen_fd=listen_fd,
+            limits=FdLimits.for_nofile(nofile),
         )
         try:
             self.fd_server.start()

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,11 +118,15 @@ class DaemonProcess:
 JOURNAL_IS_LOG = "the log file"
 
 
-def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
+def start_daemon(
+    tmp: Path, *extra: str, env: dict[str, str] | None = None, wrapper: Sequence[str] = ()
+) -> DaemonProcess:
+    """wrapper: a command that execs the daemon in its place (prlimit, setpriv)."""
     tmp.mkdir(parents=True, exist_ok=True)
     sock, fd_sock = tmp / "memplug.sock", tmp / "fd.sock"
     log_path = tmp / "memplugd.log"
     args = [
+        *wrapper,
         sys.executable,
         "-m",
         "memplug.daemon",

@@ -21,6 +21,12 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid=pid, uid=uid, gids=frozenset({gid, *_peer_groups(sock)}))
 
 
+def peer_uid(sock: socket.socket) -> int:
+    """Only the uid (one getsockopt): enough to count a connection against its owner."""
+    _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return int(uid)
+
+
 def _peer_groups(sock: socket.socket) -> list[int]:
     size = 64 * 4
     while size <= 65536 * 4:
