@@ -5,10 +5,10 @@ Schema, version 2:
     meta(key TEXT PRIMARY KEY, value TEXT)             schema_version
     regions(name TEXT PRIMARY KEY, size INTEGER, backing TEXT, page_size INTEGER,
             block_size INTEGER, path TEXT, labels TEXT (JSON object),
-            acl TEXT (JSON object), created_at REAL,
+            acl TEXT (JSON object, see records.py), created_at REAL,
             plugged TEXT (JSON [[offset, length], ...], merged, ascending),
             gone TEXT (why a restart lost the region; '' while it lives),
-            options TEXT (JSON: thp, numa_policy, numa_nodes, lock, from_warm_pool),
+            options TEXT (JSON object, see records.py),
             finished_intent INTEGER (v2: the intent the last finish() closed))
     intents(id INTEGER PRIMARY KEY, region TEXT, op TEXT, offset INTEGER,
             length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL)
@@ -32,6 +32,12 @@ from pathlib import Path
 from typing import Final
 
 from memplug.common.ranges import Range
+from memplug.daemon.state.records import (
+    acl_from_json,
+    acl_to_json,
+    options_from_json,
+    options_to_json,
+)
 from memplug.daemon.state.store import Intent, RegionRecord
 
 SCHEMA_VERSION: Final = 2
@@ -129,11 +135,11 @@ class SqliteStore:
                     block_size=row[4],
                     path=row[5],
                     labels=json.loads(row[6]),
-                    acl=json.loads(row[7]),
+                    acl=acl_from_json(row[7]),
                     created_at=row[8],
                     plugged=_ranges(row[9]),
                     gone=row[10],
-                    options=json.loads(row[11]),
+                    options=options_from_json(row[11]),
                 )
                 for row in self._db.execute(
                     "SELECT name, size, backing, page_size, block_size, path, labels, acl, "
@@ -160,11 +166,11 @@ class SqliteStore:
             record.block_size,
             record.path,
             json.dumps(record.labels),
-            json.dumps(record.acl),
+            acl_to_json(record.acl),
             record.created_at,
             _dump(record.plugged),
             record.gone,
-            json.dumps(record.options),
+            options_to_json(record.options),
         )
 
     def delete_region(self, name: str) -> None:

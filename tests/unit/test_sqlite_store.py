@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 from memplug.common.ranges import Range
 from memplug.common.sizes import MiB
 from memplug.daemon.state import sqlite as store_mod
+from memplug.daemon.state.records import Acl, Placement, RegionOptions, RegionRecord
 from memplug.daemon.state.sqlite import SCHEMA_VERSION, SqliteStore
-from memplug.daemon.state.store import RegionRecord
 
 
 def record(name: str = "vm0", plugged: tuple[Range, ...] = ()) -> RegionRecord:
@@ -24,10 +25,10 @@ def record(name: str = "vm0", plugged: tuple[Range, ...] = ()) -> RegionRecord:
         block_size=2 * MiB,
         path="",
         labels={"app": "test"},
-        acl={"owner_uid": [0]},
+        acl=Acl(owner_uid=0),
         created_at=1.5,
         plugged=plugged,
-        options={"thp": False},
+        options=RegionOptions(thp=False),
     )
 
 
@@ -100,6 +101,46 @@ def test_a_version_1_store_is_migrated_with_its_regions_and_intents(tmp_path: Pa
     version = check.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     check.close()
     assert version == (str(SCHEMA_VERSION),)
+
+
+def test_acl_and_options_are_stored_in_the_json_layout_every_memplugd_reads(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    full = dataclasses.replace(
+        record(),
+        acl=Acl(
+            owner_uid=1000,
+            allowed_uids=frozenset({1002, 1001}),
+            allowed_gids=frozenset({100}),
+            read_only_uids=frozenset({2000}),
+            read_only_gids=frozenset({300, 200}),
+        ),
+        options=RegionOptions(
+            thp=True, placement=Placement("bind", (0,)), lock=True, from_warm_pool=True
+        ),
+    )
+    store = SqliteStore(db)
+    store.put_region(full)
+    store.close()
+    raw = sqlite3.connect(db)
+    acl, options = raw.execute("SELECT acl, options FROM regions").fetchone()
+    raw.close()
+    assert json.loads(acl) == {
+        "owner_uid": [1000],
+        "allowed_uids": [1001, 1002],
+        "allowed_gids": [100],
+        "read_only_uids": [2000],
+        "read_only_gids": [200, 300],
+    }
+    assert json.loads(options) == {
+        "thp": True,
+        "numa_policy": "bind",
+        "numa_nodes": [0],
+        "lock": True,
+        "from_warm_pool": True,
+    }
+    assert SqliteStore(db).load()[0] == [full]
 
 
 def test_a_store_from_a_newer_memplugd_is_refused(tmp_path: Path) -> None:
