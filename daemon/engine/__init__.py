@@ -7,6 +7,6 @@ Public, for the layers above (transports, metrics, server, config):
 - strategy.py: Strategy, and CHUNK_BYTES (the unit of progress);
 - tickets.py: Peer, Handoff, Ticket; runner.py: ProgressCallback;
 - warmpool.py: PoolSpec (the --warm-pool flag).
-The rest is RegionEngine's own: creation.py, quota.py, operations.py,
+The rest is RegionEngine's own: table.py, creation.py, quota.py, operations.py,
 rollback.py, placement.py, restore.py, rangelock.py.
 """

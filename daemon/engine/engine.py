@@ -5,10 +5,10 @@ Every call runs in a fixed order:
     validate -> find region (counted as busy) -> range lock -> quota ->
     work on the worker threads -> record -> unlock
 
-The engine keeps the regions, counts the calls running on each and stops
-them at shutdown; the work itself is its parts': creation.py (CreateRegion's
-checks and backings), quota.py, operations.py (plug, populate, unplug,
-discard), rollback.py, placement.py (NUMA, mlock) and restore.py (start-up).
+The engine ties its parts together; the work is theirs: table.py (the
+regions and the calls running on them), creation.py (CreateRegion's checks
+and backings), quota.py, operations.py (plug, populate, unplug, discard),
+rollback.py, placement.py (NUMA, mlock) and restore.py (start-up).
 A plug that fails leaves the region exactly as it found it: the blocks it
 allocated are punched again, blocks plugged before keep their contents, and
 the quota is returned.
@@ -17,10 +17,8 @@ the quota is returned.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,10 +26,6 @@ from typing import Protocol
 from memplug.common import memory
 from memplug.common.cancel import CancelToken
 from memplug.common.errors import (
-    AlreadyExists,
-    Cancelled,
-    FailedPrecondition,
-    NotFound,
     PermissionDenied,
 )
 from memplug.common.ranges import Range
@@ -53,6 +47,7 @@ from memplug.daemon.engine.restore import RestoreReport
 from memplug.daemon.engine.restore import restore as restore_regions
 from memplug.daemon.engine.runner import ProgressCallback, Runner
 from memplug.daemon.engine.strategy import Strategy
+from memplug.daemon.engine.table import RegionTable
 from memplug.daemon.engine.tickets import Handoff, Peer, Ticket, TicketBook
 from memplug.daemon.engine.warmpool import PoolSpec, WarmPool
 from memplug.daemon.state.store import MemoryStore, StateStore
@@ -104,15 +99,10 @@ class RegionEngine:
         self.ticket_ttl = ticket_ttl
         self.allow_dirs = [Path(d).resolve() for d in (allow_dirs or [])]
         self._runner = Runner(threads)
-        self._lock = threading.Condition()
-        self._regions: dict[str, Region] = {}
-        self._creating: set[str] = set()
-        self._running: set[CancelToken] = set()
-        self._closing = False
+        self._table = RegionTable()
         self._tickets = TicketBook(ticket_ttl)
         self._store: StateStore = store if store is not None else MemoryStore()
         self._listener = listener
-        self._lost: dict[str, str] = {}  # regions a restart could not bring back, and why
         self._quota = Quota(max_bytes)
         self._pool = WarmPool(
             list(warm_pools or []),
@@ -146,8 +136,7 @@ class RegionEngine:
 
     def usage_by_backing(self) -> dict[str, tuple[int, int, int]]:
         """backing -> (regions, plugged bytes, allocated bytes)."""
-        with self._lock:
-            regions = list(self._regions.values())
+        regions = self._table.regions()
         usage: dict[str, tuple[int, int, int]] = {k.value: (0, 0, 0) for k in BackingKind}
         for region in regions:
             info = region.info()
@@ -160,8 +149,7 @@ class RegionEngine:
         return usage
 
     def status(self) -> EngineStatus:
-        with self._lock:
-            regions = list(self._regions.values())
+        regions = self._table.regions()
         return EngineStatus(
             regions=len(regions),
             plugged_bytes=self._quota.used,
@@ -175,25 +163,6 @@ class RegionEngine:
             ],
         )
 
-    @contextmanager
-    def _operation(self, name: str, token: CancelToken) -> Iterator[Region]:
-        """Find the region and count the operation as in flight until it ends."""
-        with self._lock:
-            if self._closing:
-                raise Cancelled("the daemon is shutting down")
-            region = self._regions.get(name)
-            if region is None:
-                raise self._not_found(name)
-            region.active += 1
-            self._running.add(token)
-        try:
-            yield region
-        finally:
-            with self._lock:
-                region.active -= 1
-                self._running.discard(token)
-                self._lock.notify_all()
-
     def _release_quota(self, nbytes: int) -> None:
         self._quota.release(nbytes)
         if nbytes:
@@ -205,13 +174,7 @@ class RegionEngine:
         name = check_name(spec.name)
         labels = check_labels(spec.labels)
         acl = spec.acl.check()
-        with self._lock:
-            if self._closing:
-                raise Cancelled("the daemon is shutting down")
-            if name in self._regions or name in self._creating:
-                raise AlreadyExists(f"a region named {name!r} already exists")
-            self._creating.add(name)
-        try:
+        with self._table.creating(name):
             try:
                 backing, block_size, options = make_backing(
                     spec,
@@ -233,9 +196,6 @@ class RegionEngine:
                     backing.discard_file()
                 backing.close()
                 raise
-        finally:
-            with self._lock:
-                self._creating.discard(name)
         log.info("created region %s: %s, %s", name, backing.describe(), format_size(backing.size))
         return region.info()
 
@@ -247,58 +207,26 @@ class RegionEngine:
         except OSError as exc:
             raise creation_error(region.name, exc) from exc
         if isinstance(backing, FileBacking):
-            with self._lock:
-                self._check_file_unused(backing)
+            self._table.check_file_unused(backing)
         # Durable (and in systemd's fd store) before anyone hears of it.
         self._store.put_region(region.record())
         if self._listener is not None:
             self._listener.region_created(region.name, backing)
-        with self._lock:
-            self._regions[region.name] = region
-            self._lost.pop(region.name, None)
-
-    def _check_file_unused(self, backing: FileBacking) -> None:
-        for other in self._regions.values():
-            if (
-                isinstance(other.backing, FileBacking)
-                and other.backing.identity == backing.identity
-            ):
-                raise AlreadyExists(f"{backing.path} already backs region {other.name!r}")
+        self._table.add(region)
 
     def get_region(self, name: str) -> RegionInfo:
         return self._get(name).info()
 
     def _get(self, name: str) -> Region:
-        with self._lock:
-            region = self._regions.get(name)
-            if region is None:
-                raise self._not_found(name)
-        return region
-
-    def _not_found(self, name: str) -> NotFound:
-        lost = self._lost.get(name)
-        if lost is not None:
-            return NotFound(f"region {name!r} was lost when memplugd restarted: {lost}")
-        return NotFound(f"no region named {name!r}")
+        return self._table.get(name)
 
     def list_regions(self, selector: Mapping[str, str] | None = None) -> list[RegionInfo]:
-        with self._lock:
-            regions = sorted(self._regions.values(), key=lambda r: r.name)
-        return [r.info() for r in regions if r.label_match(selector or {})]
+        return [r.info() for r in self._table.regions() if r.label_match(selector or {})]
 
     def delete_region(self, name: str) -> None:
-        with self._lock:
-            region = self._regions.get(name)
-            if region is None:
-                raise self._not_found(name)
-            if region.active:
-                raise FailedPrecondition(
-                    f"region {name!r} is busy: {region.active} operation(s) still running; "
-                    "cancel them or wait, then delete"
-                )
-            del self._regions[name]
-            with region.mutex:
-                self._quota.release(region.plugged.total + region.prebacked.total)
+        region = self._table.remove_idle(name)
+        with region.mutex:
+            self._quota.release(region.plugged.total + region.prebacked.total)
         self._tickets.revoke_region(name)
         release_region(region)
         self._store.delete_region(name)
@@ -326,7 +254,7 @@ class RegionEngine:
         """A fresh fd of the region for a peer that passes its ACL (no ticket needed)."""
         # Counted as an operation, so the region cannot be deleted (and its fd
         # closed) between the lookup and the reopen.
-        with self._operation(name, CancelToken()) as region:
+        with self._table.operation(name, CancelToken()) as region:
             if not region.acl.allows(peer.uid, peer.gids, access):
                 raise PermissionDenied(
                     f"uid {peer.uid} may not attach region {region.name!r} "
@@ -362,7 +290,7 @@ class RegionEngine:
     ) -> OpResult:
         """Back every byte of the range (see operations.py for the strategy's syscall)."""
         token = token or CancelToken()
-        with self._operation(name, token) as region:
+        with self._table.operation(name, token) as region:
             return self._ops.plug(
                 region,
                 offset,
@@ -386,7 +314,7 @@ class RegionEngine:
     ) -> OpResult:
         """Prefault plugged blocks (page tables; READ warms a file's page cache)."""
         token = token or CancelToken()
-        with self._operation(name, token) as region:
+        with self._table.operation(name, token) as region:
             return self._ops.populate(
                 region, offset, length, write=write, threads=threads, token=token, progress=progress
             )
@@ -396,7 +324,7 @@ class RegionEngine:
     ) -> RangeOutcome:
         """Punch the range and mark it unplugged."""
         token = token or CancelToken()
-        with self._operation(name, token) as region:
+        with self._table.operation(name, token) as region:
             return self._ops.unplug(region, offset, length, token)
 
     def discard(
@@ -404,7 +332,7 @@ class RegionEngine:
     ) -> RangeOutcome:
         """Zero plugged blocks and keep them backed."""
         token = token or CancelToken()
-        with self._operation(name, token) as region:
+        with self._table.operation(name, token) as region:
             return self._ops.discard(region, offset, length, token)
 
     # ------------------------------------------------------------------ start-up
@@ -412,11 +340,9 @@ class RegionEngine:
     def restore(self, adopted: dict[str, int]) -> RestoreReport:
         """Bring back the regions the store remembers (see restore.py); call once, first."""
         regions, report = restore_regions(self._store, adopted, self.allow_dirs)
-        with self._lock:
-            for region in regions:
-                self._regions[region.name] = region
-                self._quota.add(region.plugged.total)
-            self._lost.update(report.lost)
+        self._table.restored(regions, report.lost)
+        for region in regions:
+            self._quota.add(region.plugged.total)
         self._pool.start()
         max_bytes, plugged = self._quota.max_bytes, self._quota.used
         if max_bytes is not None and plugged > max_bytes:
@@ -429,28 +355,15 @@ class RegionEngine:
 
     def reconfigure(self, *, max_bytes: int | None, allow_dirs: list[Path]) -> None:
         """Apply a reloaded configuration; running operations are not disturbed."""
-        with self._lock:
-            self._quota.max_bytes = max_bytes
-            self.allow_dirs = [Path(d).resolve() for d in allow_dirs]
+        self._quota.max_bytes = max_bytes
+        self.allow_dirs = [Path(d).resolve() for d in allow_dirs]
 
     # ------------------------------------------------------------------ shutdown
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel every running operation, wait for their rollbacks, release everything."""
         self._pool.stop()
-        with self._lock:
-            self._closing = True
-            for token in self._running:
-                token.cancel("cancelled: the daemon is shutting down")
-            deadline = time.monotonic() + timeout
-            while any(r.active for r in self._regions.values()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.error("shutdown: operations still running after %.0fs", timeout)
-                    break
-                self._lock.wait(left)
-            regions = list(self._regions.values())
-            self._regions.clear()
+        regions = self._table.close(timeout)
         self._runner.shutdown()
         for region in regions:
             release_region(region)
