@@ -25,13 +25,12 @@ from typing import Protocol
 
 from memplug.common import memory
 from memplug.common.cancel import CancelToken
-from memplug.common.errors import (
-    PermissionDenied,
-)
+from memplug.common.errors import MemplugError, PermissionDenied
 from memplug.common.ranges import Range
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking
 from memplug.daemon.engine.creation import creation_error, make_backing
+from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.operations import Operations, OpResult, RangeOutcome
 from memplug.daemon.engine.placement import apply_region_options, release_region
 from memplug.daemon.engine.quota import Quota
@@ -112,9 +111,10 @@ class RegionEngine:
             reserve=self._quota.try_reserve,
             release=self._release_quota,
         )
+        self._journal = Journal(self._store)
         self._ops = Operations(
             runner=self._runner,
-            store=self._store,
+            journal=self._journal,
             quota=self._quota,
             make_room=self._pool.shed,
             release_quota=self._release_quota,
@@ -209,7 +209,12 @@ class RegionEngine:
         if isinstance(backing, FileBacking):
             self._table.check_file_unused(backing)
         # Durable (and in systemd's fd store) before anyone hears of it.
-        self._store.put_region(region.record())
+        try:
+            self._store.put_region(region.record())
+        except MemplugError as exc:
+            raise type(exc)(
+                f"region {region.name!r} was not created: {exc.message}", region=region.name
+            ) from exc
         if self._listener is not None:
             self._listener.region_created(region.name, backing)
         self._table.add(region)
@@ -224,16 +229,27 @@ class RegionEngine:
         return [r.info() for r in self._table.regions() if r.label_match(selector or {})]
 
     def delete_region(self, name: str) -> None:
-        region = self._table.remove_idle(name)
+        region = self._table.remove_idle(name, before=self._record_deletion)
+        self._journal.forget(name)
         with region.mutex:
             self._quota.release(region.plugged.total + region.prebacked.total)
         self._tickets.revoke_region(name)
         release_region(region)
-        self._store.delete_region(name)
         if self._listener is not None:
             self._listener.region_deleted(name, region.backing)
         region.backing.close()
         log.info("deleted region %s", name)
+
+    def _record_deletion(self, name: str) -> None:
+        # Recorded first, under the table's lock: a delete the store refuses
+        # leaves the region served, counted and restorable, as the error says.
+        try:
+            self._store.delete_region(name)
+        except MemplugError as exc:
+            raise type(exc)(
+                f"region {name!r} was not deleted and is unchanged: {exc.message}",
+                region=name,
+            ) from exc
 
     # ------------------------------------------------------------------ hand-off
 
@@ -334,6 +350,10 @@ class RegionEngine:
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             return self._ops.discard(region, offset, length, token)
+
+    def record_pending(self) -> None:
+        """Retry closing the intents whose closing write failed (called periodically)."""
+        self._journal.record_pending(self._table.regions())
 
     # ------------------------------------------------------------------ start-up
 

@@ -4,7 +4,7 @@ RegionEngine finds the region and counts the call as running; everything
 after that happens here, in a fixed order:
 
     range lock -> quota -> intent recorded -> work on the worker threads ->
-    plugged set recorded (intent closed) -> unlock
+    plugged set recorded (intent closed; journal.py) -> unlock
 
 and on any failure during the work: roll back what this call did, then raise.
 """
@@ -22,6 +22,7 @@ from memplug.common.ranges import Range, subtract
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine import rollback
+from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.placement import lock_ranges, placed, unlock_ranges
 from memplug.daemon.engine.quota import Quota
 from memplug.daemon.engine.region import Region, RegionInfo
@@ -37,7 +38,6 @@ from memplug.daemon.engine.strategy import (
 from memplug.daemon.kernel import memcg
 from memplug.daemon.kernel.helper import HelperPool
 from memplug.daemon.kernel.ops import iter_chunks
-from memplug.daemon.state.store import StateStore
 
 log = logging.getLogger("memplug.engine")
 
@@ -68,7 +68,7 @@ class Operations:
         self,
         *,
         runner: Runner,
-        store: StateStore,
+        journal: Journal,
         quota: Quota,
         make_room: Callable[[int], object],
         release_quota: Callable[[int], None],
@@ -78,7 +78,7 @@ class Operations:
     ) -> None:
         """make_room(n) sheds warm-pool memory for a plug; release_quota(n) gives quota back."""
         self._runner = runner
-        self._store = store
+        self._journal = journal
         self._quota = quota
         self._make_room = make_room
         self._release_quota = release_quota
@@ -131,11 +131,11 @@ class Operations:
             room = self._memcg_room(region, r, fresh)
             before = backing.allocated_bytes()
             keep = [Range(o, n) for g in gaps for o, n in backing.data_extents(g.offset, g.length)]
-            intent = self._store.begin(region.name, "plug", r, tuple(keep))
+            intent = self._journal.begin(region, "plug", r, tuple(keep))
             try:
                 self._quota.reserve(region.name, fresh, make_room=self._make_room)
             except BaseException:
-                self._finish(region, intent)
+                self._journal.finish(region, intent, quiet=True)
                 raise
             started = time.monotonic()
             span = Range(gaps[0].offset, gaps[-1].end - gaps[0].offset)
@@ -149,13 +149,28 @@ class Operations:
                 unlock_ranges(region, gaps)
                 rollback.release_ranges(region, subtract(gaps, keep))
                 self._release_quota(fresh)
-                self._finish(region, intent)
+                self._journal.finish(region, intent, quiet=True)
                 raise rollback.failure(region, "plug", r, exc, missing=fresh - got) from exc
             seconds = time.monotonic() - started
             with region.mutex:
                 for g in gaps:
                     region.plugged.add(g)
-            self._finish(region, intent)
+            try:
+                self._journal.finish(region, intent)
+            except MemplugError as exc:
+                # Unrecorded, the plug did not happen: a restart would roll it
+                # back (its intent is open), so roll it back now.
+                with region.mutex:
+                    for g in gaps:
+                        region.plugged.remove(g)
+                unlock_ranges(region, gaps)
+                rollback.release_ranges(region, subtract(gaps, keep))
+                self._release_quota(fresh)
+                raise type(exc)(
+                    f"region {region.name!r}: plug of {r} could not be recorded: "
+                    f"{exc.message}; {rollback.UNDONE}",
+                    region=region.name,
+                ) from exc
         return OpResult(
             new,
             seconds,
@@ -215,13 +230,15 @@ class Operations:
             for w in warm:
                 region.prebacked.remove(w)
                 region.plugged.add(w)
-        self._finish(region, None)
-
-    def _finish(self, region: Region, intent: int | None) -> None:
-        """Record the region's plugged set and close the intent (crash recovery)."""
-        with region.mutex:
-            plugged = tuple(region.plugged)
-        self._store.finish(intent, region.name, plugged)
+        try:
+            self._journal.finish(region, None)
+        except BaseException:
+            with region.mutex:
+                for w in warm:
+                    region.plugged.remove(w)
+                    region.prebacked.add(w)
+            unlock_ranges(region, warm)
+            raise
 
     def _memcg_room(self, region: Region, r: Range, new: int) -> memcg.Headroom | None:
         """The cgroup headroom a plug is charged against (None: no limit); refuse misfits.
@@ -304,7 +321,7 @@ class Operations:
         with region.locks.hold(r, token):
             started = time.monotonic()
             released = 0
-            intent = self._store.begin(region.name, "unplug", r)
+            intent = self._journal.begin(region, "unplug", r)
             try:
                 for start, n in iter_chunks(r.offset, r.length, CHUNK_BYTES):
                     piece = Range(start, n)
@@ -320,8 +337,10 @@ class Operations:
                             region=region.name,
                         ) from exc
                     released += self._mark_unplugged(region, piece)
-            finally:
-                self._finish(region, intent)
+            except BaseException:
+                self._journal.finish(region, intent, quiet=True)
+                raise
+            self._journal.finish_done(region, intent, "unplug", r)
             seconds = time.monotonic() - started
         return RangeOutcome(released, seconds, region.info())
 
@@ -346,15 +365,17 @@ class Operations:
         with region.locks.hold(r, token):
             self._require_plugged(region, "discard", r)
             started = time.monotonic()
-            intent = self._store.begin(region.name, "discard", r)
+            intent = self._journal.begin(region, "discard", r)
             try:
                 lost, cause = self._zero_blocks(region, r)
                 if region.lock_map is not None:
                     with region.mutex:
                         relock = region.plugged.intersection(r)
                     lock_ranges(region, relock)
-            finally:
-                self._finish(region, intent)
+            except BaseException:
+                self._journal.finish(region, intent, quiet=True)
+                raise
+            self._journal.finish_done(region, intent, "discard", r)
             seconds = time.monotonic() - started
             if cause is not None:
                 nbytes = len(lost) * region.block_size

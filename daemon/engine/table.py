@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from memplug.common.cancel import CancelToken
@@ -99,8 +99,12 @@ class RegionTable:
             self._regions[region.name] = region
             self._lost.pop(region.name, None)
 
-    def remove_idle(self, name: str) -> Region:
-        """Take the region out, unless a call is running on it."""
+    def remove_idle(self, name: str, *, before: Callable[[str], None]) -> Region:
+        """Take the region out, unless a call is running on it.
+
+        before(name) runs first, under the lock (no call can start meanwhile);
+        if it raises, the region stays.
+        """
         with self._lock:
             region = self._regions.get(name)
             if region is None:
@@ -110,6 +114,7 @@ class RegionTable:
                     f"region {name!r} is busy: {region.active} operation(s) still running; "
                     "cancel them or wait, then delete"
                 )
+            before(name)
             del self._regions[name]
         return region
 

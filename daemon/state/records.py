@@ -10,7 +10,8 @@ format and must stay readable by every later memplugd:
     options: {"thp": bool, "numa_policy": str, "numa_nodes": [...], "lock": bool,
               "from_warm_pool": bool}
 
-A key missing on reading takes its default (older stores wrote fewer keys).
+A key missing on reading takes its default (older stores wrote fewer keys); a
+value of the wrong shape raises ValueError, saying which.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from memplug.common.errors import InvalidArgument
 from memplug.common.ranges import Range
@@ -128,13 +130,16 @@ def acl_to_json(acl: Acl) -> str:
 
 
 def acl_from_json(text: str) -> Acl:
-    a = json.loads(text)
+    a = _object("acl", text)
+    owner = _ids(a, "owner_uid", [0])
+    if len(owner) != 1:
+        raise ValueError(f"acl: owner_uid must hold one uid, not {owner!r}")
     return Acl(
-        owner_uid=a.get("owner_uid", [0])[0],
-        allowed_uids=frozenset(a.get("allowed_uids", [])),
-        allowed_gids=frozenset(a.get("allowed_gids", [])),
-        read_only_uids=frozenset(a.get("read_only_uids", [])),
-        read_only_gids=frozenset(a.get("read_only_gids", [])),
+        owner_uid=owner[0],
+        allowed_uids=frozenset(_ids(a, "allowed_uids")),
+        allowed_gids=frozenset(_ids(a, "allowed_gids")),
+        read_only_uids=frozenset(_ids(a, "read_only_uids")),
+        read_only_gids=frozenset(_ids(a, "read_only_gids")),
     )
 
 
@@ -151,14 +156,27 @@ def options_to_json(options: RegionOptions) -> str:
 
 
 def options_from_json(text: str) -> RegionOptions:
-    o = json.loads(text)
-    nodes = o.get("numa_nodes", [])
+    o = _object("options", text)
     return RegionOptions(
         thp=bool(o.get("thp", False)),
-        placement=Placement(
-            str(o.get("numa_policy", "default")),
-            tuple(int(n) for n in nodes) if isinstance(nodes, list) else (),
-        ),
+        placement=Placement(str(o.get("numa_policy", "default")), tuple(_ids(o, "numa_nodes"))),
         lock=bool(o.get("lock", False)),
         from_warm_pool=bool(o.get("from_warm_pool", False)),
     )
+
+
+def _object(column: str, text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{column}: expected a JSON object, got {text[:40]!r}")
+    return value
+
+
+def _ids(obj: dict[str, Any], key: str, default: list[int] | None = None) -> list[int]:
+    """obj[key] as a list of non-negative integers (ids, NUMA nodes)."""
+    value = obj.get(key, [] if default is None else default)
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ValueError(f"{key}: expected a list of non-negative integers, got {value!r}")
+    return value
