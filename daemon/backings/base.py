@@ -13,8 +13,8 @@ import errno
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
 
 from memplug.common import memory
 from memplug.common.errors import FailedPrecondition, Internal, MemplugError, ResourceExhausted
@@ -36,44 +36,57 @@ class BackingKind(enum.StrEnum):
     FILE = "file"
 
 
+@dataclass(frozen=True)
+class MemPolicy:
+    """A NUMA memory policy for the backing's pages: an MPOL_* mode over nodes."""
+
+    mode: int
+    nodes: tuple[int, ...]
+
+
 class Backing(ABC):
+    """An fd and what is known of it; frozen at creation, but for close().
+
+    huge: map 2 MiB-aligned with MADV_HUGEPAGE (shmem THP).
+    mpol: mbind() every mapping to this policy (NUMA placement).
+    """
+
     kind: BackingKind
 
-    def __init__(self, fd: int, size: int, page_size: int, path: str = "") -> None:
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        page_size: int,
+        path: str = "",
+        *,
+        huge: bool = False,
+        mpol: MemPolicy | None = None,
+    ) -> None:
         # Held by close() and by readers that may run beside a delete (info,
         # status): an fd number must never be used after close, or reused.
         self._fd_lock = threading.Lock()
-        self.fd = fd
-        self.size = size
-        self.page_size = page_size
-        self.path = path
+        self.fd = fd  # -1 once closed
+        self.size: Final = size
+        self.page_size: Final = page_size
+        self.path: Final = path
+        self.huge: Final = huge
+        self.mpol: Final = mpol
 
     # ------------------------------------------------------------------ work on ranges
 
     def allocate(self, offset: int, length: int) -> None:
+        """fallocate(2) [offset, offset+length) on the daemon's own fd."""
         ops.fallocate(self.fd, offset, length)
 
-    # Set by the engine from the region's options before any work.
-    huge = False  # map 2 MiB-aligned with MADV_HUGEPAGE (shmem THP)
-    mpol: tuple[int, list[int]] | None = None  # (MPOL_* mode, nodes) for mappings
-
-    @contextmanager
-    def populating(self, span: Range, *, write: bool) -> Iterator[Callable[[int, int], None]]:
-        """A populate function for chunks of span, over one mapping made once.
-
-        Mapping and unmapping per chunk would serialize the workers (mmap and
-        munmap wait for a running MADV_POPULATE on the same mm): the hugetlb
-        plug ran at 0.66x the raw speed that way. One mapping, advised and
-        mbind()ed once, lets disjoint chunks populate in parallel.
-        """
+    def map_span(self, span: Range) -> SpanMapping:
+        """One mapping of span for populating its chunks (close it, or use `with`)."""
         if span.length > MAX_SPAN:  # beyond any address space: one mapping per chunk
-            yield lambda offset, length: self.populate(offset, length, write=write)
-            return
-        with self._mapped(span.offset, span.length) as mapping:
-            base = mapping.address - span.offset
-            yield lambda offset, length: memory.populate(base + offset, length, write=write)
+            return SpanMapping(self, span, None)
+        return SpanMapping(self, span, self._mapped(span.offset, span.length))
 
     def populate(self, offset: int, length: int, *, write: bool) -> None:
+        """MADV_POPULATE_WRITE/READ of [offset, offset+length) through its own mapping."""
         with self._mapped(offset, length) as mapping:
             memory.populate(mapping.address, length, write=write)
 
@@ -83,7 +96,7 @@ class Backing(ABC):
             if self.huge:
                 memory.madvise(mapping.address, length, memory.MADV_HUGEPAGE)
             if self.mpol is not None:
-                ops.mbind(mapping.address, length, *self.mpol)
+                ops.mbind(mapping.address, length, self.mpol.mode, list(self.mpol.nodes))
         except BaseException:
             mapping.close()
             raise
@@ -95,11 +108,11 @@ class Backing(ABC):
             return
         for offset, length in ops.iter_chunks(0, self.size, POLICY_CHUNK):
             with ops.map_shared(self.fd, offset, length) as mapping:
-                ops.mbind(mapping.address, length, *self.mpol)
+                ops.mbind(mapping.address, length, self.mpol.mode, list(self.mpol.nodes))
 
-    def zeroing(self, method: str) -> str:
-        """Whether a plug by method zeroes the pages now or leaves it to first touch."""
-        return "deferred" if method == "fallocate" else "done"
+    def zeroing(self, strategy: str) -> str:
+        """Whether a plug by strategy zeroes the pages now or leaves it to first touch."""
+        return "deferred" if strategy == "fallocate" else "done"
 
     def touch(self, offset: int, length: int) -> None:
         toucher.touch_in_helper(self.fd, offset, length, self.page_size)
@@ -137,8 +150,8 @@ class Backing(ABC):
     def exhausted(self, missing: int) -> ResourceExhausted:
         """The error for "could not back `missing` more bytes", worded for this backing."""
 
-    def translate(self, exc: OSError, missing: int) -> MemplugError:
-        """What an OSError from allocate/populate means here."""
+    def error_for(self, exc: OSError, missing: int) -> MemplugError:
+        """The MemplugError an OSError from allocate/populate/release means here."""
         if exc.strerror == OOM_KILLED:
             return ResourceExhausted(
                 "the daemon's memory cgroup limit was reached (its allocation helper was "
@@ -162,3 +175,44 @@ class Backing(ABC):
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+
+
+class SpanMapping:
+    """A span of a backing mapped once, advised and mbind()ed once, for populating.
+
+    Mapping and unmapping per chunk would serialize the workers (mmap and
+    munmap wait for a running MADV_POPULATE on the same mm): the hugetlb
+    plug ran at 0.66x the raw speed that way. One mapping lets disjoint
+    chunks populate in parallel. A span beyond any address space (MAX_SPAN)
+    is mapped per chunk instead.
+    """
+
+    def __init__(self, backing: Backing, span: Range, mapping: ops.Mapping | None) -> None:
+        self._backing = backing
+        self._mapping = mapping
+        # address of byte 0 of the file, were all of it mapped like span
+        self._base = 0 if self._mapping is None else self._mapping.address - span.offset
+
+    def populate_write(self, offset: int, length: int) -> None:
+        """MADV_POPULATE_WRITE: allocates and zeroes [offset, offset+length)."""
+        if self._mapping is None:
+            self._backing.populate(offset, length, write=True)
+        else:
+            memory.populate(self._base + offset, length, write=True)
+
+    def populate_read(self, offset: int, length: int) -> None:
+        """MADV_POPULATE_READ: faults [offset, offset+length) in for reading."""
+        if self._mapping is None:
+            self._backing.populate(offset, length, write=False)
+        else:
+            memory.populate(self._base + offset, length, write=False)
+
+    def close(self) -> None:
+        if self._mapping is not None:
+            self._mapping.close()
+
+    def __enter__(self) -> SpanMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -6,13 +6,14 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import Final
 
 from memplug.common import memory
 from memplug.common.errors import FailedPrecondition, InvalidArgument, NoSpace, PermissionDenied
 from memplug.common.sizes import format_size
-from memplug.daemon.backings.base import Backing, BackingKind
-from memplug.daemon.backings.shmem import restrict_inode
+from memplug.daemon.backings.base import Backing, BackingKind, MemPolicy
 from memplug.daemon.kernel import ops
+from memplug.daemon.kernel.memfd import restrict_inode
 
 
 def _locate(path: str, allow_dirs: list[Path]) -> tuple[Path, str]:
@@ -68,17 +69,32 @@ class FileBacking(Backing):
     kind = BackingKind.FILE
 
     def __init__(
-        self, fd: int, size: int, page_size: int, path: str, created: bool, parent_fd: int
+        self,
+        fd: int,
+        size: int,
+        page_size: int,
+        path: str,
+        created: bool,
+        parent_fd: int,
+        *,
+        mpol: MemPolicy | None = None,
     ) -> None:
-        super().__init__(fd, size, page_size, path)
-        self.created = created
+        super().__init__(fd, size, page_size, path, mpol=mpol)
+        self.created: Final = created
         self._parent_fd = parent_fd  # the file's directory, for a safe unlink
         st = os.fstat(fd)
-        self.identity = (st.st_dev, st.st_ino)
+        self.identity: Final = (st.st_dev, st.st_ino)
 
     @classmethod
     def open(
-        cls, path: str, size: int, allow_dirs: list[Path], owner_uid: int, *, create: bool = True
+        cls,
+        path: str,
+        size: int,
+        allow_dirs: list[Path],
+        owner_uid: int,
+        *,
+        create: bool = True,
+        mpol: MemPolicy | None = None,
     ) -> FileBacking:
         """Open (or create) the file; size 0 adopts an existing file's size.
 
@@ -125,7 +141,7 @@ class FileBacking(Backing):
                 raise FailedPrecondition(
                     f"{full} exists with size {st.st_size}; ask for that size, or 0 to adopt it"
                 )
-            backing = cls(fd, size, memory.BASE_PAGE_SIZE, full, created, parent_fd)
+            backing = cls(fd, size, memory.BASE_PAGE_SIZE, full, created, parent_fd, mpol=mpol)
             return backing
         except BaseException:
             if backing is None:

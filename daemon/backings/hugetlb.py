@@ -5,18 +5,20 @@ from __future__ import annotations
 from memplug.common import memory
 from memplug.common.errors import PoolExhausted
 from memplug.common.sizes import format_size
-from memplug.daemon.backings.base import Backing, BackingKind
-from memplug.daemon.backings.shmem import create_memfd
+from memplug.daemon.backings.base import Backing, BackingKind, MemPolicy
 from memplug.daemon.kernel import ops
+from memplug.daemon.kernel.memfd import create_memfd
 
 
 class HugetlbBacking(Backing):
     kind = BackingKind.HUGETLB
 
     @classmethod
-    def create(cls, name: str, size: int, page_size: int, owner_uid: int) -> HugetlbBacking:
+    def create(
+        cls, name: str, size: int, page_size: int, owner_uid: int, *, mpol: MemPolicy | None = None
+    ) -> HugetlbBacking:
         fd = create_memfd(name, size, owner_uid, ops.huge_page_flag(page_size))
-        return cls(fd, size, page_size)
+        return cls(fd, size, page_size, mpol=mpol)
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         # hugetlbfs reports the whole file as data: SEEK_DATA tells nothing. By
@@ -41,7 +43,7 @@ class HugetlbBacking(Backing):
         # and fallocate runs under the worker thread's policy instead.
         pass
 
-    def zeroing(self, method: str) -> str:
+    def zeroing(self, strategy: str) -> str:
         return "done"  # huge pages are zeroed when allocated, by either method
 
     def describe(self) -> str:

@@ -38,19 +38,6 @@ class RangeLock:
                 self._held.remove(r)
                 self._cond.notify_all()
 
-    def try_hold_all(self, size: int) -> bool:
-        """Take [0, size) if nothing is held; the caller releases with release_all()."""
-        with self._cond:
-            if self._held:
-                return False
-            self._held.append(Range(0, size))
-            return True
-
-    def release_all(self, size: int) -> None:
-        with self._cond:
-            self._held.remove(Range(0, size))
-            self._cond.notify_all()
-
     @property
     def busy(self) -> bool:
         with self._cond:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import re
 import threading
 from collections.abc import Mapping
@@ -13,6 +12,20 @@ from memplug.common.ranges import IntervalSet, Range, check_range
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.engine.rangelock import RangeLock
 from memplug.daemon.kernel.ops import Mapping as Mapping_
+from memplug.daemon.state.records import Access, Acl, Placement, RegionOptions, RegionRecord
+
+# The region's configuration types are the ones its record keeps (state/records.py).
+__all__ = [
+    "Access",
+    "Acl",
+    "Placement",
+    "Region",
+    "RegionInfo",
+    "RegionOptions",
+    "RegionSpec",
+    "check_labels",
+    "check_name",
+]
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,252}")
@@ -43,79 +56,6 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
                 f"label {key!r}: value must be at most {MAX_LABEL_VALUE} characters, no NUL"
             )
     return dict(labels)
-
-
-class Access(enum.Enum):
-    READ_WRITE = "rw"
-    READ_ONLY = "ro"
-
-
-@dataclass(frozen=True)
-class Acl:
-    """Who may attach a region's fd, and how; root always may."""
-
-    owner_uid: int = 0
-    allowed_uids: frozenset[int] = frozenset()
-    allowed_gids: frozenset[int] = frozenset()
-    read_only_uids: frozenset[int] = frozenset()
-    read_only_gids: frozenset[int] = frozenset()
-
-    def allows(self, uid: int, gids: frozenset[int], access: Access) -> bool:
-        if uid in (0, self.owner_uid) or uid in self.allowed_uids or gids & self.allowed_gids:
-            return True
-        if access is Access.READ_ONLY:
-            return uid in self.read_only_uids or bool(gids & self.read_only_gids)
-        return False
-
-    def check(self) -> Acl:
-        ids = (
-            self.owner_uid,
-            *self.allowed_uids,
-            *self.allowed_gids,
-            *self.read_only_uids,
-            *self.read_only_gids,
-        )
-        for ident in ids:
-            if not 0 <= ident < 0xFFFFFFFF:  # (uid_t)-1 means "no id" to the kernel
-                raise InvalidArgument(f"invalid uid/gid {ident} in the region's ACL")
-        return self
-
-
-NUMA_POLICIES = ("default", "bind", "preferred", "interleave")
-
-
-@dataclass(frozen=True)
-class Placement:
-    """NUMA memory policy of a region: mbind(2) modes over a set of nodes."""
-
-    policy: str = "default"
-    nodes: tuple[int, ...] = ()
-
-    @property
-    def active(self) -> bool:
-        return self.policy != "default"
-
-    def check(self, online: list[int]) -> Placement:
-        if self.policy not in NUMA_POLICIES:
-            raise InvalidArgument(f"unknown NUMA policy {self.policy!r}")
-        if self.active and not self.nodes:
-            raise InvalidArgument(f"NUMA policy {self.policy} needs numa_nodes")
-        if not self.active and self.nodes:
-            raise InvalidArgument("numa_nodes given without a NUMA policy")
-        offline = sorted(set(self.nodes) - set(online))
-        if offline:
-            raise InvalidArgument(f"NUMA nodes {offline} are not online (online: {online})")
-        return self
-
-
-@dataclass(frozen=True)
-class RegionOptions:
-    """How the region's memory is obtained; frozen at creation."""
-
-    thp: bool = False  # effective: the kernel allows it and the region asked for it
-    placement: Placement = field(default_factory=Placement)
-    lock: bool = False
-    from_warm_pool: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +139,24 @@ class Region:
 
     def label_match(self, selector: Mapping[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in selector.items())
+
+    def record(self) -> RegionRecord:
+        """What the store keeps of this region (its JSON form is the store's business)."""
+        with self.mutex:
+            plugged = tuple(self.plugged)
+        return RegionRecord(
+            name=self.name,
+            size=self.size,
+            backing=self.backing.kind.value,
+            page_size=self.backing.page_size,
+            block_size=self.block_size,
+            path=self.backing.path,
+            labels=dict(self.labels),
+            acl=self.acl,
+            created_at=self.created_at,
+            plugged=plugged,
+            options=self.options,
+        )
 
     def info(self) -> RegionInfo:
         with self.mutex:

@@ -28,10 +28,10 @@ from memplug.common.errors import MemplugError
 from memplug.common.ranges import IntervalSet, Range, subtract
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking, HugetlbBacking, ShmemBacking
-from memplug.daemon.backings.shmem import REGION_SEALS
-from memplug.daemon.engine.options import prepare_backing
-from memplug.daemon.engine.region import Acl, Placement, Region, RegionOptions
+from memplug.daemon.engine.placement import apply_region_options, mem_policy
+from memplug.daemon.engine.region import Region
 from memplug.daemon.kernel import ops
+from memplug.daemon.kernel.memfd import REGION_SEALS
 from memplug.daemon.state.store import Intent, RegionRecord, StateStore
 
 log = logging.getLogger("memplug.restore")
@@ -53,31 +53,6 @@ class RestoreReport:
     lost: dict[str, str] = field(default_factory=dict)
     repaired: list[str] = field(default_factory=list)  # what reconciliation changed
     stray_fds: list[str] = field(default_factory=list)  # fds with no region: dropped
-
-
-def _acl(record: RegionRecord) -> Acl:
-    a = record.acl
-    return Acl(
-        owner_uid=a.get("owner_uid", [0])[0],
-        allowed_uids=frozenset(a.get("allowed_uids", [])),
-        allowed_gids=frozenset(a.get("allowed_gids", [])),
-        read_only_uids=frozenset(a.get("read_only_uids", [])),
-        read_only_gids=frozenset(a.get("read_only_gids", [])),
-    )
-
-
-def _options(record: RegionRecord) -> RegionOptions:
-    o = record.options
-    nodes = o.get("numa_nodes", [])
-    return RegionOptions(
-        thp=bool(o.get("thp", False)),
-        placement=Placement(
-            str(o.get("numa_policy", "default")),
-            tuple(int(n) for n in nodes) if isinstance(nodes, list) else (),
-        ),
-        lock=bool(o.get("lock", False)),
-        from_warm_pool=bool(o.get("from_warm_pool", False)),
-    )
 
 
 def _check_memfd(fd: int, record: RegionRecord) -> str | None:
@@ -116,10 +91,13 @@ def _open_backing(
 ) -> Backing | Unavailable:
     """The region's backing, or why it cannot be had."""
     kind = BackingKind(record.backing)
+    mpol = mem_policy(record.options.placement)
     if kind is BackingKind.FILE:
-        owner = record.acl.get("owner_uid", [0])[0]
+        owner = record.acl.owner_uid
         try:
-            return FileBacking.open(record.path, record.size, allow_dirs, owner, create=False)
+            return FileBacking.open(
+                record.path, record.size, allow_dirs, owner, create=False, mpol=mpol
+            )
         except MemplugError as exc:
             # Only a vanished file is gone for good; a missing --allow-dir or a
             # permission problem may be fixed by the next start.
@@ -133,8 +111,8 @@ def _open_backing(
         os.close(fd)
         return Unavailable(f"the fd handed back does not match: {why}", rejected_fd=True)
     if kind is BackingKind.HUGETLB:
-        return HugetlbBacking(fd, record.size, record.page_size)
-    return ShmemBacking(fd, record.size, record.page_size)
+        return HugetlbBacking(fd, record.size, record.page_size, mpol=mpol)
+    return ShmemBacking(fd, record.size, record.page_size, huge=record.options.thp, mpol=mpol)
 
 
 def _replay(region: Region, intent: Intent, report: RestoreReport) -> None:
@@ -216,8 +194,8 @@ def restore(
             record.block_size,
             record.labels,
             record.created_at,
-            _acl(record),
-            _options(record),
+            record.acl,
+            record.options,
         )
         region.plugged = IntervalSet(record.plugged)
         if region.options.from_warm_pool:
@@ -233,7 +211,7 @@ def restore(
             store.finish(intent.id, region.name, tuple(region.plugged))
         store.finish(None, region.name, tuple(region.plugged))
         try:
-            prepare_backing(region)  # huge pages, NUMA policy, re-lock plugged blocks
+            apply_region_options(region)  # NUMA policy, re-lock plugged blocks
         except OSError as exc:
             report.repaired.append(f"{region.name}: its options could not be reapplied: {exc}")
         regions.append(region)

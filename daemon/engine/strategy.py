@@ -1,4 +1,4 @@
-"""How to do the work: the method per backing and how to slice it over threads (pure).
+"""How to do the work: the strategy per backing and how to slice it over threads (pure).
 
 Rules, from measurements on a 2-vCPU VM (1 GiB, steady state; see docs/strategies.md):
 - shmem and FILE (4 KiB pages): fallocate on one thread, 4.75 GB/s. More threads
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
-from memplug.common.errors import FailedPrecondition
+from memplug.common.errors import FailedPrecondition, InvalidArgument
 from memplug.common.ranges import Range
 from memplug.common.sizes import MiB
 
@@ -24,24 +25,28 @@ MIN_BYTES_PER_THREAD = 64 * MiB
 CHUNK_BYTES = 64 * MiB  # granularity of progress reports and cancellation
 
 
-class Method(enum.StrEnum):
-    FALLOCATE = "fallocate"
-    POPULATE_WRITE = "populate-write"
-    POPULATE_READ = "populate-read"
+class Strategy(enum.StrEnum):
+    """How a plug or populate gets its memory: asked for, chosen, and reported.
+
+    The API's Strategy enum names the ones a plug may ask for (AUTO, FALLOCATE,
+    POPULATE_WRITE); the value is the name an operation's result reports.
+    """
+
+    AUTO = "auto"  # asked for only: the daemon chooses per backing
+    FALLOCATE = "fallocate"  # fallocate(2)
+    POPULATE_WRITE = "populate-write"  # madvise(MADV_POPULATE_WRITE)
+    POPULATE_READ = "populate-read"  # madvise(MADV_POPULATE_READ)
     TOUCH_READ = "touch-read"  # no MADV_POPULATE_*: read one byte per page in a helper
+    WARM_POOL = "warm-pool"  # reported only: a warm-pool memfd held the memory already
+    NONE = "none"  # reported only: every block was plugged already
 
 
-class Requested(enum.Enum):
-    """What the caller asked for (the API's Strategy enum)."""
-
-    AUTO = "auto"
-    FALLOCATE = "fallocate"
-    POPULATE_WRITE = "populate-write"
+PLUG_REQUESTS: Final = (Strategy.AUTO, Strategy.FALLOCATE, Strategy.POPULATE_WRITE)
 
 
 @dataclass(frozen=True)
 class Plan:
-    method: Method
+    strategy: Strategy
     slices: tuple[tuple[Range, ...], ...]  # one tuple of pieces per worker thread
     chunk: int
 
@@ -54,43 +59,48 @@ class Plan:
         return sum(r.length for s in self.slices for r in s)
 
 
-def plug_method(
-    *, hugetlb: bool, requested: Requested, has_populate: bool, thp: bool = False
-) -> Method:
-    if requested is Requested.FALLOCATE:
-        return Method.FALLOCATE
-    if requested is Requested.POPULATE_WRITE:
+def plug_strategy(
+    *, hugetlb: bool, requested: Strategy, has_populate: bool, thp: bool = False
+) -> Strategy:
+    """The strategy a plug runs: what was asked for, or the fastest for the backing."""
+    if requested not in PLUG_REQUESTS:
+        raise InvalidArgument(
+            f"a plug cannot ask for strategy {requested}: use auto, fallocate or populate-write"
+        )
+    if requested is Strategy.FALLOCATE:
+        return Strategy.FALLOCATE
+    if requested is Strategy.POPULATE_WRITE:
         if not has_populate:
             raise FailedPrecondition(
                 "strategy populate-write needs MADV_POPULATE_WRITE (Linux >= 5.14), "
                 "which this kernel lacks; use the automatic strategy"
             )
-        return Method.POPULATE_WRITE
+        return Strategy.POPULATE_WRITE
     # shmem THP: populate-write on a 2 MiB-aligned MADV_HUGEPAGE mapping allocates
     # and zeroes huge pages at memory bandwidth (28.6 GB/s measured); fallocate
     # gets small pages unless shmem_enabled=within_size, and defers the zeroing.
     if (hugetlb or thp) and has_populate:
-        return Method.POPULATE_WRITE
-    return Method.FALLOCATE
+        return Strategy.POPULATE_WRITE
+    return Strategy.FALLOCATE
 
 
-def populate_method(*, write: bool, has_populate: bool) -> Method:
+def populate_strategy(*, write: bool, has_populate: bool) -> Strategy:
     if not has_populate:
-        return Method.TOUCH_READ
-    return Method.POPULATE_WRITE if write else Method.POPULATE_READ
+        return Strategy.TOUCH_READ
+    return Strategy.POPULATE_WRITE if write else Strategy.POPULATE_READ
 
 
-def thread_count(method: Method, total: int, max_threads: int) -> int:
-    if method in (Method.FALLOCATE, Method.TOUCH_READ):
+def thread_count(strategy: Strategy, total: int, max_threads: int) -> int:
+    if strategy in (Strategy.FALLOCATE, Strategy.TOUCH_READ):
         return 1
     return max(1, min(max_threads, total // MIN_BYTES_PER_THREAD))
 
 
-def make_plan(method: Method, work: list[Range], *, max_threads: int, align: int) -> Plan:
+def make_plan(strategy: Strategy, work: list[Range], *, max_threads: int, align: int) -> Plan:
     """Split work into contiguous per-thread slices of near-equal size, cut at align."""
     total = sum(r.length for r in work)
     blocks = total // align
-    threads = max(1, min(thread_count(method, total, max_threads), blocks))
+    threads = max(1, min(thread_count(strategy, total, max_threads), blocks))
     # Whole blocks per thread, the remainder one each to the first threads.
     base, extra = divmod(blocks, threads)
     quotas = [(base + (1 if i < extra else 0)) * align for i in range(threads)]
@@ -111,4 +121,4 @@ def make_plan(method: Method, work: list[Range], *, max_threads: int, align: int
         slices.append(tuple(current))
         current = []
     chunk = max(align, CHUNK_BYTES // align * align)
-    return Plan(method, tuple(slices), chunk)
+    return Plan(strategy, tuple(slices), chunk)

@@ -22,7 +22,7 @@ from memplug.common.ranges import Range
 from memplug.common.sizes import format_size, parse_size
 from memplug.daemon.backings import Backing, BackingKind, HugetlbBacking, ShmemBacking
 from memplug.daemon.engine.runner import Runner
-from memplug.daemon.engine.strategy import Requested, make_plan, plug_method
+from memplug.daemon.engine.strategy import Strategy, make_plan, plug_strategy
 from memplug.daemon.kernel import probe
 
 log = logging.getLogger("memplug.warmpool")
@@ -169,23 +169,20 @@ class WarmPool:
             if spec.backing is BackingKind.HUGETLB:
                 backing = HugetlbBacking.create("~warm", spec.size, spec.page_size, 0)
             else:
-                backing = ShmemBacking.create("~warm", spec.size, 0)
-            backing.huge = spec.thp
-            method = plug_method(
+                backing = ShmemBacking.create("~warm", spec.size, 0, huge=spec.thp)
+            strategy = plug_strategy(
                 hugetlb=spec.backing is BackingKind.HUGETLB,
-                requested=Requested.AUTO,
+                requested=Strategy.AUTO,
                 has_populate=self._madv_populate,
                 thp=spec.thp,
             )
-            plan = make_plan(
-                method, [Range(0, spec.size)], max_threads=self._threads, align=2 << 20
-            )
             whole = Range(0, spec.size)
-            if method.value == "fallocate":
+            plan = make_plan(strategy, [whole], max_threads=self._threads, align=2 << 20)
+            if strategy is Strategy.FALLOCATE:  # fallocate(2)
                 self._runner.run(plan, backing.allocate, self._token)
-            else:
-                with backing.populating(whole, write=True) as work:
-                    self._runner.run(plan, work, self._token)
+            else:  # MADV_POPULATE_WRITE on one mapping of the memfd
+                with backing.map_span(whole) as mapping:
+                    self._runner.run(plan, mapping.populate_write, self._token)
         except (OSError, MemplugError) as exc:
             self._release(spec.size)
             if backing is not None:

@@ -97,11 +97,25 @@ class HelperPool:
                 self._all.append(helper)
         return helper
 
+    def allocate(self, offset: int, length: int) -> None:
+        """fallocate(2) in the calling worker's helper."""
+        self.get().allocate(offset, length)
+
+    def populate_write(self, offset: int, length: int) -> None:
+        """MADV_POPULATE_WRITE in the calling worker's helper."""
+        self.get().populate(offset, length, write=True)
+
     def close(self) -> None:
         with self._lock:
             helpers, self._all = self._all, []
         for helper in helpers:
             helper.close()
+
+    def __enter__(self) -> HelperPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _serve(fd: int, stdin: IO[str], stdout: IO[str]) -> None:

@@ -5,10 +5,10 @@ Schema, version 2:
     meta(key TEXT PRIMARY KEY, value TEXT)             schema_version
     regions(name TEXT PRIMARY KEY, size INTEGER, backing TEXT, page_size INTEGER,
             block_size INTEGER, path TEXT, labels TEXT (JSON object),
-            acl TEXT (JSON object), created_at REAL,
+            acl TEXT (JSON object, see records.py), created_at REAL,
             plugged TEXT (JSON [[offset, length], ...], merged, ascending),
             gone TEXT (why a restart lost the region; '' while it lives),
-            options TEXT (JSON: thp, numa_policy, numa_nodes, lock, from_warm_pool),
+            options TEXT (JSON object, see records.py),
             finished_intent INTEGER (v2: the intent the last finish() closed))
     intents(id INTEGER PRIMARY KEY, region TEXT, op TEXT, offset INTEGER,
             length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL)
@@ -41,6 +41,13 @@ from typing import Any, Final
 
 from memplug.common.errors import FailedPrecondition, MemplugError, NoSpace
 from memplug.common.ranges import Range
+from memplug.daemon.state.records import (
+    Acl,
+    acl_from_json,
+    acl_to_json,
+    options_from_json,
+    options_to_json,
+)
 from memplug.daemon.state.store import Intent, RegionRecord
 
 SCHEMA_VERSION: Final = 2
@@ -121,11 +128,11 @@ def _record(row: tuple[Any, ...]) -> RegionRecord:
         block_size=_typed("block_size", row[4], int),
         path=_typed("path", row[5], str),
         labels=_object("labels", row[6]),
-        acl=_object("acl", row[7]),
+        acl=acl_from_json(row[7]),
         created_at=float(row[8]),
         plugged=_ranges(row[9]),
         gone=_typed("gone", row[10], str),
-        options=_object("options", row[11]),
+        options=options_from_json(row[11]),
     )
 
 
@@ -139,7 +146,7 @@ def _malformed(name: str, why: str) -> RegionRecord:
         block_size=0,
         path="",
         labels={},
-        acl={},
+        acl=Acl(),
         created_at=0.0,
         gone=f"its record in the state store is malformed ({why}); it is left as it is "
         "in the store for inspection, and creating a region of that name replaces it",
@@ -258,11 +265,11 @@ class SqliteStore:
             record.block_size,
             record.path,
             json.dumps(record.labels),
-            json.dumps(record.acl),
+            acl_to_json(record.acl),
             record.created_at,
             _dump(record.plugged),
             record.gone,
-            json.dumps(record.options),
+            options_to_json(record.options),
         )
 
     def delete_region(self, name: str) -> None:

@@ -16,22 +16,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from memplug.common.ranges import Range
+from memplug.daemon.state.records import RegionRecord
 
-
-@dataclass(frozen=True)
-class RegionRecord:
-    name: str
-    size: int
-    backing: str  # BackingKind value
-    page_size: int
-    block_size: int
-    path: str
-    labels: dict[str, str]
-    acl: dict[str, list[int]]  # owner_uid: [uid], allowed_uids, allowed_gids, read_only_*
-    created_at: float
-    plugged: tuple[Range, ...] = ()
-    gone: str = ""  # why a restart could not bring the region back; "" while it lives
-    options: dict[str, object] = field(default_factory=dict)  # RegionOptions as JSON
+__all__ = ["Intent", "MemoryStore", "RegionRecord", "StateStore"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from memplug.common.ranges import Range
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine.engine import EngineStatus, OpResult, RangeOutcome
 from memplug.daemon.engine.region import Access, Acl, Placement, RegionInfo, RegionSpec
-from memplug.daemon.engine.strategy import Requested
+from memplug.daemon.engine.strategy import Strategy
 from memplug.daemon.engine.tickets import Ticket
 from memplug.daemon.kernel import probe
 from memplug.v1 import memplug_pb2 as pb
@@ -47,9 +47,9 @@ def policy_from_proto(value: int) -> str:
 
 
 STRATEGY_FROM_PROTO: Final = {
-    pb.STRATEGY_AUTO: Requested.AUTO,
-    pb.STRATEGY_FALLOCATE: Requested.FALLOCATE,
-    pb.STRATEGY_POPULATE_WRITE: Requested.POPULATE_WRITE,
+    pb.STRATEGY_AUTO: Strategy.AUTO,
+    pb.STRATEGY_FALLOCATE: Strategy.FALLOCATE,
+    pb.STRATEGY_POPULATE_WRITE: Strategy.POPULATE_WRITE,
 }
 
 
@@ -112,7 +112,7 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
     )
 
 
-def strategy_from_proto(value: int) -> Requested:
+def strategy_from_proto(value: int) -> Strategy:
     if value not in STRATEGY_FROM_PROTO:
         raise InvalidArgument(f"unknown strategy {value}: use auto, fallocate or populate-write")
     return STRATEGY_FROM_PROTO[value]  # type: ignore[index]

@@ -12,9 +12,9 @@ import pytest
 from conftest import HUGE_2M, MiB, require
 
 from memplug.common import memory
-from memplug.daemon.backings.shmem import REGION_SEALS, create_memfd
 from memplug.daemon.config import Switches, environment_switches
 from memplug.daemon.kernel import ops, probe, toucher
+from memplug.daemon.kernel.memfd import REGION_SEALS, create_memfd
 
 PAGE = memory.BASE_PAGE_SIZE
 
@@ -80,6 +80,14 @@ def test_region_memfd_carries_the_region_seals(fds: list[int]) -> None:
     with pytest.raises(OSError) as info:
         os.ftruncate(fd, 0)
     assert info.value.errno == errno.EPERM
+
+
+def test_region_memfd_that_cannot_be_sized_names_the_step_and_leaks_no_fd() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match=r"^\[Errno \d+\] ftruncate: ") as info:
+        create_memfd("negative", -1, os.geteuid())
+    assert info.value.errno in (errno.EINVAL, errno.EFBIG)
+    assert set(os.listdir("/proc/self/fd")) <= before, "the half-made memfd was not closed"
 
 
 def test_memfd_create_error_is_an_oserror_with_the_step() -> None:

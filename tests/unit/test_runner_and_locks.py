@@ -16,7 +16,7 @@ from memplug.common.errors import Cancelled, DeadlineExceeded
 from memplug.common.ranges import Range
 from memplug.daemon.engine.rangelock import RangeLock
 from memplug.daemon.engine.runner import Runner
-from memplug.daemon.engine.strategy import Method, Plan
+from memplug.daemon.engine.strategy import Plan, Strategy
 
 WAIT = 5.0  # upper bound for things that should happen at once
 
@@ -29,7 +29,7 @@ def runner() -> Iterator[Runner]:
 
 
 def plan_of(*slices: tuple[Range, ...], chunk: int) -> Plan:
-    return Plan(Method.POPULATE_WRITE, tuple(slices), chunk)
+    return Plan(Strategy.POPULATE_WRITE, tuple(slices), chunk)
 
 
 def even_plan(threads: int, per_thread: int, chunk: int) -> Plan:
@@ -306,14 +306,4 @@ def test_range_lock_waiter_gives_up(how: str, release_all: Callable[[], threadin
     # Giving up left nothing behind: once the holder goes, the lock is free.
     release1.set()
     t1.join(WAIT)
-    assert not lock.busy
-
-
-def test_range_lock_try_hold_all() -> None:
-    lock = RangeLock()
-    with lock.hold(Range(5, 5), CancelToken()):
-        assert not lock.try_hold_all(100)
-    assert lock.try_hold_all(100)
-    assert lock.busy
-    lock.release_all(100)
     assert not lock.busy

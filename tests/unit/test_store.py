@@ -4,6 +4,7 @@ migrates, refuses what it cannot write, and loads malformed rows as lost."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from memplug.common.errors import FailedPrecondition
 from memplug.common.ranges import Range
 from memplug.common.sizes import MiB
 from memplug.daemon.state import sqlite as store_mod
+from memplug.daemon.state.records import Acl, Placement, RegionOptions
 from memplug.daemon.state.sqlite import SCHEMA_VERSION, SqliteStore
 from memplug.daemon.state.store import MemoryStore, RegionRecord, StateStore
 
@@ -29,10 +31,10 @@ def record(name: str = "vm0", plugged: tuple[Range, ...] = ()) -> RegionRecord:
         block_size=2 * MiB,
         path="",
         labels={"app": "test"},
-        acl={"owner_uid": [0]},
+        acl=Acl(owner_uid=0),
         created_at=1.5,
         plugged=plugged,
-        options={"thp": False},
+        options=RegionOptions(thp=False),
     )
 
 
@@ -159,6 +161,45 @@ def test_a_store_from_a_newer_memplugd_is_refused(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- SQLite only
+
+
+def test_acl_and_options_are_stored_in_the_json_layout_every_memplugd_reads(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    full = dataclasses.replace(
+        record(),
+        acl=Acl(
+            owner_uid=1000,
+            allowed_uids=frozenset({1002, 1001}),
+            allowed_gids=frozenset({100}),
+            read_only_uids=frozenset({2000}),
+            read_only_gids=frozenset({300, 200}),
+        ),
+        options=RegionOptions(
+            thp=True, placement=Placement("bind", (0,)), lock=True, from_warm_pool=True
+        ),
+    )
+    store = SqliteStore(db)
+    store.put_region(full)
+    store.close()
+    with closing(sqlite3.connect(db)) as raw:
+        acl, options = raw.execute("SELECT acl, options FROM regions").fetchone()
+    assert json.loads(acl) == {
+        "owner_uid": [1000],
+        "allowed_uids": [1001, 1002],
+        "allowed_gids": [100],
+        "read_only_uids": [2000],
+        "read_only_gids": [200, 300],
+    }
+    assert json.loads(options) == {
+        "thp": True,
+        "numa_policy": "bind",
+        "numa_nodes": [0],
+        "lock": True,
+        "from_warm_pool": True,
+    }
+    assert SqliteStore(db).load()[0] == [full]
 
 
 def test_a_write_the_database_refuses_raises_and_changes_nothing(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The method rules and the slicing of work over threads (pure)."""
+"""The strategy rules and the slicing of work over threads (pure)."""
 
 from __future__ import annotations
 
@@ -12,38 +12,39 @@ from memplug.common.sizes import GiB, KiB, MiB
 from memplug.daemon.engine.strategy import (
     CHUNK_BYTES,
     MIN_BYTES_PER_THREAD,
-    Method,
     Plan,
-    Requested,
+    Strategy,
     make_plan,
-    plug_method,
-    populate_method,
+    plug_strategy,
+    populate_strategy,
 )
 
-# --------------------------------------------------------------------------- methods
+# --------------------------------------------------------------------------- strategies
 
 
 @pytest.mark.parametrize(
-    ("hugetlb", "requested", "has_populate", "method"),
+    ("hugetlb", "requested", "has_populate", "strategy"),
     [
         # AUTO: hugetlb populates (scales with threads) when it can, else fallocates.
-        (True, Requested.AUTO, True, Method.POPULATE_WRITE),
-        (True, Requested.AUTO, False, Method.FALLOCATE),
+        (True, Strategy.AUTO, True, Strategy.POPULATE_WRITE),
+        (True, Strategy.AUTO, False, Strategy.FALLOCATE),
         # AUTO: shmem and FILE always fallocate (faster than populating 4 KiB pages).
-        (False, Requested.AUTO, True, Method.FALLOCATE),
-        (False, Requested.AUTO, False, Method.FALLOCATE),
+        (False, Strategy.AUTO, True, Strategy.FALLOCATE),
+        (False, Strategy.AUTO, False, Strategy.FALLOCATE),
         # What the caller asks for wins.
-        (True, Requested.FALLOCATE, True, Method.FALLOCATE),
-        (False, Requested.FALLOCATE, True, Method.FALLOCATE),
-        (True, Requested.FALLOCATE, False, Method.FALLOCATE),
-        (False, Requested.POPULATE_WRITE, True, Method.POPULATE_WRITE),
-        (True, Requested.POPULATE_WRITE, True, Method.POPULATE_WRITE),
+        (True, Strategy.FALLOCATE, True, Strategy.FALLOCATE),
+        (False, Strategy.FALLOCATE, True, Strategy.FALLOCATE),
+        (True, Strategy.FALLOCATE, False, Strategy.FALLOCATE),
+        (False, Strategy.POPULATE_WRITE, True, Strategy.POPULATE_WRITE),
+        (True, Strategy.POPULATE_WRITE, True, Strategy.POPULATE_WRITE),
     ],
 )
-def test_plug_method(
-    hugetlb: bool, requested: Requested, has_populate: bool, method: Method
+def test_plug_strategy(
+    hugetlb: bool, requested: Strategy, has_populate: bool, strategy: Strategy
 ) -> None:
-    assert plug_method(hugetlb=hugetlb, requested=requested, has_populate=has_populate) is method
+    assert (
+        plug_strategy(hugetlb=hugetlb, requested=requested, has_populate=has_populate) is strategy
+    )
 
 
 @pytest.mark.parametrize("hugetlb", [True, False])
@@ -51,28 +52,31 @@ def test_populate_write_requested_without_madvise_support_is_a_failed_preconditi
     hugetlb: bool,
 ) -> None:
     with pytest.raises(FailedPrecondition, match="MADV_POPULATE_WRITE"):
-        plug_method(hugetlb=hugetlb, requested=Requested.POPULATE_WRITE, has_populate=False)
+        plug_strategy(hugetlb=hugetlb, requested=Strategy.POPULATE_WRITE, has_populate=False)
 
 
 @pytest.mark.parametrize(
-    ("write", "has_populate", "method"),
+    ("write", "has_populate", "strategy"),
     [
-        (True, True, Method.POPULATE_WRITE),
-        (False, True, Method.POPULATE_READ),
-        (True, False, Method.TOUCH_READ),
-        (False, False, Method.TOUCH_READ),
+        (True, True, Strategy.POPULATE_WRITE),
+        (False, True, Strategy.POPULATE_READ),
+        (True, False, Strategy.TOUCH_READ),
+        (False, False, Strategy.TOUCH_READ),
     ],
 )
-def test_populate_method(write: bool, has_populate: bool, method: Method) -> None:
-    assert populate_method(write=write, has_populate=has_populate) is method
+def test_populate_strategy(write: bool, has_populate: bool, strategy: Strategy) -> None:
+    assert populate_strategy(write=write, has_populate=has_populate) is strategy
 
 
-def test_method_values_are_the_strategy_names_the_api_reports() -> None:
-    assert [m.value for m in Method] == [
+def test_strategy_values_are_the_strategy_names_the_api_reports() -> None:
+    assert [m.value for m in Strategy] == [
+        "auto",
         "fallocate",
         "populate-write",
         "populate-read",
         "touch-read",
+        "warm-pool",
+        "none",
     ]
 
 
@@ -129,7 +133,7 @@ def test_make_plan_populate_splits_over_threads(
     align_work: tuple[int, list[Range]], max_threads: int
 ) -> None:
     align, work = align_work
-    plan = make_plan(Method.POPULATE_WRITE, work, max_threads=max_threads, align=align)
+    plan = make_plan(Strategy.POPULATE_WRITE, work, max_threads=max_threads, align=align)
     check_plan(plan, work, align)
     total = plan.total
     # One thread per 64 MiB at most, no more than asked, at least one; and no
@@ -144,17 +148,17 @@ def test_make_plan_populate_splits_over_threads(
     assert max(sizes) - min(sizes) <= align
 
 
-@pytest.mark.parametrize("method", [Method.FALLOCATE, Method.TOUCH_READ])
+@pytest.mark.parametrize("strategy", [Strategy.FALLOCATE, Strategy.TOUCH_READ])
 @settings(deadline=None)
 @given(align_work=work_lists(), max_threads=st.integers(min_value=1, max_value=64))
 def test_make_plan_fallocate_and_touch_use_one_thread(
-    method: Method, align_work: tuple[int, list[Range]], max_threads: int
+    strategy: Strategy, align_work: tuple[int, list[Range]], max_threads: int
 ) -> None:
     align, work = align_work
-    plan = make_plan(method, work, max_threads=max_threads, align=align)
+    plan = make_plan(strategy, work, max_threads=max_threads, align=align)
     check_plan(plan, work, align)
     assert plan.threads == 1
-    assert plan.method is method
+    assert plan.strategy is strategy
 
 
 @pytest.mark.parametrize(
@@ -171,7 +175,7 @@ def test_make_plan_fallocate_and_touch_use_one_thread(
 )
 def test_make_plan_thread_count_examples(total: int, max_threads: int, threads: int) -> None:
     plan = make_plan(
-        Method.POPULATE_WRITE, [Range(0, total)], max_threads=max_threads, align=2 * MiB
+        Strategy.POPULATE_WRITE, [Range(0, total)], max_threads=max_threads, align=2 * MiB
     )
     assert plan.threads == threads
     check_plan(plan, [Range(0, total)], 2 * MiB)
@@ -179,6 +183,6 @@ def test_make_plan_thread_count_examples(total: int, max_threads: int, threads: 
 
 def test_make_plan_splits_huge_page_blocks_evenly() -> None:
     # 5 blocks of 1 GiB over 4 threads: 2+1+1+1, not 2+2+1 on three threads.
-    plan = make_plan(Method.POPULATE_WRITE, [Range(0, 5 * GiB)], max_threads=4, align=GiB)
+    plan = make_plan(Strategy.POPULATE_WRITE, [Range(0, 5 * GiB)], max_threads=4, align=GiB)
     assert plan.threads == 4
     assert sorted(sum(p.length for p in s) for s in plan.slices) == [GiB, GiB, GiB, 2 * GiB]

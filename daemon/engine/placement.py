@@ -1,4 +1,9 @@
-"""A region's options applied to the kernel: huge pages, NUMA placement, mlock."""
+"""A region's options applied to the kernel: NUMA placement, mlock, and THP's mapping.
+
+Huge pages (THP) and the NUMA policy are given to the backing when it is
+made (mem_policy); what lives outside the backing is applied here: the
+shmem inode's policy, the mlocked mapping, and the workers' CPUs and policy.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import os
 from collections.abc import Callable
 
 from memplug.common.ranges import Range
-from memplug.daemon.engine.region import Region
+from memplug.daemon.backings import MemPolicy
+from memplug.daemon.engine.region import Placement, Region
 from memplug.daemon.kernel import ops, probe
 
 MPOL_MODES = {
@@ -17,15 +23,18 @@ MPOL_MODES = {
 }
 
 
-def prepare_backing(region: Region) -> None:
-    """Apply the region's options to its backing: huge pages, NUMA policy, lock mapping."""
-    backing, options = region.backing, region.options
-    backing.huge = options.thp
-    if options.placement.active:
-        backing.mpol = (MPOL_MODES[options.placement.policy], list(options.placement.nodes))
-        backing.apply_policy()
-    if options.lock:
-        region.lock_map = ops.map_shared(backing.fd, 0, region.size)
+def mem_policy(placement: Placement) -> MemPolicy | None:
+    """The backing's NUMA memory policy for a region's placement (None: the default)."""
+    if not placement.active:
+        return None
+    return MemPolicy(MPOL_MODES[placement.policy], placement.nodes)
+
+
+def apply_region_options(region: Region) -> None:
+    """Apply the region's options to the kernel: the file's NUMA policy, the mlocks."""
+    region.backing.apply_policy()
+    if region.options.lock:
+        region.lock_map = ops.map_shared(region.backing.fd, 0, region.size)
         with region.mutex:
             plugged = list(region.plugged)
         lock_ranges(region, plugged)
