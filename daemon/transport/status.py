@@ -57,7 +57,11 @@ def _fail(
 
 
 def translate(rpc: str, *, streaming: bool = False) -> Callable[[_F], _F]:
-    """Wrap a servicer method: log it, and turn exceptions into status codes."""
+    """Wrap a servicer method: log it, and turn exceptions into status codes.
+
+    streaming=True: the method yields messages with a `result` field, set on the
+    last one only (Progress).
+    """
 
     def wrap(method: _F) -> _F:
         if streaming:
@@ -66,12 +70,17 @@ def translate(rpc: str, *, streaming: bool = False) -> Callable[[_F], _F]:
             def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 t0 = time.monotonic()
                 try:
-                    yield from method(self, request, context)
+                    for message in method(self, request, context):
+                        if message.HasField("result"):
+                            # The last message: log before sending it. A client
+                            # may hang up as soon as it has the result, and then
+                            # this generator is never resumed.
+                            log.info("rpc", extra={"fields": _fields(rpc, request, "OK", t0)})
+                        yield message
                 except Exception as exc:
                     if _aborted(exc):
                         raise
                     _fail(rpc, request, context, exc, t0)
-                log.info("rpc", extra={"fields": _fields(rpc, request, "OK", t0)})
 
             stream.__memplug_translated__ = True  # type: ignore[attr-defined]
             return stream  # type: ignore[return-value]
