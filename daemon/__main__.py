@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 
 from memplug.common.errors import MemplugError, StartupError
 from memplug.daemon import __version__
-from memplug.daemon.config import load
+from memplug.daemon.config import load, under_journald
 from memplug.daemon.server import Daemon
 
 
@@ -51,7 +50,7 @@ def _kv(value: object) -> str:
 
 def setup_logging(level: str, fmt: str) -> None:
     # journald stamps each line itself; elsewhere we add the time.
-    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    journald = under_journald()
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(timestamps=not journald))

@@ -43,6 +43,11 @@ def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
     )
 
 
+def under_journald(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when systemd connected stderr to the journal ($JOURNAL_STREAM), which stamps lines."""
+    return bool(environ.get("JOURNAL_STREAM"))
+
+
 @dataclass(frozen=True)
 class Config:
     socket: Path = field(default_factory=lambda: runtime_dir() / SOCKET_NAME)
