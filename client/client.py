@@ -134,10 +134,8 @@ class Client:
         return convert.status(self._unary(self._stub.GetStatus, pb.GetStatusRequest()))
 
     # ------------------------------------------------------------------ ranges
-
-    def _whole(self, name: str, offset: int, length: int | None) -> int:
-        """length None means up to the end of the region."""
-        return self.get_region(name).size - offset if length is None else length
+    # length None (or 0) means "to the end of the region": the request carries
+    # length 0 and the daemon works out the rest, one RPC in all.
 
     def plug(
         self,
@@ -153,13 +151,14 @@ class Client:
     ) -> OperationResult:
         """Plug [offset, offset+length) (default: to the end); blocks until done.
 
+        strategy: "auto", "fallocate" or "populate-write" (the proto's Strategy).
         Setting `cancel` (or Ctrl-C) cancels the call; the daemon then releases
         whatever it allocated and this raises Cancelled.
         """
-        request = pb.RangeRequest(
+        request = pb.PlugRequest(
             name=name,
             offset=offset,
-            length=self._whole(name, offset, length),
+            length=length or 0,
             strategy=convert.pick(convert.STRATEGIES, strategy, "strategy"),
             threads=threads,
         )
@@ -181,7 +180,7 @@ class Client:
         request = pb.PopulateRequest(
             name=name,
             offset=offset,
-            length=self._whole(name, offset, length),
+            length=length or 0,
             mode=convert.pick(modes, mode, "populate mode"),
             threads=threads,
         )
@@ -230,15 +229,11 @@ class Client:
         raise err
 
     def unplug(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
-        request = pb.RangeRequest(
-            name=name, offset=offset, length=self._whole(name, offset, length)
-        )
+        request = pb.RangeRequest(name=name, offset=offset, length=length or 0)
         return convert.range_result(self._unary(self._stub.Unplug, request))
 
     def discard(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
-        request = pb.RangeRequest(
-            name=name, offset=offset, length=self._whole(name, offset, length)
-        )
+        request = pb.RangeRequest(name=name, offset=offset, length=length or 0)
         return convert.range_result(self._unary(self._stub.Discard, request))
 
     # ------------------------------------------------------------------ hand-off
@@ -248,7 +243,7 @@ class Client:
 
         A client reaching the daemon through a bind mount (a sidecar's socket
         volume) finds it beside the gRPC socket; otherwise attach falls back to
-        a ticket, which names the fd socket as the daemon sees it.
+        issuing a ticket, which names the fd socket as the daemon sees it.
         """
         if self.fd_socket is not None:
             return self.fd_socket
@@ -256,7 +251,11 @@ class Client:
         return sibling if sibling.exists() else None
 
     def ticket(self, name: str, access: str = "rw") -> Ticket:
-        """A one-time ticket for another process to redeem on the fd socket."""
+        """Issue a one-time ticket (the Attach RPC) for a process to redeem on the fd socket.
+
+        The way to hand a region to a process that cannot reach the gRPC socket;
+        the daemon checks the redeeming process against the region's ACL.
+        """
         request = pb.AttachRequest(
             name=name,
             access=convert.pick(convert.ACCESS, access, "access"),
@@ -271,15 +270,18 @@ class Client:
         populate: str | None = None,
         map_memory: bool = True,
     ) -> Attachment:
-        """Take the region's fd and (by default) map it; use as a context manager.
+        """Attach the region: take its fd and (by default) map it; use as a context manager.
 
-        populate="write" or "read" prefaults this process's page tables for the
-        plugged blocks (MADV_POPULATE_*), so first touches take no faults.
+        Opens the region on the fd socket directly when this client knows where
+        that socket is (one round trip, no gRPC); otherwise issues a ticket and
+        redeems it. Either way the fd socket checks this process against the
+        region's ACL. populate="write" or "read" prefaults this process's page
+        tables for the plugged blocks (MADV_POPULATE_*), so first touches take
+        no faults.
         """
         convert.pick(convert.ACCESS, access, "access")  # a clear error for a bad value
         direct = self._direct_fd_socket()
         if direct is not None:
-            # One round trip on the fd socket, which checks the ACL itself.
             fd, info = open_region(str(direct), name, access)
             plugged = self.get_region(name).plugged if populate else []
         else:

@@ -405,14 +405,17 @@ def covered(ranges: list[tuple[int, int]], offset: int, length: int) -> bool:
 def check_success(w: World, method: MethodDescriptor, request: Any, reply: Any) -> None:
     """What a request that succeeded must have done."""
     name = method.name
+    if name in ("Plug", "Unplug"):
+        # length 0 means "to the end of the region".
+        length = request.length or w.client.get_region(request.name).size - request.offset
     if name == "Plug":
-        assert covered(plugged_of(w, request.name), request.offset, request.length), (
-            f"Plug said OK but {request.offset}+{request.length} is not all plugged"
+        assert covered(plugged_of(w, request.name), request.offset, length), (
+            f"Plug said OK but {request.offset}+{length} is not all plugged"
         )
     elif name == "Unplug":
         left = plugged_of(w, request.name)
-        assert subtract(left, [(request.offset, request.length)]) == left, (
-            f"Unplug said OK but {request.offset}+{request.length} is still partly plugged"
+        assert subtract(left, [(request.offset, length)]) == left, (
+            f"Unplug said OK but {request.offset}+{length} is still partly plugged"
         )
     elif name == "CreateRegion":
         assert re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", reply.name), reply.name

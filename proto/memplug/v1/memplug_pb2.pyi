@@ -11,6 +11,18 @@ that socket manages regions: it is the control plane.
 Errors are gRPC status codes; the trailing metadata key "memplug-error"
 names the memplug error class (e.g. "PoolExhausted") for clients that want
 more than the code. INTERNAL always means a daemon bug.
+
+Words used throughout (the API, the client, the CLI and the docs):
+- attach: a process obtains a region's fd from the daemon's fd socket, which
+  checks that process's own credentials against the region's ACL. It does so
+  in one of two ways:
+  - by ticket: the Attach RPC *issues* a one-time ticket; whoever presents it
+    on the fd socket (the line "MEMPLUG/1 ATTACH <ticket>") *redeems* it;
+  - directly: a process in the ACL *opens* the region on the fd socket with
+    no ticket (the line "MEMPLUG/1 OPEN <region> <rw|ro>").
+  See proto/memplug/v1/fd-protocol.md.
+- strategy: how Plug allocates memory (enum Strategy); the strategy that
+  actually ran is reported in OperationResult.strategy.
 """
 
 from collections import abc as _abc
@@ -76,8 +88,10 @@ class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Strategy.Val
     """MADV_POPULATE_WRITE on the daemon's own mapping, in parallel slices."""
 
 class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper):
-    """How a Plug allocates memory. AUTO picks by backing and size (documented in
-    docs/strategies.md); the others exist for experiments and benchmarks.
+    """How a Plug allocates memory (PlugRequest.strategy). AUTO picks by backing
+    and size (documented in docs/strategies.md); the others exist for
+    experiments and benchmarks. The client and the CLI name them auto,
+    fallocate and populate-write.
     """
 
 STRATEGY_AUTO: Strategy.ValueType  # 0
@@ -565,10 +579,16 @@ class DeleteRegionResponse(_message.Message):
 Global___DeleteRegionResponse: _TypeAlias = DeleteRegionResponse  # noqa: Y015
 
 @_typing.final
-class RangeRequest(_message.Message):
-    """Plug, Unplug and Discard take a range of one region. offset and length are
-    multiples of the region's block_size, length > 0, and the range lies
-    inside the region.
+class PlugRequest(_message.Message):
+    """The range of every range RPC (Plug, Populate, Unplug, Discard) is
+    [offset, offset + length) of one region: offset and length are multiples of
+    the region's block_size, and the range lies inside the region. length 0
+    means "to the end of the region": offset 0 and length 0 is the whole region,
+    without first asking GetRegion for its size. OUT_OF_RANGE when offset is at
+    or past the end.
+
+    Plug's request. Field numbers 1-5 are those RangeRequest had when Plug took
+    it, so such a request still decodes as the same PlugRequest.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -579,12 +599,17 @@ class RangeRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The region's name."""
     offset: _builtins.int
+    """First byte of the range; default 0, the start of the region."""
     length: _builtins.int
+    """Bytes to plug; default 0, to the end of the region."""
     strategy: Global___Strategy.ValueType
-    """Plug only: how to allocate; AUTO unless experimenting."""
+    """How to allocate; default STRATEGY_AUTO, which picks by backing and size
+    (the others are for experiments and benchmarks).
+    """
     threads: _builtins.int
-    """Plug only: most worker threads to use; 0 means the daemon's --threads."""
+    """Most worker threads to use; default 0, the daemon's --threads."""
     def __init__(
         self,
         *,
@@ -600,6 +625,36 @@ class RangeRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+Global___PlugRequest: _TypeAlias = PlugRequest  # noqa: Y015
+
+@_typing.final
+class RangeRequest(_message.Message):
+    """Unplug's and Discard's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The region's name."""
+    offset: _builtins.int
+    """First byte of the range; default 0, the start of the region."""
+    length: _builtins.int
+    """Bytes to unplug or discard; default 0, to the end of the region."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
 Global___RangeRequest: _TypeAlias = RangeRequest  # noqa: Y015
 
 @_typing.final
@@ -612,12 +667,15 @@ class PopulateRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The region's name."""
     offset: _builtins.int
+    """First byte of the range; default 0, the start of the region."""
     length: _builtins.int
+    """Bytes to populate; default 0, to the end of the region."""
     mode: Global___PopulateMode.ValueType
-    """Required."""
+    """Required: POPULATE_MODE_UNSPECIFIED is INVALID_ARGUMENT."""
     threads: _builtins.int
-    """Most worker threads to use; 0 means the daemon's --threads."""
+    """Most worker threads to use; default 0, the daemon's --threads."""
     def __init__(
         self,
         *,
@@ -747,13 +805,16 @@ Global___RangeResult: _TypeAlias = RangeResult  # noqa: Y015
 
 @_typing.final
 class AttachRequest(_message.Message):
+    """Attach's request: which region, and the access the ticket grants."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     ACCESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The region's name."""
     access: Global___Access.ValueType
-    """Required."""
+    """Required: ACCESS_UNSPECIFIED is INVALID_ARGUMENT."""
     def __init__(
         self,
         *,
@@ -770,6 +831,8 @@ Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
 
 @_typing.final
 class AttachTicket(_message.Message):
+    """Attach's reply: a ticket to redeem on the fd socket."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TICKET_FIELD_NUMBER: _builtins.int
@@ -778,15 +841,19 @@ class AttachTicket(_message.Message):
     ACCESS_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     ticket: _builtins.str
-    """Opaque, single use, at least 128 random bits; send it on the fd socket
+    """Opaque, single use, at least 128 random bits; redeem it on the fd socket
     before expires_in seconds have passed.
     """
     fd_socket: _builtins.str
-    """Path of the daemon's fd socket."""
+    """Path of the daemon's fd socket, as the daemon sees it."""
     expires_in: _builtins.float
+    """Seconds the ticket stays valid (the daemon's --ticket-ttl)."""
     access: Global___Access.ValueType
+    """The access the redeemed fd will have."""
     @_builtins.property
-    def region(self) -> Global___Region: ...
+    def region(self) -> Global___Region:
+        """The region now."""
+
     def __init__(
         self,
         *,
