@@ -360,7 +360,10 @@ def _range_args(fn: F) -> F:
 @command(cli, "plug")
 @_range_args
 @click.option(
-    "--strategy", type=click.Choice(["auto", "fallocate", "populate-write"]), default="auto"
+    "--strategy",
+    type=click.Choice(["auto", "fallocate", "populate-write"]),
+    default="auto",
+    help="how to allocate (auto: by backing and size)",
 )
 @click.option("--threads", type=int, default=0, help="most worker threads (default: daemon's)")
 def plug_cmd(name: str, offset: int, length: int | None, strategy: str, threads: int) -> None:
@@ -416,11 +419,11 @@ def discard_cmd(name: str, offset: int, length: int | None) -> None:
 # --------------------------------------------------------------------------- hand-off
 
 
-@command(cli, "attach")
+@command(cli, "ticket")
 @click.argument("name")
 @click.option("--ro", is_flag=True, help="read-only")
-def attach_cmd(name: str, ro: bool) -> None:
-    """Issue a one-time ticket a consumer redeems on the fd socket."""
+def ticket_cmd(name: str, ro: bool) -> None:
+    """Issue a one-time ticket to attach NAME; a consumer redeems it on the fd socket."""
     with client() as c:
         ticket = c.ticket(name, "ro" if ro else "rw")
     region = ticket.region

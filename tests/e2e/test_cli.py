@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from conftest import DaemonProcess, GiB, MiB, start_daemon, stop_shared
 
 from memplug.client import Client
+from memplug.client.attach import redeem
 
 MEMPLUG = Path(sys.executable).parent / "memplug"
 Factory = Callable[..., DaemonProcess]
@@ -133,6 +135,43 @@ def test_plug_populate_discard_unplug_rm(daemon: DaemonProcess) -> None:
 
     assert ok_json(sock, "rm", name) == {"deleted": [name]}
     fails(sock, 3, "show", name)
+
+
+def rpc_lines(daemon: DaemonProcess, region: str) -> list[str]:
+    """The RPCs the daemon's access log shows for region, in order (rpc=... of each line)."""
+    named = re.compile(rf"\brpc=(\w+) region={re.escape(region)}(?:\s|$)")
+    return [m.group(1) for m in map(named.search, daemon.log().splitlines()) if m]
+
+
+def test_plug_of_a_whole_region_is_one_rpc(daemon: DaemonProcess) -> None:
+    """`memplug plug NAME` sends one Plug of length 0 ("to the end"), no GetRegion first."""
+    sock = daemon.socket
+    name = fresh()
+    ok(sock, "create", name, "96M")
+    assert rpc_lines(daemon, name) == ["CreateRegion"]
+    plugged = ok_json(sock, "plug", name)
+    assert plugged["bytes"] == 96 * MiB and plugged["region"]["plugged"] == [[0, 96 * MiB]]
+    deadline = time.monotonic() + 5  # a stream's access line follows its last message
+    while len(rpc_lines(daemon, name)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rpc_lines(daemon, name) == ["CreateRegion", "Plug"]
+    ok(sock, "rm", name)
+
+
+def test_ticket_verb_issues_a_ticket_that_redeems(daemon: DaemonProcess) -> None:
+    sock = daemon.socket
+    name = fresh()
+    ok(sock, "create", name, "16M")
+    issued = ok_json(sock, "ticket", name, "--ro")
+    assert issued["access"] == "ro" and issued["fd_socket"] == str(daemon.fd_socket)
+    assert issued["request_line"] == f"MEMPLUG/1 ATTACH {issued['ticket']}"
+    assert issued["region"]["name"] == name
+    fd, info = redeem(issued["fd_socket"], issued["ticket"])
+    os.close(fd)
+    assert info.region == name and info.access == "ro"
+    human = ok(sock, "ticket", name)
+    assert "MEMPLUG/1 ATTACH " in human and str(daemon.fd_socket) in human
+    ok(sock, "rm", name)
 
 
 def test_exit_codes(daemon: DaemonProcess, tmp_path: Path) -> None:
