@@ -30,18 +30,19 @@ run: $(STAMP)
 
 test: lint typecheck check-protos pytest
 
-# The benchmark (root for the hugetlb pool and the tmpfs; restores both): writes
-# docs/bench.md. BENCH_ARGS="--quick" for a smoke run, "--sections small,rss" for a subset.
+# The benchmark (bench/, not installed; root for the hugetlb pool and the tmpfs; restores
+# both): writes docs/bench.md. BENCH_ARGS="--quick" for a smoke run, "--sections small,rss"
+# for a subset.
 BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m memplug.daemon.bench $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # The hardening tests (tests/hardening, root, ~3 min) recording their figures, then
 # docs/reliability.md rendered from them (build/reliability/ keeps the JSON and the
 # JUnit XML). RELIABILITY_ARGS="-- -k fault" passes pytest arguments through.
 RELIABILITY_ARGS ?=
 reliability: $(STAMP)
-	$(BIN)/python scripts/reliability.py $(RELIABILITY_ARGS)
+	$(BIN)/python -m bench.reliability $(RELIABILITY_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -55,7 +56,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy -p memplug.common -p memplug.daemon -p memplug.client -p memplug.v1 2>&1 \
 		| sed -e 's|$(EDITABLE_TREE)/v1/|proto/memplug/v1/|' -e 's|$(EDITABLE_TREE)/\([a-z]*\)/|\1/|'; \
 		exit $${PIPESTATUS[0]}
-	$(BIN)/mypy tests scripts
+	$(BIN)/mypy tests scripts bench
 
 check-protos: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py --check

@@ -1,8 +1,8 @@
 """Builds the daemon and runs it: start-up order, systemd integration, reload, stop.
 
-Start: state store -> fds systemd handed back -> engine restores regions ->
-fd socket -> gRPC socket -> READY=1. Stop: refuse new calls -> cancel running
-operations (they roll back) -> close sockets.
+Start: fds systemd handed back -> lock the state dir -> state store -> engine
+restores regions -> fd socket -> gRPC socket -> metrics -> READY=1. Stop: refuse
+new calls -> cancel running operations (they roll back) -> close sockets.
 """
 
 from __future__ import annotations
@@ -16,21 +16,21 @@ import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from memplug.common import memory
-from memplug.common.errors import StartupError
+from memplug.common.errors import MemplugError, StartupError
 from memplug.common.sizes import format_size
 from memplug.daemon import __version__, metrics
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.config import Config, environment_switches, metrics_address
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.strategy import CHUNK_BYTES
+from memplug.daemon.metrics_http import MetricsServer
+from memplug.daemon.state.lock import StateDirBusy, StateDirLock
 from memplug.daemon.state.sqlite import SqliteStore
 from memplug.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from memplug.daemon.transport.fdserver import FdServer
@@ -115,7 +115,8 @@ class Daemon:
         self._stopped = threading.Event()
         self._health: threading.Thread | None = None
         self._health_servicer: health.HealthServicer | None = None
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._state_lock: StateDirLock | None = None
         self.engine: RegionEngine
         self.fd_server: FdServer
 
@@ -125,8 +126,14 @@ class Daemon:
         config = self.config
         # First, before anything opens an fd: 3.. are systemd's.
         listen_fd, adopted = split_inherited(listen_fds())
-        config.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Before anything else is touched: a second daemon on this state must
+        # change nothing (no socket, no pool, no store write), only refuse.
+        try:
+            self._state_lock = StateDirLock(config.state_dir)
+        except StateDirBusy as exc:
+            raise StartupError(str(exc)) from None
+        config.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         claim_socket_path(config.socket)
         apply_hugetlb_pools(config.hugetlb_pools)
         try:
@@ -146,7 +153,10 @@ class Daemon:
             memcg_check=switches.memcg_check,
         )
         metrics.REGISTRY.register(metrics.EngineCollector(self.engine))
-        report = self.engine.restore(adopted)
+        try:
+            report = self.engine.restore(adopted)
+        except MemplugError as exc:  # the store refused a reconciliation write
+            raise StartupError(f"cannot restore the state in {config.state_dir}: {exc}") from exc
         for name in report.stray_fds:
             log.warning("systemd kept an fd named %s that matches no region: dropped", name)
             self.notifier.remove_fd(name)
@@ -210,7 +220,11 @@ class Daemon:
             self._health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics is not None:
             host, port = metrics_address(config.metrics)
-            self._metrics_server, _ = start_http_server(port, host, registry=metrics.REGISTRY)
+            try:
+                self._metrics_server = MetricsServer(host, port, metrics.REGISTRY)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {config.metrics}: {exc}") from exc
+            self._metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", host, port)
         quota = format_size(config.max_bytes) if config.max_bytes is not None else "none"
         log.info(
@@ -247,6 +261,7 @@ class Daemon:
                 if not self._serving():
                     continue  # no ping: systemd restarts us when the watchdog runs out
                 self.notifier.watchdog()
+            self.engine.record_pending()
             self.notifier.status(self.status_line())
 
     def reload(self) -> None:
@@ -279,12 +294,14 @@ class Daemon:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._state_lock is None:
+            return  # refused before touching anything: nothing to stop
         self.notifier.stopping()
         log.info("stopping: refusing new calls, cancelling running operations")
         if self._health_servicer is not None:
             self._health_servicer.enter_graceful_shutdown()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.stop()
         stopped = self._server.stop(grace) if self._server else None
         if hasattr(self, "engine"):
             self.engine.shutdown(timeout=grace)
@@ -294,6 +311,8 @@ class Daemon:
             self.fd_server.stop()
         if self._store is not None:
             self._store.close()
+        if self._state_lock is not None:
+            self._state_lock.release()
         if self._server is not None:  # never unlink a socket we did not bind (a live daemon's)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.socket)

@@ -23,7 +23,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memplug.common import memory
-from memplug.daemon.bench.memplugd import FAST_RECONNECT
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -33,6 +32,13 @@ GiB = 1 << 30
 ERROR_KEY = "memplug-error"  # trailing metadata: the error class of a failed call
 MAP_NORESERVE = 0x4000  # Linux; typeshed lacks mmap.MAP_NORESERVE
 HUGE_2M = 2 * MiB
+# Reconnect quickly while a daemon under test is not listening yet: gRPC's
+# default backoff starts at 1 s and would dominate every daemon start.
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 2),
+    ("grpc.min_reconnect_backoff_ms", 2),
+    ("grpc.max_reconnect_backoff_ms", 10),
+]
 
 
 def require_root(why: str) -> None:

@@ -206,6 +206,9 @@ class RegionEngine:
         self._store: StateStore = store if store is not None else MemoryStore()
         self._listener = listener
         self._lost: dict[str, str] = {}  # regions a restart could not bring back, and why
+        # Intents of finished operations whose closing write failed (state dir
+        # full): closed by the region's next write, or by record_pending().
+        self._unrecorded: dict[str, set[int]] = {}
         self._pool = WarmPool(
             list(warm_pools or []),
             self._runner,
@@ -351,7 +354,12 @@ class RegionEngine:
             with self._lock:
                 self._check_file_unused(backing)
         # Durable (and in systemd's fd store) before anyone hears of it.
-        self._store.put_region(record_of(region))
+        try:
+            self._store.put_region(record_of(region))
+        except MemplugError as exc:
+            raise type(exc)(
+                f"region {region.name!r} was not created: {exc.message}", region=region.name
+            ) from exc
         if self._listener is not None:
             self._listener.region_created(region.name, backing)
         with self._lock:
@@ -506,12 +514,21 @@ class RegionEngine:
                     f"region {name!r} is busy: {region.active} operation(s) still running; "
                     "cancel them or wait, then delete"
                 )
+            # Recorded first, under the lock: a delete the store refuses leaves
+            # the region served, counted and restorable, as the error says.
+            try:
+                self._store.delete_region(name)
+            except MemplugError as exc:
+                raise type(exc)(
+                    f"region {name!r} was not deleted and is unchanged: {exc.message}",
+                    region=name,
+                ) from exc
             del self._regions[name]
+            self._unrecorded.pop(name, None)
             with region.mutex:
                 self._plugged_total -= region.plugged.total + region.prebacked.total
         self._tickets.revoke_region(name)
         release_region(region)
-        self._store.delete_region(name)
         if self._listener is not None:
             self._listener.region_deleted(name, region.backing)
         region.backing.close()
@@ -610,7 +627,7 @@ class RegionEngine:
                 try:
                     self._reserve_quota(region, fresh)
                 except BaseException:
-                    self._finish(region, intent)
+                    self._finish(region, intent, quiet=True)
                     raise
                 started = time.monotonic()
                 span = Range(gaps[0].offset, gaps[-1].end - gaps[0].offset)
@@ -623,13 +640,28 @@ class RegionEngine:
                     unlock_ranges(region, gaps)
                     self._rollback(region, subtract(gaps, keep))
                     self._release_quota(fresh)
-                    self._finish(region, intent)
+                    self._finish(region, intent, quiet=True)
                     raise self._failure(region, "plug", r, exc, missing=fresh - got) from exc
                 seconds = time.monotonic() - started
                 with region.mutex:
                     for g in gaps:
                         region.plugged.add(g)
-                self._finish(region, intent)
+                try:
+                    self._finish(region, intent)
+                except MemplugError as exc:
+                    # Unrecorded, the plug did not happen: a restart would roll it
+                    # back (its intent is open), so roll it back now.
+                    with region.mutex:
+                        for g in gaps:
+                            region.plugged.remove(g)
+                    unlock_ranges(region, gaps)
+                    self._rollback(region, subtract(gaps, keep))
+                    self._release_quota(fresh)
+                    raise type(exc)(
+                        f"region {region.name!r}: plug of {r} could not be recorded: "
+                        f"{exc.message}; rolled back: every page it allocated was released",
+                        region=region.name,
+                    ) from exc
             return OpResult(
                 new,
                 seconds,
@@ -646,16 +678,60 @@ class RegionEngine:
             for w in warm:
                 region.prebacked.remove(w)
                 region.plugged.add(w)
-        self._finish(region, None)
+        try:
+            self._finish(region, None)
+        except BaseException:
+            with region.mutex:
+                for w in warm:
+                    region.plugged.remove(w)
+                    region.prebacked.add(w)
+            unlock_ranges(region, warm)
+            raise
 
     def _begin(self, region: Region, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
         """Record the intent durably before memory is touched (crash recovery)."""
-        return self._store.begin(region.name, op, r, keep)
+        try:
+            return self._store.begin(region.name, op, r, keep)
+        except MemplugError as exc:
+            raise type(exc)(
+                f"region {region.name!r}: {op} of {r} was not started, nothing changed: "
+                f"{exc.message}",
+                region=region.name,
+            ) from exc
 
-    def _finish(self, region: Region, intent: int | None) -> None:
+    def _finish(self, region: Region, intent: int | None, *, quiet: bool = False) -> None:
+        """Record the region's plugged set and close the intent (and any left unclosed).
+
+        If the store refuses, the intent stays open and is remembered, so that
+        a later write closes it: an open unplug or discard intent would be
+        replayed by a restart. quiet: a failure is logged, not raised (the
+        caller is already raising the operation's own error).
+        """
         with region.mutex:
             plugged = tuple(region.plugged)
-        self._store.finish(intent, region.name, plugged)
+        with self._lock:
+            pending = sorted(self._unrecorded.get(region.name, ()))
+        try:
+            for old in pending:
+                self._store.finish(old, region.name, plugged)
+                with self._lock:
+                    self._unrecorded.get(region.name, set()).discard(old)
+            self._store.finish(intent, region.name, plugged)
+        except MemplugError as exc:
+            if intent is not None:
+                with self._lock:
+                    self._unrecorded.setdefault(region.name, set()).add(intent)
+            if not quiet:
+                raise
+            log.warning("region %s: its state could not be recorded: %s", region.name, exc)
+
+    def record_pending(self) -> None:
+        """Retry closing the intents whose closing write failed (called periodically)."""
+        with self._lock:
+            names = [n for n, ids in self._unrecorded.items() if ids and n in self._regions]
+            waiting = [self._regions[n] for n in names]
+        for region in waiting:
+            self._finish(region, None, quiet=True)
 
     @staticmethod
     @contextmanager
@@ -827,10 +903,24 @@ class RegionEngine:
                                 region=region.name,
                             ) from exc
                         released += self._mark_unplugged(region, piece)
-                finally:
-                    self._finish(region, intent)
+                except BaseException:
+                    self._finish(region, intent, quiet=True)
+                    raise
+                self._finish_done(region, intent, "unplug", r)
                 seconds = time.monotonic() - started
             return RangeOutcome(released, seconds, region.info())
+
+    def _finish_done(self, region: Region, intent: int, op: str, r: Range) -> None:
+        """Record an unplug or discard that is done and cannot be undone (memory punched)."""
+        try:
+            self._finish(region, intent)
+        except MemplugError as exc:
+            raise type(exc)(
+                f"region {region.name!r}: {op} of {r} was done but could not be recorded: "
+                f"{exc.message}; memplugd records it as soon as it can (a restart before "
+                f"then does the {op} again)",
+                region=region.name,
+            ) from exc
 
     def _mark_unplugged(self, region: Region, r: Range) -> int:
         """Forget r's blocks (punched already); returns the plugged bytes among them."""
@@ -864,8 +954,10 @@ class RegionEngine:
                         with region.mutex:
                             relock = region.plugged.intersection(r)
                         lock_ranges(region, relock)
-                finally:
-                    self._finish(region, intent)
+                except BaseException:
+                    self._finish(region, intent, quiet=True)
+                    raise
+                self._finish_done(region, intent, "discard", r)
                 seconds = time.monotonic() - started
                 if cause is not None:
                     nbytes = len(lost) * region.block_size

@@ -11,6 +11,9 @@ For each region the store remembers:
    not (fallocate is a no-op where memory is there); a block that cannot be
    backed is marked unplugged and reported, never silently assumed.
 A region whose memory cannot be found is marked gone in the store, with why.
+A record this daemon cannot use (malformed, as the store reports it, or of a
+backing it does not know, as after a downgrade) is reported lost and left as it
+is, in the store and in systemd's fd store, for a daemon that can use it.
 """
 
 from __future__ import annotations
@@ -181,6 +184,17 @@ def restore(
     for record in records:
         if record.gone:
             report.lost[record.name] = record.gone
+            continue
+        if record.backing not in {k.value for k in BackingKind}:
+            why = (
+                f"its backing {record.backing!r} is unknown to this memplugd (written by a "
+                "newer one?); its record and memory are kept for a memplugd that knows it"
+            )
+            fd = adopted.pop(record.name, None)
+            if fd is not None:
+                os.close(fd)  # systemd's fd store keeps its own copy
+            report.lost[record.name] = why
+            log.warning("region %s is lost: %s", record.name, why)
             continue
         backing = _open_backing(record, adopted, allow_dirs)
         if isinstance(backing, Unavailable):

@@ -19,22 +19,32 @@ durable against a crash of the daemon before the call returns, a crash rolls
 back an unfinished one, and an OS crash can lose only the last commits (the
 reconciliation at start-up checks the store against the kernel).
 Migrations run in order from the stored version; each has a test.
+
+A write that cannot be committed (full file system, read-only file system, I/O
+error) is rolled back and raised as NoSpace (full) or FailedPrecondition
+(anything else), naming the state dir: the caller undoes what it did. A row
+that cannot be decoded (truncated JSON, wrong types) is loaded as a record
+marked gone with why, so one bad row costs one region, not the daemon's start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from memplug.common.errors import FailedPrecondition, MemplugError, NoSpace
 from memplug.common.ranges import Range
 from memplug.daemon.state.store import Intent, RegionRecord
 
 SCHEMA_VERSION: Final = 2
+SQLITE_FULL: Final = 13  # primary result code: "database or disk is full"
 
 
 def _v1(db: sqlite3.Connection) -> None:
@@ -76,7 +86,64 @@ MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1, _v2]
 
 
 def _ranges(text: str) -> tuple[Range, ...]:
-    return tuple(Range(o, n) for o, n in json.loads(text))
+    pairs = json.loads(text)
+    if not isinstance(pairs, list):
+        raise ValueError(f"ranges: expected a JSON list, got {text[:40]!r}")
+    ranges = []
+    for pair in pairs:
+        offset, length = pair
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0:
+            raise ValueError(f"range {pair!r} is not two non-negative integers")
+        ranges.append(Range(offset, length))
+    return tuple(ranges)
+
+
+def _object(column: str, text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{column}: expected a JSON object, got {text[:40]!r}")
+    return value
+
+
+def _typed(column: str, value: object, kind: type) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{column}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _record(row: tuple[Any, ...]) -> RegionRecord:
+    """A regions row decoded; ValueError (or TypeError) says what is wrong with it."""
+    return RegionRecord(
+        name=_typed("name", row[0], str),
+        size=_typed("size", row[1], int),
+        backing=_typed("backing", row[2], str),
+        page_size=_typed("page_size", row[3], int),
+        block_size=_typed("block_size", row[4], int),
+        path=_typed("path", row[5], str),
+        labels=_object("labels", row[6]),
+        acl=_object("acl", row[7]),
+        created_at=float(row[8]),
+        plugged=_ranges(row[9]),
+        gone=_typed("gone", row[10], str),
+        options=_object("options", row[11]),
+    )
+
+
+def _malformed(name: str, why: str) -> RegionRecord:
+    """Stands in for a row that cannot be decoded: the region is reported lost, with why."""
+    return RegionRecord(
+        name=name,
+        size=0,
+        backing="",
+        page_size=0,
+        block_size=0,
+        path="",
+        labels={},
+        acl={},
+        created_at=0.0,
+        gone=f"its record in the state store is malformed ({why}); it is left as it is "
+        "in the store for inspection, and creating a region of that name replaces it",
+    )
 
 
 def _dump(ranges: tuple[Range, ...]) -> str:
@@ -113,40 +180,71 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the lock for one write; a failed one is rolled back and explained."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    # the failed COMMIT may have ended the transaction already
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.rollback()
+                raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: sqlite3.Error) -> MemplugError:
+        where = self.path.parent
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == SQLITE_FULL or "disk is full" in str(exc):
+            return NoSpace(f"the state dir {where} is full ({exc}): free space there, then retry")
+        return FailedPrecondition(
+            f"the state in {where} cannot be written ({exc}): check that its file system "
+            "is writable and healthy (read-only? I/O errors in the kernel log?), then retry"
+        )
+
     def _write(self, sql: str, *args: object) -> None:
-        with self._lock, self._db:
+        with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(sql, args)
+            self._db.execute("COMMIT")
 
     def load(self) -> tuple[list[RegionRecord], list[Intent]]:
         with self._lock:
-            regions = [
-                RegionRecord(
-                    name=row[0],
-                    size=row[1],
-                    backing=row[2],
-                    page_size=row[3],
-                    block_size=row[4],
-                    path=row[5],
-                    labels=json.loads(row[6]),
-                    acl=json.loads(row[7]),
-                    created_at=row[8],
-                    plugged=_ranges(row[9]),
-                    gone=row[10],
-                    options=json.loads(row[11]),
+            rows = self._db.execute(
+                "SELECT name, size, backing, page_size, block_size, path, labels, acl, "
+                "created_at, plugged, gone, options FROM regions ORDER BY name"
+            ).fetchall()
+            intent_rows = self._db.execute(
+                "SELECT id, region, op, offset, length, keep FROM intents ORDER BY id"
+            ).fetchall()
+        regions: dict[str, RegionRecord] = {}
+        for row in rows:
+            name = str(row[0])
+            try:
+                regions[name] = _record(row)
+            except (ValueError, TypeError) as exc:
+                regions[name] = _malformed(name, f"{type(exc).__name__}: {exc}")
+        intents = []
+        for row in intent_rows:
+            try:
+                intents.append(
+                    Intent(
+                        _typed("id", row[0], int),
+                        _typed("region", row[1], str),
+                        _typed("op", row[2], str),
+                        Range(_typed("offset", row[3], int), _typed("length", row[4], int)),
+                        _ranges(row[5]),
+                    )
                 )
-                for row in self._db.execute(
-                    "SELECT name, size, backing, page_size, block_size, path, labels, acl, "
-                    "created_at, plugged, gone, options FROM regions ORDER BY name"
-                )
-            ]
-            intents = [
-                Intent(row[0], row[1], row[2], Range(row[3], row[4]), _ranges(row[5]))
-                for row in self._db.execute(
-                    "SELECT id, region, op, offset, length, keep FROM intents ORDER BY id"
-                )
-            ]
-        return regions, intents
+            except (ValueError, TypeError) as exc:
+                # What the interrupted operation was cannot be known, so neither
+                # can what the region's memory holds: the region is lost too.
+                name = str(row[1])
+                if name in regions and not regions[name].gone:
+                    why = f"an interrupted operation's record: {type(exc).__name__}: {exc}"
+                    regions[name] = _malformed(name, why)
+        return list(regions.values()), intents
 
     def put_region(self, record: RegionRecord) -> None:
         self._write(
@@ -168,21 +266,23 @@ class SqliteStore:
         )
 
     def delete_region(self, name: str) -> None:
-        with self._lock, self._db:
+        with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM regions WHERE name = ?", (name,))
             self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
+            self._db.execute("COMMIT")
 
     def mark_gone(self, name: str, reason: str) -> None:
-        with self._lock, self._db:
+        with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("UPDATE regions SET gone = ? WHERE name = ?", (reason, name))
             self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
+            self._db.execute("COMMIT")
 
     def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
         # One statement, so its own transaction (autocommit): no BEGIN and
         # COMMIT round trips, each of which let other threads take the GIL.
-        with self._lock:
+        with self._writing():
             cur = self._db.execute(
                 "INSERT INTO intents (region, op, offset, length, keep, started) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -191,7 +291,7 @@ class SqliteStore:
             return int(cur.lastrowid or 0)
 
     def finish(self, intent: int | None, region: str, plugged: tuple[Range, ...]) -> None:
-        with self._lock:
+        with self._writing():
             cur = self._db.execute(
                 "UPDATE regions SET plugged = ?, finished_intent = ? WHERE name = ?",
                 (_dump(plugged), intent, region),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]  # bench/ is not installed: run it from here
 TIME = re.compile(r"\| \d[\d,.]* (ms|s) \|")
 
 
@@ -22,9 +23,10 @@ def test_quick_small_and_rss_sections(tmp_path: Path) -> None:
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "memplug.daemon.bench", "--quick", "--sections", "small,rss",
+            sys.executable, "-m", "bench", "--quick", "--sections", "small,rss",
             "--output", str(out), "--json", str(raw),
         ],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
@@ -63,7 +65,8 @@ def test_quick_small_and_rss_sections(tmp_path: Path) -> None:
 
 def test_unknown_section_is_refused() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "memplug.daemon.bench", "--sections", "nope"],
+        [sys.executable, "-m", "bench", "--sections", "nope"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,6 +1,6 @@
 """Shared by the hardening tests: figures, data checks, consistency checks, probes, cgroups.
 
-Figures: with MEMPLUG_FIGURES=FILE set (scripts/reliability.py sets it), every
+Figures: with MEMPLUG_FIGURES=FILE set (bench/reliability.py sets it), every
 record() call appends one JSON line to FILE: the test's node id, a figure
 name, a value and labels. Figures are computed where they happen (a byte
 count that was really hashed, a pool delta that was really measured) and
@@ -68,7 +68,7 @@ def current_test() -> str:
 
 
 def record(name: str, value: float = 1, **labels: str) -> None:
-    """Append one figure for scripts/reliability.py; a no-op unless MEMPLUG_FIGURES is set."""
+    """Append one figure for bench/reliability.py; a no-op unless MEMPLUG_FIGURES is set."""
     path = os.environ.get(FIGURES_ENV)
     if not path:
         return

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from memplug.daemon.bench.report import Section, Table, Target, fmt_ratio, fmt_time, render
-from memplug.daemon.bench.stats import Result, interleave, median, percentile, repeat
+from bench.report import Section, Table, Target, fmt_ratio, fmt_time, render
+from bench.stats import Result, interleave, median, percentile, repeat
 
 
 def test_percentile_interpolates_like_numpy() -> None:

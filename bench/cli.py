@@ -1,4 +1,4 @@
-"""`python -m memplug.daemon.bench`: run the sections, print the markdown, save it."""
+"""`python -m bench`: run the sections, print the markdown, save it."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from memplug.daemon.bench import machine
-from memplug.daemon.bench.context import Bench, Options
-from memplug.daemon.bench.report import Section, dump_json, render
-from memplug.daemon.bench.sections import SECTIONS
+from bench import machine
+from bench.context import Bench, Options
+from bench.report import Section, dump_json, render
+from bench.sections import SECTIONS
 
 DEFAULT_OUTPUT = Path("docs/bench.md")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m memplug.daemon.bench",
+        prog="python -m bench",
         description="Benchmark memplugd against the raw kernel paths and QEMU's prealloc.",
     )
     p.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 7)")

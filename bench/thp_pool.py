@@ -13,11 +13,9 @@ import os
 import time
 from collections.abc import Iterator
 
-from memplug.client import Client
-from memplug.common import memory
-from memplug.daemon.bench import memplugd
-from memplug.daemon.bench.context import Bench
-from memplug.daemon.bench.report import (
+from bench import memplugd
+from bench.context import Bench
+from bench.report import (
     NA,
     MiB,
     Section,
@@ -28,7 +26,9 @@ from memplug.daemon.bench.report import (
     fmt_size,
     fmt_time,
 )
-from memplug.daemon.bench.stats import Result, repeat, timed
+from bench.stats import Result, repeat, timed
+from memplug.client import Client
+from memplug.common import memory
 from memplug.daemon.kernel import ops, probe
 
 HUGE = 2 * MiB

@@ -19,15 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memplug.client import Client
-from memplug.common import memory
-from memplug.daemon.bench import echo, memplugd
-from memplug.daemon.bench import qemu as qemu_mod
-from memplug.daemon.bench.context import Bench
-from memplug.daemon.bench.loadclient import BLOCK
-from memplug.daemon.bench.machine import HUGE_2M
-from memplug.daemon.bench.raw import Kind, RawMemory
-from memplug.daemon.bench.report import (
+from bench import echo, memplugd
+from bench import qemu as qemu_mod
+from bench.context import Bench
+from bench.loadclient import BLOCK
+from bench.machine import HUGE_2M
+from bench.raw import Kind, RawMemory
+from bench.report import (
     NA,
     MiB,
     Section,
@@ -39,8 +37,10 @@ from memplug.daemon.bench.report import (
     fmt_size,
     fmt_time,
 )
-from memplug.daemon.bench.stats import Result, Run, interleave, median, repeat
-from memplug.daemon.bench.thp_pool import thp_section, warm_pool_section
+from bench.stats import Result, Run, interleave, median, repeat
+from bench.thp_pool import thp_section, warm_pool_section
+from memplug.client import Client
+from memplug.common import memory
 
 SectionFn = Callable[[Bench], Section]
 
@@ -444,7 +444,7 @@ class ClientProcesses:
         try:
             for i in range(count):
                 command = [
-                    sys.executable, "-m", "memplug.daemon.bench.loadclient",
+                    sys.executable, "-m", "bench.loadclient",
                     workload, str(socket), str(echo_path), f"small-{i}",
                 ]  # fmt: skip
                 self.procs.append(
@@ -611,7 +611,7 @@ def small_section(b: Bench) -> Section:
             )
         )
     s.notes += [
-        "Each client is its own process (`memplug.daemon.bench.loadclient`), as memplugd's "
+        "Each client is its own process (`bench.loadclient`), as memplugd's "
         "clients are; the clients of a load start each repetition together, and the loads "
         "take turns within each repetition, so an operation and its floors are measured "
         "seconds apart, not minutes. Latencies pool every repetition; ops/s is the median over "

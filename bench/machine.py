@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+from bench.report import GiB, MiB, fmt_size
 from memplug.common import memory
-from memplug.daemon.bench.report import GiB, MiB, fmt_size
 
 NODE_SYSFS = Path("/sys/devices/system/node")
 THP_SHMEM = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
@@ -83,9 +83,9 @@ def git_revision() -> str:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-        # Only what the daemon runs: the benchmark's own files do not change its speed.
+        # Only what the daemon runs: the benchmark's own files (bench/) do not change its speed.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "daemon", "client", "proto", ":!daemon/bench"],
+            ["git", "status", "--porcelain", "--", "daemon", "client", "proto"],
             capture_output=True,
             text=True,
             check=True,

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from bench import memplugd, raw
+from bench.machine import HUGE_2M, HugePool, meminfo, qemu_binary, tmpfs
+from bench.raw import Kind, RawPaths
+from bench.report import GiB, MiB, fmt_size
 from memplug.client import Client
 from memplug.common.errors import ResourceExhausted
-from memplug.daemon.bench import memplugd, raw
-from memplug.daemon.bench.machine import HUGE_2M, HugePool, meminfo, qemu_binary, tmpfs
-from memplug.daemon.bench.raw import Kind, RawPaths
-from memplug.daemon.bench.report import GiB, MiB, fmt_size
 
 T = TypeVar("T")
 

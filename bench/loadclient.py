@@ -9,7 +9,7 @@ Protocol on stdin/stdout, one line each: the client sets up and runs a
 warm-up round, prints "ready"; then for every "go N" line it runs its steps
 N times and prints {step: [seconds, ...]} as JSON; "exit" (or EOF) ends it.
 
-    python -m memplug.daemon.bench.loadclient WORKLOAD SOCKET ECHO REGION
+    python -m bench.loadclient WORKLOAD SOCKET ECHO REGION
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import echo
+from bench.report import MiB
 from memplug.client import Client
 from memplug.client.attach import redeem
-from memplug.daemon.bench import echo
-from memplug.daemon.bench.report import MiB
 from memplug.daemon.kernel import ops
 
 BLOCK = 2 * MiB  # the small operations work on one 2 MiB block

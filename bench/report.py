@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memplug.daemon.bench.stats import Result
+from bench.stats import Result
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 NA = "-"  # a cell with nothing to say
@@ -141,7 +141,7 @@ def render(header: Sequence[tuple[str, str]], sections: Sequence[Section], *, qu
         facts.add(key, value)
     parts = ["# memplug benchmark"]
     parts.append(
-        "Written by `make bench` (`python -m memplug.daemon.bench`); every figure comes from "
+        "Written by `make bench` (`python -m bench`); every figure comes from "
         "the same run on the same machine. Times are medians of the repetitions after one "
         "discarded warm-up, each repetition starting from an empty range; ratios are speed "
         "ratios (memplug's speed ÷ the other's speed, so > 1 means memplug is faster)."

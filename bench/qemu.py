@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from memplug.daemon.bench.raw import Kind
+from bench.raw import Kind
 
 QMP_BYE = b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
 

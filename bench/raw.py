@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+from bench.stats import timed
 from memplug.common import memory
-from memplug.daemon.bench.stats import timed
 from memplug.daemon.kernel import ops
 
 Kind = Literal["shmem", "hugetlb", "file"]

@@ -1,7 +1,0 @@
-"""python -m memplug.daemon.bench"""
-
-import sys
-
-from memplug.daemon.bench.cli import main
-
-sys.exit(main())

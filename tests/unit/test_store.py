@@ -1,0 +1,230 @@
+"""The state stores: every implementation runs the shared suite (intents, finish,
+delete, mark_gone); the SQLite store on a real database file also reopens,
+migrates, refuses what it cannot write, and loads malformed rows as lost."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from memplug.common.errors import FailedPrecondition
+from memplug.common.ranges import Range
+from memplug.common.sizes import MiB
+from memplug.daemon.state import sqlite as store_mod
+from memplug.daemon.state.sqlite import SCHEMA_VERSION, SqliteStore
+from memplug.daemon.state.store import MemoryStore, RegionRecord, StateStore
+
+
+def record(name: str = "vm0", plugged: tuple[Range, ...] = ()) -> RegionRecord:
+    return RegionRecord(
+        name=name,
+        size=64 * MiB,
+        backing="shmem",
+        page_size=4096,
+        block_size=2 * MiB,
+        path="",
+        labels={"app": "test"},
+        acl={"owner_uid": [0]},
+        created_at=1.5,
+        plugged=plugged,
+        options={"thp": False},
+    )
+
+
+def test_intent_survives_a_reopen_until_finish_closes_it(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    store = SqliteStore(db)
+    store.put_region(record())
+    intent = store.begin("vm0", "plug", Range(0, 4 * MiB), (Range(MiB, 4096),))
+    store.close()
+
+    store = SqliteStore(db)  # the daemon died in the middle of the plug
+    regions, intents = store.load()
+    assert [r.name for r in regions] == ["vm0"] and regions[0] == record()
+    assert [(i.id, i.op, i.range, i.keep) for i in intents] == [
+        (intent, "plug", Range(0, 4 * MiB), (Range(MiB, 4096),))
+    ]
+
+    store.finish(intent, "vm0", (Range(0, 4 * MiB),))
+    store.close()
+    regions, intents = SqliteStore(db).load()
+    assert intents == []
+    assert regions[0].plugged == (Range(0, 4 * MiB),)
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    made: StateStore = (
+        SqliteStore(tmp_path / "state.db") if request.param == "sqlite" else MemoryStore()
+    )
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_a_region_reads_back_as_written_and_is_replaced_by_name(store: StateStore) -> None:
+    store.put_region(record())
+    store.put_region(record("vm1"))
+    store.put_region(record("vm1", plugged=(Range(0, 2 * MiB),)))
+    regions, intents = store.load()
+    assert sorted(regions, key=lambda r: r.name) == [
+        record(),
+        record("vm1", plugged=(Range(0, 2 * MiB),)),
+    ]
+    assert intents == []
+
+
+def test_delete_region_drops_its_intents_only(store: StateStore) -> None:
+    store.put_region(record())
+    store.put_region(record("vm1"))
+    store.begin("vm0", "plug", Range(0, 2 * MiB))
+    kept = store.begin("vm1", "discard", Range(0, 2 * MiB))
+    store.delete_region("vm0")
+    regions, intents = store.load()
+    assert [r.name for r in regions] == ["vm1"]
+    assert [i.id for i in intents] == [kept]
+
+
+def test_mark_gone_keeps_the_record_with_why_and_drops_its_intents(store: StateStore) -> None:
+    store.put_region(record())
+    store.begin("vm0", "unplug", Range(0, 2 * MiB))
+    store.mark_gone("vm0", "no fd came back")
+    regions, intents = store.load()
+    assert [(r.name, r.gone) for r in regions] == [("vm0", "no fd came back")]
+    assert intents == []
+
+
+def test_finish_closes_only_its_own_intent(store: StateStore) -> None:
+    store.put_region(record())
+    first = store.begin("vm0", "plug", Range(0, 2 * MiB))
+    second = store.begin("vm0", "unplug", Range(8 * MiB, 2 * MiB))
+    store.finish(second, "vm0", ())
+    assert [i.id for i in store.load()[1]] == [first]
+    store.finish(None, "vm0", (Range(0, 2 * MiB),))  # bookkeeping only (warm pool adoption)
+    regions, intents = store.load()
+    assert [i.id for i in intents] == [first]
+    assert regions[0].plugged == (Range(0, 2 * MiB),)
+
+
+def test_finish_of_a_region_without_a_row_still_closes_the_intent(store: StateStore) -> None:
+    intent = store.begin("ghost", "plug", Range(0, 2 * MiB))
+    store.finish(intent, "ghost", ())
+    assert store.load() == ([], [])
+
+
+def test_a_version_1_store_is_migrated_with_its_regions_and_intents(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db, isolation_level=None)
+    old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    store_mod._v1(old)
+    old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    old.execute(
+        "INSERT INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ("vm0", 64 * MiB, "shmem", 4096, 2 * MiB, "", '{"app": "test"}',
+         '{"owner_uid": [0]}', 1.5, json.dumps([[0, 2 * MiB]]), "", '{"thp": false}'),
+    )  # fmt: skip
+    old.execute(
+        "INSERT INTO intents (region, op, offset, length, keep, started) "
+        "VALUES ('vm0', 'unplug', 0, 2097152, '[]', 1.0)"
+    )
+    old.close()
+
+    store = SqliteStore(db)
+    regions, intents = store.load()
+    assert regions == [record(plugged=(Range(0, 2 * MiB),))]
+    assert [(i.op, i.range) for i in intents] == [("unplug", Range(0, 2 * MiB))]
+    store.finish(intents[0].id, "vm0", ())  # the v2 trigger closes it
+    assert store.load()[1] == []
+    store.close()
+    check = sqlite3.connect(db)
+    version = check.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    check.close()
+    assert version == (str(SCHEMA_VERSION),)
+
+
+def test_a_store_from_a_newer_memplugd_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    SqliteStore(db).close()
+    newer = sqlite3.connect(db, isolation_level=None)
+    newer.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    newer.close()
+    with pytest.raises(RuntimeError, match="schema 99, newer than this memplugd"):
+        SqliteStore(db)
+
+
+# --------------------------------------------------------------------------- SQLite only
+
+
+def test_a_write_the_database_refuses_raises_and_changes_nothing(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    store.put_region(record())
+    intent = store.begin("vm0", "plug", Range(0, 2 * MiB))
+    before = store.load()
+    store._db.execute("PRAGMA query_only = 1")  # every write now fails as on a read-only fs
+    writes: list[Callable[[], object]] = [
+        lambda: store.put_region(record("vm1")),
+        lambda: store.delete_region("vm0"),
+        lambda: store.mark_gone("vm0", "why"),
+        lambda: store.begin("vm0", "unplug", Range(0, 2 * MiB)),
+        lambda: store.finish(intent, "vm0", (Range(0, 2 * MiB),)),
+    ]
+    for write in writes:
+        with pytest.raises(FailedPrecondition, match=f"the state in {tmp_path} cannot be written"):
+            write()
+        assert not store._db.in_transaction
+    assert store.load() == before
+    store._db.execute("PRAGMA query_only = 0")
+    store.finish(intent, "vm0", (Range(0, 2 * MiB),))  # the retry works
+    assert store.load()[1] == []
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "why"),
+    [
+        ("labels", '{"app": "te', "JSONDecodeError"),
+        ("acl", "[1, 2]", "acl: expected a JSON object"),
+        ("plugged", "[[0]]", "ValueError"),
+        ("plugged", '[[0, "2M"]]', "is not two non-negative integers"),
+        ("size", "big", "size: expected int"),
+        ("created_at", "yesterday", "ValueError"),
+    ],
+)
+def test_a_malformed_row_loads_as_a_lost_region_and_the_others_as_written(
+    tmp_path: Path, column: str, value: str, why: str
+) -> None:
+    db = tmp_path / "state.db"
+    store = SqliteStore(db)
+    store.put_region(record("bad"))
+    store.put_region(record("good"))
+    store.close()
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute(f"UPDATE regions SET {column} = ? WHERE name = 'bad'", (value,))
+    regions = {r.name: r for r in SqliteStore(db).load()[0]}
+    assert regions["good"] == record("good")
+    assert "malformed" in regions["bad"].gone and why in regions["bad"].gone
+
+
+def test_a_malformed_intent_makes_its_region_lost(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    store = SqliteStore(db)
+    store.put_region(record("bad"))
+    store.put_region(record("good"))
+    good = store.begin("good", "plug", Range(0, 2 * MiB))
+    store.close()
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute(
+            "INSERT INTO intents (region, op, offset, length, keep, started) "
+            "VALUES ('bad', 'plug', 0, 2097152, '[[0, ', 1.0)"
+        )
+    regions, intents = SqliteStore(db).load()
+    by_name = {r.name: r for r in regions}
+    assert by_name["good"] == record("good")
+    assert "an interrupted operation's record" in by_name["bad"].gone
+    assert [i.id for i in intents] == [good]
