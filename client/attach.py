@@ -1,4 +1,4 @@
-"""The consumer side of the fd socket: present a ticket, receive the region's fd.
+"""The consumer side of the fd socket: redeem a ticket or open a region, receive its fd.
 
 The wire protocol is documented in proto/memplug/v1/fd-protocol.md.
 """
@@ -36,14 +36,14 @@ class AttachInfo:
 
 
 def redeem(fd_socket: str, ticket: str, *, timeout: float = 10.0) -> tuple[int, AttachInfo]:
-    """Trade a ticket for the region's fd on the daemon's fd socket."""
+    """Redeem a ticket for the region's fd on the daemon's fd socket (MEMPLUG/1 ATTACH)."""
     return _exchange(fd_socket, f"{PROTOCOL} ATTACH {ticket}\n", timeout)
 
 
 def open_region(
     fd_socket: str, name: str, access: str, *, timeout: float = 10.0
 ) -> tuple[int, AttachInfo]:
-    """Ask the fd socket for the region's fd directly; the region's ACL decides."""
+    """Open the region on the fd socket, no ticket (MEMPLUG/1 OPEN); the region's ACL decides."""
     return _exchange(fd_socket, f"{PROTOCOL} OPEN {name} {access}\n", timeout)
 
 

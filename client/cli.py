@@ -380,34 +380,36 @@ def rm_cmd(names: tuple[str, ...]) -> None:
 ROLLBACK_WAIT = 5.0  # seconds Ctrl-C waits for the daemon to confirm a plug's rollback
 
 
-def _cancelled_plug(c: Client, name: str, before: Region) -> Cancelled:
+def _cancelled_plug(c: Client, name: str, offset: int, length: int | None) -> Cancelled:
     """What a cancelled plug left, as the daemon shows it: wait (bounded) until it says.
 
     The client's cancel ends the call at once, but the daemon releases the
     memory afterwards (seconds for many GiB), and a cancel that arrives as
-    the plug finishes finds nothing to undo: say only what GetRegion confirms.
+    the plug finishes finds nothing to undo. A plug is all or nothing, so once
+    no call runs on the region the range tells which: plugged whole, the plug
+    was done; otherwise the daemon has rolled it back.
     """
     deadline = time.monotonic() + ROLLBACK_WAIT
-    now = before
     try:
         while True:
-            now = c.get_region(name)
-            if now.plugged == before.plugged and now.allocated_bytes <= before.allocated_bytes:
+            region = c.get_region(name)
+            if region.operations_running == 0:
+                end = region.size if not length else offset + length
+                covered = sum(max(0, min(o + n, end) - max(o, offset)) for o, n in region.plugged)
+                if covered >= end - offset:
+                    return Cancelled(
+                        f"plug {name}: cancelled too late: the daemon had finished the plug "
+                        f"(plugged {format_size(region.plugged_bytes)}); unplug gives it back"
+                    )
                 return Cancelled(f"plug {name}: cancelled; the daemon rolled back what it had done")
-            if now.plugged != before.plugged and now.plugged_bytes > before.plugged_bytes:
-                return Cancelled(
-                    f"plug {name}: cancelled too late: the daemon had finished the plug "
-                    f"(plugged {format_size(now.plugged_bytes)}); unplug gives it back"
-                )
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
     except (MemplugError, KeyboardInterrupt):
         pass  # the region went away or a second Ctrl-C: report what is known
-    extra = max(0, now.allocated_bytes - before.allocated_bytes)
     return Cancelled(
-        f"plug {name}: cancelled; the daemon is still rolling back "
-        f"({format_size(extra)} not yet released); `memplug show {name}` follows it"
+        f"plug {name}: cancelled; the daemon is still rolling back; "
+        f"`memplug show {name}` follows it"
     )
 
 
@@ -463,18 +465,20 @@ def _range_args(fn: F) -> F:
 @command(cli, "plug")
 @_range_args
 @click.option(
-    "--strategy", type=click.Choice(["auto", "fallocate", "populate-write"]), default="auto"
+    "--strategy",
+    type=click.Choice(["auto", "fallocate", "populate-write"]),
+    default="auto",
+    help="how to allocate (auto: by backing and size)",
 )
 @click.option("--threads", type=U32, default=0, help="most worker threads (default: daemon's)")
 def plug_cmd(name: str, offset: int, length: int | None, strategy: str, threads: int) -> None:
     """Allocate backing memory for NAME [OFFSET [LENGTH]] (default: all of it)."""
     with client() as c:
-        before = c.get_region(name)
         _run_streaming(
             "plug",
             name,
             functools.partial(c.plug, name, offset, length, strategy=strategy, threads=threads),
-            on_cancel=lambda: _cancelled_plug(c, name, before),
+            on_cancel=lambda: _cancelled_plug(c, name, offset, length),
         )
 
 
@@ -521,11 +525,11 @@ def discard_cmd(name: str, offset: int, length: int | None) -> None:
 # --------------------------------------------------------------------------- hand-off
 
 
-@command(cli, "attach")
+@command(cli, "ticket")
 @click.argument("name")
 @click.option("--ro", is_flag=True, help="read-only")
-def attach_cmd(name: str, ro: bool) -> None:
-    """Issue a one-time ticket a consumer redeems on the fd socket."""
+def ticket_cmd(name: str, ro: bool) -> None:
+    """Issue a one-time ticket to attach NAME; a consumer redeems it on the fd socket."""
     with client() as c:
         ticket = c.ticket(name, "ro" if ro else "rw")
     region = ticket.region

@@ -15,9 +15,8 @@ from memplug.client import convert
 from memplug.client.attach import Attachment, open_region, redeem
 from memplug.client.errors import error_from_rpc
 from memplug.client.types import OperationResult, RangeResult, Region, Status, Ticket
-from memplug.common.errors import Cancelled, Internal, InvalidArgument, MemplugError, OutOfRange
+from memplug.common.errors import Cancelled, Internal, InvalidArgument, MemplugError
 from memplug.common.paths import default_socket
-from memplug.common.sizes import format_size
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -146,19 +145,8 @@ class Client:
         return convert.status(self._unary(self._stub.GetStatus, pb.GetStatusRequest()))
 
     # ------------------------------------------------------------------ ranges
-
-    def _whole(self, name: str, offset: int, length: int | None) -> int:
-        """length None means up to the end of the region."""
-        _check_uint(offset, 64, "offset")
-        if length is not None:
-            return _check_uint(length, 64, "length")
-        size = self.get_region(name).size
-        if offset >= size:
-            raise OutOfRange(
-                f"{name}: offset {offset:#x} is at or past the end of the region "
-                f"({format_size(size)}, {size:#x})"
-            )
-        return size - offset
+    # length None (or 0) means "to the end of the region": the request carries
+    # length 0 and the daemon works out the rest, one RPC in all.
 
     def plug(
         self,
@@ -174,13 +162,14 @@ class Client:
     ) -> OperationResult:
         """Plug [offset, offset+length) (default: to the end); blocks until done.
 
+        strategy: "auto", "fallocate" or "populate-write" (the proto's Strategy).
         Setting `cancel` (or Ctrl-C) cancels the call; the daemon then releases
         whatever it allocated and this raises Cancelled.
         """
-        request = pb.RangeRequest(
+        request = pb.PlugRequest(
             name=name,
-            offset=offset,
-            length=self._whole(name, offset, length),
+            offset=_check_uint(offset, 64, "offset"),
+            length=_check_uint(length or 0, 64, "length"),
             strategy=convert.pick(convert.STRATEGIES, strategy, "strategy"),
             threads=_check_uint(threads, 32, "threads"),
         )
@@ -201,8 +190,8 @@ class Client:
         modes = {"read": pb.POPULATE_MODE_READ, "write": pb.POPULATE_MODE_WRITE}
         request = pb.PopulateRequest(
             name=name,
-            offset=offset,
-            length=self._whole(name, offset, length),
+            offset=_check_uint(offset, 64, "offset"),
+            length=_check_uint(length or 0, 64, "length"),
             mode=convert.pick(modes, mode, "populate mode"),
             threads=_check_uint(threads, 32, "threads"),
         )
@@ -218,22 +207,35 @@ class Client:
     ) -> OperationResult:
         call: Any = method(request, timeout=timeout)
         finished = threading.Event()
+        answered = threading.Event()
         if cancel is not None:
 
             def watch() -> None:
                 while not finished.is_set():
                     if cancel.wait(0.05):
-                        call.cancel()
+                        # Once the result is here the work is done: cancelling
+                        # now would only turn the daemon's OK into CANCELLED.
+                        if not answered.is_set():
+                            call.cancel()
                         return
 
             threading.Thread(target=watch, name="memplug-cancel", daemon=True).start()
+        result: OperationResult | None = None
         try:
+            # Read on to the end of the stream after the result: the call then
+            # ends with its status, and the daemon records it as OK. Leaving
+            # early would cancel a call that has succeeded.
             for message in call:
                 if progress is not None:
                     progress(message.done_bytes, message.total_bytes)
                 if message.HasField("result"):
-                    return convert.result(message.result)
+                    result = convert.result(message.result)
+                    answered.set()
+            if result is not None:
+                return result
         except grpc.RpcError as exc:
+            if result is not None:
+                return result  # the work was done; a cancel or error came after the answer
             if exc.code() is grpc.StatusCode.CANCELLED and (cancel is None or cancel.is_set()):
                 err: MemplugError = Cancelled(
                     f"{request.name}: cancelled; the daemon releases what it had allocated"
@@ -252,13 +254,17 @@ class Client:
 
     def unplug(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
         request = pb.RangeRequest(
-            name=name, offset=offset, length=self._whole(name, offset, length)
+            name=name,
+            offset=_check_uint(offset, 64, "offset"),
+            length=_check_uint(length or 0, 64, "length"),
         )
         return convert.range_result(self._unary(self._stub.Unplug, request))
 
     def discard(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
         request = pb.RangeRequest(
-            name=name, offset=offset, length=self._whole(name, offset, length)
+            name=name,
+            offset=_check_uint(offset, 64, "offset"),
+            length=_check_uint(length or 0, 64, "length"),
         )
         return convert.range_result(self._unary(self._stub.Discard, request))
 
@@ -269,7 +275,7 @@ class Client:
 
         A client reaching the daemon through a bind mount (a sidecar's socket
         volume) finds it beside the gRPC socket; otherwise attach falls back to
-        a ticket, which names the fd socket as the daemon sees it.
+        issuing a ticket, which names the fd socket as the daemon sees it.
         """
         if self.fd_socket is not None:
             return self.fd_socket
@@ -277,7 +283,11 @@ class Client:
         return sibling if sibling.exists() else None
 
     def ticket(self, name: str, access: str = "rw") -> Ticket:
-        """A one-time ticket for another process to redeem on the fd socket."""
+        """Issue a one-time ticket (the Attach RPC) for a process to redeem on the fd socket.
+
+        The way to hand a region to a process that cannot reach the gRPC socket;
+        the daemon checks the redeeming process against the region's ACL.
+        """
         request = pb.AttachRequest(
             name=name,
             access=convert.pick(convert.ACCESS, access, "access"),
@@ -292,15 +302,18 @@ class Client:
         populate: str | None = None,
         map_memory: bool = True,
     ) -> Attachment:
-        """Take the region's fd and (by default) map it; use as a context manager.
+        """Attach the region: take its fd and (by default) map it; use as a context manager.
 
-        populate="write" or "read" prefaults this process's page tables for the
-        plugged blocks (MADV_POPULATE_*), so first touches take no faults.
+        Opens the region on the fd socket directly when this client knows where
+        that socket is (one round trip, no gRPC); otherwise issues a ticket and
+        redeems it. Either way the fd socket checks this process against the
+        region's ACL. populate="write" or "read" prefaults this process's page
+        tables for the plugged blocks (MADV_POPULATE_*), so first touches take
+        no faults.
         """
         convert.pick(convert.ACCESS, access, "access")  # a clear error for a bad value
         direct = self._direct_fd_socket()
         if direct is not None:
-            # One round trip on the fd socket, which checks the ACL itself.
             fd, info = open_region(str(direct), name, access)
             plugged = self.get_region(name).plugged if populate else []
         else:

@@ -70,6 +70,7 @@ def region(m: pb.Region) -> Region:
         numa_nodes=list(m.numa_nodes),
         lock=m.lock,
         from_warm_pool=m.from_warm_pool,
+        operations_running=m.operations_running,
     )
 
 

@@ -26,9 +26,9 @@ class Region:
     transparent_huge_pages: bool = False
     numa_policy: str = "default"
     numa_nodes: list[int] = field(default_factory=list)
-    warm_pools: list[WarmPool] = field(default_factory=list)
     lock: bool = False
     from_warm_pool: bool = False
+    operations_running: int = 0  # calls on the region now, rollbacks included
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class RangeResult:
 
 @dataclass(frozen=True)
 class Ticket:
-    """A one-time attach ticket: send it on fd_socket within expires_in seconds."""
+    """A one-time ticket (the Attach RPC's reply): redeem it on fd_socket within expires_in s."""
 
     ticket: str
     fd_socket: str

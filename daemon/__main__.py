@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
 
 from memplug.common.errors import MemplugError, StartupError
 from memplug.daemon import __version__
-from memplug.daemon.config import load
+from memplug.daemon.config import load, under_journald
 from memplug.daemon.server import Daemon
 from memplug.daemon.systemd import reload_running
 
@@ -61,23 +59,6 @@ SYSLOG_PRIORITY = {
 }
 
 
-def stderr_is_journal(environ: Mapping[str, str] = os.environ) -> bool:
-    """True if stderr is the journal stream systemd set up.
-
-    systemd documents the check: $JOURNAL_STREAM is "DEVICE:INODE" of the
-    stream it connected, and counts only if stderr is still that stream (a
-    child whose stderr was redirected inherits the variable, not the journal).
-    """
-    device, sep, inode = environ.get("JOURNAL_STREAM", "").partition(":")
-    if not sep or not device.isdigit() or not inode.isdigit() or sys.stderr is None:
-        return False
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False
-    return (st.st_dev, st.st_ino) == (int(device), int(inode))
-
-
 class JournalFormatter(logging.Formatter):
     """One journal entry per event: "<N>" (its syslog priority) and one line.
 
@@ -98,7 +79,7 @@ class JournalFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: str) -> None:
     # journald stamps each line itself; elsewhere we add the time.
-    journald = stderr_is_journal()
+    journald = under_journald()
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter
     if fmt == "json":
@@ -135,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, OSError) as exc:
         daemon.stop()
         # Last, so that it is the line an operator sees.
-        prefix = "<3>" if stderr_is_journal() else ""
+        prefix = "<3>" if under_journald() else ""
         print(f"{prefix}memplugd: cannot start: {exc}", file=sys.stderr)
         return 1
     while not stop.wait(0.2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import grp
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -41,6 +42,23 @@ def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
         madv_populate=environ.get("MEMPLUG_DISABLE_MADV_POPULATE") != "1",
         memcg_check=environ.get("MEMPLUG_MEMCG_CHECK", "1") != "0",
     )
+
+
+def under_journald(environ: Mapping[str, str] = os.environ) -> bool:
+    """True if stderr is the journal stream systemd set up (journald stamps each line).
+
+    systemd documents the check: $JOURNAL_STREAM is "DEVICE:INODE" of the
+    stream it connected, and counts only if stderr is still that stream (a
+    child whose stderr was redirected inherits the variable, not the journal).
+    """
+    device, sep, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep or not device.isdigit() or not inode.isdigit() or sys.stderr is None:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
 @dataclass(frozen=True)

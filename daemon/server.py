@@ -32,6 +32,7 @@ from memplug.daemon import __version__, metrics
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.config import Config, environment_switches, metrics_address
 from memplug.daemon.engine.engine import RegionEngine
+from memplug.daemon.engine.strategy import CHUNK_BYTES
 from memplug.daemon.metrics_http import MetricsServer
 from memplug.daemon.state.lock import StateDirBusy, StateDirLock
 from memplug.daemon.state.sqlite import SqliteStore
@@ -44,13 +45,16 @@ from memplug.daemon.systemd import (
 from memplug.daemon.transport.fdserver import FdLimits, FdServer
 from memplug.daemon.transport.interceptors import MetricsInterceptor
 from memplug.daemon.transport.servicer import MemplugServicer
+from memplug.daemon.transport.streaming import OperationStreamer
 from memplug.daemon.transport.unixsock import claim_socket_path
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 log = logging.getLogger("memplug.server")
 
-RPC_THREADS = 64  # each streaming Plug holds one while it runs; reads must still get through
+# Each streaming Plug holds one while it runs; reads must still get through. The
+# streamer gets as many coordinator threads, so every running call has one.
+RPC_THREADS = 64
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when no watchdog asks for more
 # Settings a SIGHUP cannot change: they are bound or running until a restart.
 RESTART_ONLY = (
@@ -256,7 +260,10 @@ class Daemon:
             interceptors=[MetricsInterceptor()],
             options=[("grpc.max_receive_message_length", 1 << 20)],
         )
-        servicer = MemplugServicer(self.engine, socket=str(path), fd_socket=str(config.fd_socket))
+        streamer = OperationStreamer(coordinators=RPC_THREADS, inline_max_bytes=CHUNK_BYTES)
+        servicer = MemplugServicer(
+            self.engine, streamer, socket=str(path), fd_socket=str(config.fd_socket)
+        )
         pb_grpc.add_MemplugServicer_to_server(servicer, server)
         # Stock health and reflection: grpcurl and grpc_health_probe work with no .proto.
         self._health_servicer = health.HealthServicer()

@@ -95,7 +95,7 @@ class DaemonProcess:
     def plug(self, name: str, offset: int, length: int, **kw: Any) -> pb.OperationResult:
         """Run a Plug to its end and return the final result."""
         last = None
-        for msg in self.stub.Plug(pb.RangeRequest(name=name, offset=offset, length=length, **kw)):
+        for msg in self.stub.Plug(pb.PlugRequest(name=name, offset=offset, length=length, **kw)):
             last = msg
         assert last is not None and last.HasField("result"), "Plug stream ended without a result"
         return last.result

@@ -115,7 +115,7 @@ class Operations:
             if not new:
                 if progress is not None:
                     progress(0, 0)
-                return OpResult(0, 0.0, Strategy.NONE, 0, region.info())
+                return OpResult(0, 0.0, Strategy.NONE, 0, region.info(in_call=True))
             if warm:
                 # Memory a warm-pool memfd already holds is plugged by bookkeeping.
                 self._adopt_prebacked(region, warm)
@@ -123,7 +123,9 @@ class Operations:
                 if not gaps:
                     if progress is not None:
                         progress(new, new)
-                    return OpResult(new, 0.0, Strategy.WARM_POOL, 0, region.info(), zeroing="done")
+                    return OpResult(
+                        new, 0.0, Strategy.WARM_POOL, 0, region.info(in_call=True), zeroing="done"
+                    )
             fresh = sum(g.length for g in gaps)
             # Refusals first: a plug too big for the cgroup or the quota costs
             # no planning, no extent scan and no intent, whatever its size.
@@ -180,7 +182,7 @@ class Operations:
             seconds,
             strategy,
             plan.threads,
-            region.info(),
+            region.info(in_call=True),
             zeroing=backing.zeroing(strategy),
         )
 
@@ -309,7 +311,7 @@ class Operations:
             except BaseException as exc:
                 raise rollback.populate_failure(region, r, exc) from exc
             seconds = time.monotonic() - started
-        return OpResult(r.length, seconds, strategy, plan.threads, region.info())
+        return OpResult(r.length, seconds, strategy, plan.threads, region.info(in_call=True))
 
     def _require_plugged(self, region: Region, op: str, r: Range) -> None:
         with region.mutex:
@@ -354,7 +356,7 @@ class Operations:
                 raise
             self._journal.finish_done(region, intent, "unplug", r)
             seconds = time.monotonic() - started
-        return RangeOutcome(released, seconds, region.info())
+        return RangeOutcome(released, seconds, region.info(in_call=True))
 
     def _mark_unplugged(self, region: Region, r: Range) -> int:
         """Forget r's blocks (punched already); returns the plugged bytes among them."""
@@ -397,7 +399,7 @@ class Operations:
                     f"those blocks are now unplugged, first at {lost[0]}: plug them again",
                     region=region.name,
                 )
-        return RangeOutcome(r.length, seconds, region.info())
+        return RangeOutcome(r.length, seconds, region.info(in_call=True))
 
     def _zero_blocks(self, region: Region, r: Range) -> tuple[list[Range], MemplugError | None]:
         """Punch and re-allocate each block; returns the blocks that lost their backing."""

@@ -7,8 +7,9 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from memplug.common.errors import InvalidArgument
+from memplug.common.errors import InvalidArgument, OutOfRange
 from memplug.common.ranges import IntervalSet, Range, check_range
+from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.engine.rangelock import RangeLock
 from memplug.daemon.kernel.ops import Mapping as Mapping_
@@ -92,6 +93,7 @@ class RegionInfo:
     created_at: float
     acl: Acl
     options: RegionOptions
+    operations_running: int
 
 
 class Region:
@@ -132,10 +134,21 @@ class Region:
         return self.backing.size
 
     def range_of(self, offset: int, length: int, op: str) -> Range:
-        """The request's range, checked against this region's size and block size."""
-        return check_range(
-            offset, length, size=self.size, align=self.block_size, what=f"{op} of {self.name!r}"
-        )
+        """The request's range, checked against this region's size and block size.
+
+        length 0 means "to the end of the region", so that a caller can name the
+        whole region (or its tail) without asking for its size first; an offset
+        at or past the end then leaves nothing and is out of range.
+        """
+        what = f"{op} of {self.name!r}"
+        if length == 0:
+            if offset >= self.size:
+                raise OutOfRange(
+                    f"{what}: offset {offset:#x} is at or past the end of the region "
+                    f"({format_size(self.size)}, {self.size:#x}): nothing left to the end"
+                )
+            length = self.size - offset
+        return check_range(offset, length, size=self.size, align=self.block_size, what=what)
 
     def label_match(self, selector: Mapping[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in selector.items())
@@ -158,7 +171,9 @@ class Region:
             options=self.options,
         )
 
-    def info(self) -> RegionInfo:
+    def info(self, *, in_call: bool = False) -> RegionInfo:
+        """A snapshot; in_call: taken by a running call for its own result, which
+        then describes the region as that call leaves it (not counting itself)."""
         with self.mutex:
             plugged = tuple(self.plugged)
         return RegionInfo(
@@ -175,4 +190,6 @@ class Region:
             created_at=self.created_at,
             acl=self.acl,
             options=self.options,
+            # Written under the engine's lock; a snapshot needs no lock to read it.
+            operations_running=max(0, self.active - in_call),
         )

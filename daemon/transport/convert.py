@@ -80,6 +80,7 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         numa_nodes=list(info.options.placement.nodes),
         lock=info.options.lock,
         from_warm_pool=info.options.from_warm_pool,
+        operations_running=info.operations_running,
     )
 
 

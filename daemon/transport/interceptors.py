@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import grpc
@@ -12,21 +15,51 @@ from memplug.daemon import metrics
 from memplug.daemon.transport.status import abandoned_code
 
 
-def _code(context: grpc.ServicerContext, *, abandoned: bool = False) -> str:
+def _code(context: grpc.ServicerContext, *, abandoned: bool = False, answered: bool = False) -> str:
     """The RPC's final status; abandoned: the handler never returned or raised.
 
     grpcio drops a streaming handler without setting a code when the client
     went away (cancel, disconnect, deadline) while a message was on its way,
     and a unary handler can return after its caller left: neither is OK.
+    answered: a stream produced its result (the work is done); a client that
+    leaves after that changes nothing, and the call is OK.
     """
     code = context.code()  # type: ignore[attr-defined]  # grpcio >= 1.38; not in grpc-stubs
     if isinstance(code, grpc.StatusCode):
         return code.name
     if code is not None:
         return str(code)
-    if abandoned or not context.is_active():
+    if abandoned or not (answered or context.is_active()):
         return abandoned_code(context).name
     return "OK"
+
+
+def _carries_result(message: Any) -> bool:
+    """A memplug Progress with its result (the last message); other streams have none."""
+    try:
+        return bool(message.HasField("result"))
+    except (AttributeError, ValueError):  # health's Watch, reflection: no result field
+        return False
+
+
+def close_abandoned(stream: Generator[Any, None, None]) -> None:
+    """End a streaming handler whose RPC ended while it waited at a message.
+
+    grpcio stops iterating a handler whose client went away and leaves the
+    generator to the garbage collector, which may find it much later: until
+    then the call is neither counted nor logged. Closing it raises
+    GeneratorExit at its pending message, which counts, logs and (for a plug)
+    waits for the rollback; that wait is why it runs on a thread of its own,
+    never on grpcio's callback thread.
+    """
+    if inspect.getgeneratorstate(stream) != inspect.GEN_SUSPENDED:
+        return  # not started, running or finished: nothing waits at a message
+
+    def close() -> None:
+        with contextlib.suppress(ValueError):  # resumed meanwhile: it ends by itself
+            stream.close()
+
+    threading.Thread(target=close, name="memplug-abandoned", daemon=True).start()
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -42,8 +75,15 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return None
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
 
-        def done(context: grpc.ServicerContext, started: float, abandoned: bool = False) -> None:
-            metrics.RPC_TOTAL.labels(rpc, _code(context, abandoned=abandoned)).inc()
+        def done(
+            context: grpc.ServicerContext,
+            started: float,
+            *,
+            abandoned: bool = False,
+            answered: bool = False,
+        ) -> None:
+            code = _code(context, abandoned=abandoned, answered=answered)
+            metrics.RPC_TOTAL.labels(rpc, code).inc()
             metrics.RPC_SECONDS.labels(rpc).observe(time.monotonic() - started)
 
         if handler.unary_unary is not None:
@@ -63,10 +103,21 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             inner_stream = handler.unary_stream
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                calls = counted_stream(request, context)
+                context.add_callback(lambda: close_abandoned(calls))
+                return calls
+
+            def counted_stream(
+                request: Any, context: grpc.ServicerContext
+            ) -> Generator[Any, None, None]:
                 started = time.monotonic()
-                finished = False
+                finished = answered = False
                 try:
-                    yield from inner_stream(request, context)
+                    for message in inner_stream(request, context):
+                        # The result comes last: the work is done, whether or
+                        # not the client stays to read it.
+                        answered = _carries_result(message)
+                        yield message
                     finished = True
                 except Exception:
                     finished = True  # raised: the handler set its status (translate aborts)
@@ -74,7 +125,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 finally:
                     # Not finished: grpcio closed the generator (GeneratorExit),
                     # the client having gone before a message could be sent.
-                    done(context, started, abandoned=not finished)
+                    done(context, started, abandoned=not (finished or answered), answered=answered)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer

@@ -13,7 +13,7 @@ from memplug.daemon.engine.engine import OpResult, RegionEngine
 from memplug.daemon.engine.runner import ProgressCallback
 from memplug.daemon.transport import convert
 from memplug.daemon.transport.status import translate
-from memplug.daemon.transport.streaming import stream_operation, token_for
+from memplug.daemon.transport.streaming import OperationStreamer, token_for
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -33,8 +33,16 @@ def _progress_stream(
 
 
 class MemplugServicer(pb_grpc.MemplugServicer):
-    def __init__(self, engine: RegionEngine, *, socket: str = "", fd_socket: str = "") -> None:
+    def __init__(
+        self,
+        engine: RegionEngine,
+        streamer: OperationStreamer,
+        *,
+        socket: str = "",
+        fd_socket: str = "",
+    ) -> None:
         self._engine = engine
+        self._streamer = streamer
         self._socket = socket
         self._fd_socket = fd_socket
         self._started = time.monotonic()
@@ -76,9 +84,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         return pb.DeleteRegionResponse()
 
     @translate("Plug", streaming=True)
-    def Plug(
-        self, request: pb.RangeRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.Progress]:
+    def Plug(self, request: pb.PlugRequest, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         requested = convert.strategy_from_proto(request.strategy)
         yield from self._stream(
             "plug",
@@ -115,8 +121,8 @@ class MemplugServicer(pb_grpc.MemplugServicer):
             ),
         )
 
-    @staticmethod
     def _stream(
+        self,
         op: str,
         context: grpc.ServicerContext,
         length: int,
@@ -124,7 +130,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
     ) -> Iterator[pb.Progress]:
         """Run a long engine call beside this RPC thread, streaming its progress."""
         token = token_for(context)
-        events = stream_operation(lambda p: call(token, p), token, length=length)
+        events = self._streamer.stream(lambda p: call(token, p), token, length=length)
         yield from _progress_stream(op, events)
 
     @translate("Attach")

@@ -70,7 +70,11 @@ def _fail(
 
 
 def translate(rpc: str, *, streaming: bool = False) -> Callable[[_F], _F]:
-    """Wrap a servicer method: log it, and turn exceptions into status codes."""
+    """Wrap a servicer method: log it, and turn exceptions into status codes.
+
+    streaming=True: the method yields messages with a `result` field, set on the
+    last one only (Progress).
+    """
 
     def wrap(method: _F) -> _F:
         if streaming:
@@ -78,12 +82,21 @@ def translate(rpc: str, *, streaming: bool = False) -> Callable[[_F], _F]:
             @functools.wraps(method)
             def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 t0 = time.monotonic()
+                answered = False
                 try:
-                    yield from method(self, request, context)
+                    for message in method(self, request, context):
+                        answered = message.HasField("result")
+                        yield message
                 except GeneratorExit:
-                    fields = _fields(rpc, request, abandoned_code(context).name, t0)
-                    gone = "the client went away before the answer was sent"
-                    log.warning("rpc failed", extra={"fields": {**fields, "error": gone}})
+                    # The client went away with a message on its way. The call's
+                    # outcome is what the daemon did: done once it had its result
+                    # (a cancel crossing it changes nothing), cancelled before.
+                    if answered:
+                        log.info("rpc", extra={"fields": _fields(rpc, request, "OK", t0)})
+                    else:
+                        fields = _fields(rpc, request, abandoned_code(context).name, t0)
+                        gone = "the client went away before the answer was sent"
+                        log.warning("rpc failed", extra={"fields": {**fields, "error": gone}})
                     raise
                 except Exception as exc:
                     if _aborted(exc):

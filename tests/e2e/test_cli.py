@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from test_operations import free_port, scrape, value
 
 from memplug.client import Cancelled, Client
+from memplug.client.attach import redeem
 from memplug.client.cli import cli
 
 MEMPLUG = Path(sys.executable).parent / "memplug"
@@ -142,6 +144,43 @@ def test_plug_populate_discard_unplug_rm(daemon: DaemonProcess) -> None:
     fails(sock, 3, "show", name)
 
 
+def rpc_lines(daemon: DaemonProcess, region: str) -> list[str]:
+    """The RPCs the daemon's access log shows for region, in order (rpc=... of each line)."""
+    named = re.compile(rf"\brpc=(\w+) region={re.escape(region)}(?:\s|$)")
+    return [m.group(1) for m in map(named.search, daemon.log().splitlines()) if m]
+
+
+def test_plug_of_a_whole_region_is_one_rpc(daemon: DaemonProcess) -> None:
+    """`memplug plug NAME` sends one Plug of length 0 ("to the end"), no GetRegion first."""
+    sock = daemon.socket
+    name = fresh()
+    ok(sock, "create", name, "96M")
+    assert rpc_lines(daemon, name) == ["CreateRegion"]
+    plugged = ok_json(sock, "plug", name)
+    assert plugged["bytes"] == 96 * MiB and plugged["region"]["plugged"] == [[0, 96 * MiB]]
+    deadline = time.monotonic() + 5  # a stream's access line follows its last message
+    while len(rpc_lines(daemon, name)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rpc_lines(daemon, name) == ["CreateRegion", "Plug"]
+    ok(sock, "rm", name)
+
+
+def test_ticket_verb_issues_a_ticket_that_redeems(daemon: DaemonProcess) -> None:
+    sock = daemon.socket
+    name = fresh()
+    ok(sock, "create", name, "16M")
+    issued = ok_json(sock, "ticket", name, "--ro")
+    assert issued["access"] == "ro" and issued["fd_socket"] == str(daemon.fd_socket)
+    assert issued["request_line"] == f"MEMPLUG/1 ATTACH {issued['ticket']}"
+    assert issued["region"]["name"] == name
+    fd, info = redeem(issued["fd_socket"], issued["ticket"])
+    os.close(fd)
+    assert info.region == name and info.access == "ro"
+    human = ok(sock, "ticket", name)
+    assert "MEMPLUG/1 ATTACH " in human and str(daemon.fd_socket) in human
+    ok(sock, "rm", name)
+
+
 def test_exit_codes(daemon: DaemonProcess, tmp_path: Path) -> None:
     sock = daemon.socket
     name = fresh()
@@ -253,18 +292,24 @@ def plug_cancels(daemon: DaemonProcess) -> tuple[int, int]:
 
 
 def test_every_cancelled_plug_is_counted_and_logged(daemon_factory: Factory) -> None:
-    """Cancels landing as the plug finishes: each shows as CANCELLED in metrics and log.
+    """Cancels landing as the plug finishes: each call is counted and logged once, truthfully.
 
-    The client cancels the moment GetRegion shows the range plugged, before the
-    result can reach it: the daemon then has its answer on the way to a client
-    that has gone. Whatever the client saw, the daemon counts and logs the same.
+    The client cancels the moment GetRegion shows the range plugged, as the
+    result is on its way. Whichever side wins, the daemon's log line and its
+    metric give the same final code for the call, and that code is what the
+    daemon did: OK with the range plugged, CANCELLED with it rolled back. A
+    client that got the result saw OK, and the daemon says OK too; a client
+    whose cancel crossed the result on the wire sees CANCELLED for a plug that
+    was done, which is what the CLI's "cancelled too late" reports.
     """
     port = free_port()
     d = daemon_factory("--metrics", f"127.0.0.1:{port}")
+    size = 256 * MiB
     with Client(d.socket) as c:
-        c.create_region("fin", 256 * MiB)
+        c.create_region("fin", size)
         seen = {"OK": 0, "CANCELLED": 0}
-        for _ in range(12):
+        before = (0, 0)  # (CANCELLED, OK) Plug lines in the log so far
+        for i in range(12):
             cancel = threading.Event()
             outcome: list[str] = []
 
@@ -277,11 +322,27 @@ def test_every_cancelled_plug_is_counted_and_logged(daemon_factory: Factory) -> 
 
             worker = threading.Thread(target=run)
             worker.start()
-            while c.get_region("fin").plugged_bytes < 256 * MiB and worker.is_alive():
+            while c.get_region("fin").plugged_bytes < size and worker.is_alive():
                 pass  # spin: cancel within a GetRegion round trip of the plug's end
             cancel.set()
             worker.join(30)
             seen[outcome[0]] += 1
+            # The call's one log line comes once the daemon is done with it
+            # (after the rollback, for a cancel).
+            deadline = time.monotonic() + 10
+            while sum(plug_cancels(d)) < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            cancelled, done = plug_cancels(d)
+            assert cancelled + done == i + 1, d.log()
+            daemon_said = "OK" if done > before[1] else "CANCELLED"
+            before = (cancelled, done)
+            if outcome[0] == "OK":
+                assert daemon_said == "OK", "the client had the result; the daemon said CANCELLED"
+            region = c.get_region("fin")
+            if daemon_said == "OK":
+                assert region.plugged_bytes == size
+            else:
+                assert region.plugged_bytes == 0 and region.allocated_bytes == 0
             c.unplug("fin")
         assert seen["OK"] + seen["CANCELLED"] == 12
 
@@ -293,10 +354,9 @@ def test_every_cancelled_plug_is_counted_and_logged(daemon_factory: Factory) -> 
             )
 
         deadline = time.monotonic() + 10
-        while counted() != (seen["CANCELLED"], seen["OK"]) and time.monotonic() < deadline:
+        while counted() != plug_cancels(d) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert counted() == (seen["CANCELLED"], seen["OK"]), f"the client saw {seen}"
-        assert plug_cancels(d) == (seen["CANCELLED"], seen["OK"]), f"the client saw {seen}"
+        assert counted() == plug_cancels(d), f"the client saw {seen}"
 
 
 def test_ctrl_c_says_rolled_back_only_once_it_is(daemon: DaemonProcess) -> None:

@@ -105,7 +105,7 @@ def test_reads_answer_while_a_long_plug_runs(daemon: DaemonProcess) -> None:
     create(daemon, "idle", 64 * MiB)
     daemon.plug("idle", 0, 32 * MiB)
     create(daemon, "busy", 2 * GiB)
-    request = pb.RangeRequest(name="busy", offset=0, length=2 * GiB)
+    request = pb.PlugRequest(name="busy", offset=0, length=2 * GiB)
     call = daemon.stub.Plug(request)
     stream = iter(call)
     try:
@@ -147,7 +147,7 @@ def test_unplug_and_plug_of_disjoint_ranges_meanwhile(daemon: DaemonProcess) -> 
     """A long plug locks only its range: other ranges of the same region stay usable."""
     create(daemon, "vm", LONG + 64 * MiB)
     daemon.plug("vm", LONG, 32 * MiB)
-    request = pb.RangeRequest(name="vm", offset=0, length=LONG)
+    request = pb.PlugRequest(name="vm", offset=0, length=LONG)
     call = daemon.stub.Plug(request)
     stream = iter(call)
     try:
@@ -174,7 +174,7 @@ def drain(stream: Iterable[pb.Progress]) -> list[pb.Progress]:
 def test_overlapping_plug_waits_then_cancels(daemon: DaemonProcess) -> None:
     """A plug waiting for an overlapping one honours its own deadline, and changes nothing."""
     create(daemon, "vm", LONG)
-    request = pb.RangeRequest(name="vm", offset=0, length=LONG)
+    request = pb.PlugRequest(name="vm", offset=0, length=LONG)
     call = daemon.stub.Plug(request)
     stream = iter(call)
     try:
@@ -182,7 +182,7 @@ def test_overlapping_plug_waits_then_cancels(daemon: DaemonProcess) -> None:
         t0 = time.monotonic()
         try:
             drain(
-                daemon.stub.Plug(pb.RangeRequest(name="vm", offset=0, length=64 * MiB), timeout=0.2)
+                daemon.stub.Plug(pb.PlugRequest(name="vm", offset=0, length=64 * MiB), timeout=0.2)
             )
             raise AssertionError("a plug overlapping a running one did not wait for it")
         except grpc.RpcError as exc:

@@ -45,7 +45,7 @@ def failed_plug(
     daemon: DaemonProcess, name: str, offset: int, length: int, strategy: int = pb.STRATEGY_AUTO
 ) -> grpc.RpcError:
     """Run a Plug that must fail; the error, checked never to be INTERNAL."""
-    request = pb.RangeRequest(name=name, offset=offset, length=length, strategy=strategy)  # type: ignore[arg-type]
+    request = pb.PlugRequest(name=name, offset=offset, length=length, strategy=strategy)  # type: ignore[arg-type]
     with pytest.raises(grpc.RpcError) as info:
         drain(daemon.stub.Plug(request))
     err = info.value
@@ -275,7 +275,7 @@ def test_cancel_mid_plug(daemon: DaemonProcess) -> None:
         m[:] = data
     before = get(daemon, "vm")
 
-    call = daemon.stub.Plug(pb.RangeRequest(name="vm", offset=0, length=size))
+    call = daemon.stub.Plug(pb.PlugRequest(name="vm", offset=0, length=size))
     first = next(iter(call))
     assert not first.HasField("result"), "a 4 GiB plug ended before it could be cancelled"
     assert first.done_bytes < first.total_bytes == size - 64 * MiB
@@ -307,7 +307,7 @@ def test_deadline_mid_plug(daemon: DaemonProcess) -> None:
 
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
-        drain(daemon.stub.Plug(pb.RangeRequest(name="vm", offset=0, length=size), timeout=0.2))
+        drain(daemon.stub.Plug(pb.PlugRequest(name="vm", offset=0, length=size), timeout=0.2))
     assert info.value.code() is Code.DEADLINE_EXCEEDED, info.value.details()
     assert time.monotonic() - t0 < 2
 

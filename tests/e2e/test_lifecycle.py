@@ -376,7 +376,7 @@ def test_stop_mid_plug_rolls_it_back(systemd: Systemd, sig: int) -> None:
     # One worker thread: 63 chunks of 64 MiB, each reported; the first one is proof
     # the plug is under way, and a signal right after lands in its middle.
     stream: Any = d.stub.Plug(
-        pb.RangeRequest(name="big", offset=64 * MiB, length=4 * GiB - 64 * MiB, threads=1)
+        pb.PlugRequest(name="big", offset=64 * MiB, length=4 * GiB - 64 * MiB, threads=1)
     )
     first = next(stream)
     assert not first.HasField("result") and 0 < first.done_bytes < first.total_bytes

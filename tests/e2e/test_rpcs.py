@@ -89,7 +89,7 @@ def drain(stream: Iterable[pb.Progress]) -> list[pb.Progress]:
 
 def plug_stream(daemon: DaemonProcess, name: str, offset: int, length: int, **kw: object) -> object:
     return drain(
-        daemon.stub.Plug(pb.RangeRequest(name=name, offset=offset, length=length, **kw))  # type: ignore[arg-type]
+        daemon.stub.Plug(pb.PlugRequest(name=name, offset=offset, length=length, **kw))  # type: ignore[arg-type]
     )
 
 
@@ -248,7 +248,7 @@ def test_list_regions_label_selector(daemon: DaemonProcess) -> None:
 
 def test_plug_streams_progress_to_a_result(daemon: DaemonProcess) -> None:
     create(daemon, "vm", 512 * MiB)
-    messages = drain(daemon.stub.Plug(pb.RangeRequest(name="vm", offset=0, length=512 * MiB)))
+    messages = drain(daemon.stub.Plug(pb.PlugRequest(name="vm", offset=0, length=512 * MiB)))
     result = check_stream(messages, 512 * MiB)
     assert result.bytes == 512 * MiB
     assert result.strategy == "fallocate"
@@ -262,7 +262,7 @@ def test_plug_streams_progress_to_a_result(daemon: DaemonProcess) -> None:
     with region_memory(daemon, "vm", 0, 2 * MiB) as m:
         m[:] = pattern(2 * MiB)
     again = check_stream(
-        drain(daemon.stub.Plug(pb.RangeRequest(name="vm", offset=0, length=64 * MiB))), 0
+        drain(daemon.stub.Plug(pb.PlugRequest(name="vm", offset=0, length=64 * MiB))), 0
     )
     assert again.bytes == 0 and again.region.allocated_bytes == 512 * MiB
     with region_memory(daemon, "vm", 0, 2 * MiB) as m:
@@ -285,7 +285,7 @@ def test_plug_strategies_progress_never_decreases(
     daemon.plug("vm", 64 * MiB, 64 * MiB)
     messages = drain(
         daemon.stub.Plug(
-            pb.RangeRequest(name="vm", offset=0, length=size, strategy=strategy, threads=threads)  # type: ignore[arg-type]
+            pb.PlugRequest(name="vm", offset=0, length=size, strategy=strategy, threads=threads)  # type: ignore[arg-type]
         )
     )
     result = check_stream(messages, size - 64 * MiB)
@@ -480,9 +480,9 @@ def range_call(daemon: DaemonProcess, rpc: str, name: str, offset: int, length: 
                 )
             )
         )
-    request = pb.RangeRequest(name=name, offset=offset, length=length)
     if rpc == "Plug":
-        return drain(daemon.stub.Plug(request))
+        return drain(daemon.stub.Plug(pb.PlugRequest(name=name, offset=offset, length=length)))
+    request = pb.RangeRequest(name=name, offset=offset, length=length)
     if rpc == "Unplug":
         return daemon.stub.Unplug(request)
     assert rpc == "Discard"
@@ -495,8 +495,11 @@ BAD_RANGES: list[tuple[int, int, grpc.StatusCode, str]] = [
     (4096, 2 * MiB, Code.INVALID_ARGUMENT, "InvalidArgument"),  # misaligned offset
     (0, 2 * MiB + 4096, Code.INVALID_ARGUMENT, "InvalidArgument"),  # misaligned length
     (0, 4096, Code.INVALID_ARGUMENT, "InvalidArgument"),
-    (0, 0, Code.INVALID_ARGUMENT, "InvalidArgument"),
-    (2 * MiB, 0, Code.INVALID_ARGUMENT, "InvalidArgument"),
+    # length 0 is "to the end of the region" (test_length_zero_means_to_the_end):
+    # bad only when the offset is.
+    (4096, 0, Code.INVALID_ARGUMENT, "InvalidArgument"),  # misaligned offset, to the end
+    (64 * MiB, 0, Code.OUT_OF_RANGE, "OutOfRange"),  # nothing left after the end
+    (TOP, 0, Code.OUT_OF_RANGE, "OutOfRange"),
     ((1 << 64) - 1, 2 * MiB, Code.INVALID_ARGUMENT, "InvalidArgument"),
     (62 * MiB, 4 * MiB, Code.OUT_OF_RANGE, "OutOfRange"),  # past the end
     (64 * MiB, 2 * MiB, Code.OUT_OF_RANGE, "OutOfRange"),  # starts at the end
@@ -520,6 +523,43 @@ def test_bad_ranges(daemon: DaemonProcess) -> None:
                 partial(range_call, daemon, rpc, "vm", offset, length),
                 f"{rpc} offset={offset:#x} length={length:#x}",
             )
+
+
+def test_length_zero_means_to_the_end(daemon: DaemonProcess) -> None:
+    """Every range RPC takes length 0 as "to the end": no GetRegion needed for the size."""
+    create(daemon, "vm", 64 * MiB)
+    result = check_stream(drain(daemon.stub.Plug(pb.PlugRequest(name="vm"))), 64 * MiB)
+    assert result.bytes == 64 * MiB and spans(result.region) == [(0, 64 * MiB)]
+    assert result.region.allocated_bytes == 64 * MiB
+
+    populated = drain(
+        daemon.stub.Populate(
+            pb.PopulateRequest(name="vm", offset=48 * MiB, mode=pb.POPULATE_MODE_WRITE)
+        )
+    )
+    assert populated[-1].result.bytes == 16 * MiB
+
+    with region_memory(daemon, "vm", 0, 64 * MiB) as m:
+        m[:] = b"\xa5" * (64 * MiB)
+        discarded = daemon.stub.Discard(pb.RangeRequest(name="vm", offset=32 * MiB))
+        assert discarded.bytes == 32 * MiB
+        assert spans(discarded.region) == [(0, 64 * MiB)]
+        assert m[32 * MiB :] == bytes(32 * MiB), "discarded to the end: zeros"
+        assert m[: 32 * MiB] == b"\xa5" * (32 * MiB), "before the offset: kept"
+
+    unplugged = daemon.stub.Unplug(pb.RangeRequest(name="vm", offset=16 * MiB))
+    assert unplugged.bytes == 48 * MiB
+    assert spans(unplugged.region) == [(0, 16 * MiB)]
+    assert unplugged.region.allocated_bytes == 16 * MiB
+
+    # An offset that leaves nothing to the end is out of range, and says so.
+    err = expect_error(
+        daemon,
+        Code.OUT_OF_RANGE,
+        "OutOfRange",
+        lambda: daemon.stub.Unplug(pb.RangeRequest(name="vm", offset=64 * MiB)),
+    )
+    assert "end of the region" in (err.details() or "")
 
 
 def populate_mode(daemon: DaemonProcess, mode: int) -> object:
@@ -657,7 +697,7 @@ def test_failed_precondition(daemon: DaemonProcess, tmp_path: Path) -> None:
 
 def test_delete_while_plug_runs(daemon: DaemonProcess) -> None:
     create(daemon, "vm", 4 * GiB)
-    call = daemon.stub.Plug(pb.RangeRequest(name="vm", offset=0, length=4 * GiB))
+    call = daemon.stub.Plug(pb.PlugRequest(name="vm", offset=0, length=4 * GiB))
     try:
         first = next(iter(call))
         assert not first.HasField("result") and first.done_bytes < first.total_bytes

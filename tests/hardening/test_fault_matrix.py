@@ -265,7 +265,7 @@ def test_sigkill_mid_plug(
     # One worker thread, chunks of 64 MiB, each reported: the first message proves the
     # plug is under way, and the SIGKILL lands in its middle.
     stream = d.stub.Plug(
-        pb.RangeRequest(name="big", offset=64 * MiB, length=4 * GiB - 64 * MiB, threads=1)
+        pb.PlugRequest(name="big", offset=64 * MiB, length=4 * GiB - 64 * MiB, threads=1)
     )
     first = next(iter(stream))
     assert not first.HasField("result") and 0 < first.done_bytes < first.total_bytes

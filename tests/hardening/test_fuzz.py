@@ -423,14 +423,17 @@ def covered(ranges: list[tuple[int, int]], offset: int, length: int) -> bool:
 def check_success(w: World, method: MethodDescriptor, request: Any, reply: Any) -> None:
     """What a request that succeeded must have done."""
     name = method.name
+    if name in ("Plug", "Unplug"):
+        # length 0 means "to the end of the region".
+        length = request.length or w.client.get_region(request.name).size - request.offset
     if name == "Plug":
-        assert covered(plugged_of(w, request.name), request.offset, request.length), (
-            f"Plug said OK but {request.offset}+{request.length} is not all plugged"
+        assert covered(plugged_of(w, request.name), request.offset, length), (
+            f"Plug said OK but {request.offset}+{length} is not all plugged"
         )
     elif name == "Unplug":
         left = plugged_of(w, request.name)
-        assert subtract(left, [(request.offset, request.length)]) == left, (
-            f"Unplug said OK but {request.offset}+{request.length} is still partly plugged"
+        assert subtract(left, [(request.offset, length)]) == left, (
+            f"Unplug said OK but {request.offset}+{length} is still partly plugged"
         )
     elif name == "CreateRegion":
         assert re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", reply.name), reply.name
@@ -740,7 +743,7 @@ def quota_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPro
     # One refusal first, so that what the daemon loads lazily is not counted as growth.
     d.stub.CreateRegion(pb.CreateRegionRequest(name="warm", size=GiB, backing=pb.BACKING_SHMEM))
     with pytest.raises(grpc.RpcError):
-        drain(d.stub.Plug(pb.RangeRequest(name="warm", offset=0, length=GiB)))
+        drain(d.stub.Plug(pb.PlugRequest(name="warm", offset=0, length=GiB)))
     d.stub.DeleteRegion(pb.DeleteRegionRequest(name="warm"))
     yield d
     stop_shared(d)
@@ -796,7 +799,7 @@ def test_huge_sparse_plug_and_extreme_threads(
                 )
                 drain(d.stub.Populate(request, timeout=30))
             else:
-                request = pb.RangeRequest(
+                request = pb.PlugRequest(
                     name="sparse", offset=offset, length=length, threads=threads, strategy=strategy
                 )
                 drain(d.stub.Plug(request, timeout=30))

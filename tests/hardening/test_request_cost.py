@@ -37,7 +37,7 @@ def refused_plug(d: DaemonProcess, name: str, length: int, threads: int) -> tupl
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
         # populate-write: the method that spreads over threads (fallocate uses one).
-        request = pb.RangeRequest(
+        request = pb.PlugRequest(
             name=name,
             offset=0,
             length=length,
@@ -79,7 +79,7 @@ def test_threads_beyond_the_workers_are_capped(daemon: DaemonProcess) -> None:
     try:
         last = drain(
             daemon.stub.Plug(
-                pb.RangeRequest(
+                pb.PlugRequest(
                     name=name,
                     offset=0,
                     length=256 * MiB,

@@ -151,7 +151,9 @@ def test_requests_are_validated(engine: RegionEngine) -> None:
     with pytest.raises(InvalidArgument, match="block size"):
         engine.plug("vm0", MiB, 2 * MiB)
     with pytest.raises(InvalidArgument, match="length must be > 0"):
-        engine.unplug("vm0", 0, 0)
+        engine.unplug("vm0", 0, -2 * MiB)
+    with pytest.raises(OutOfRange, match="nothing left to the end"):
+        engine.unplug("vm0", 16 * MiB, 0)  # length 0 is "to the end", and there is none
     with pytest.raises(OutOfRange):
         engine.plug("vm0", 16 * MiB, 2 * MiB)
     with pytest.raises(OutOfRange):
@@ -160,6 +162,16 @@ def test_requests_are_validated(engine: RegionEngine) -> None:
         engine.plug("nope", 0, 2 * MiB)
     assert engine.get_region("vm0").allocated_bytes == 0
     assert engine.plugged_total == 0
+
+
+def test_length_zero_is_to_the_end_of_the_region(engine: RegionEngine) -> None:
+    engine.create_region(shmem("vm0", 16 * MiB))
+    result = engine.plug("vm0", 4 * MiB, 0)
+    assert result.bytes == 12 * MiB
+    assert result.region.plugged == (Range(4 * MiB, 12 * MiB),)
+    assert engine.get_region("vm0").allocated_bytes == 12 * MiB
+    assert engine.unplug("vm0", 8 * MiB, 0).bytes == 8 * MiB
+    assert engine.get_region("vm0").plugged == (Range(4 * MiB, 4 * MiB),)
 
 
 # --------------------------------------------------------------------------- quota

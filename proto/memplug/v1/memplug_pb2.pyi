@@ -11,6 +11,18 @@ that socket manages regions: it is the control plane.
 Errors are gRPC status codes; the trailing metadata key "memplug-error"
 names the memplug error class (e.g. "PoolExhausted") for clients that want
 more than the code. INTERNAL always means a daemon bug.
+
+Words used throughout (the API, the client, the CLI and the docs):
+- attach: a process obtains a region's fd from the daemon's fd socket, which
+  checks that process's own credentials against the region's ACL. It does so
+  in one of two ways:
+  - by ticket: the Attach RPC *issues* a one-time ticket; whoever presents it
+    on the fd socket (the line "MEMPLUG/1 ATTACH <ticket>") *redeems* it;
+  - directly: a process in the ACL *opens* the region on the fd socket with
+    no ticket (the line "MEMPLUG/1 OPEN <region> <rw|ro>").
+  See proto/memplug/v1/fd-protocol.md.
+- strategy: how Plug allocates memory (enum Strategy); the strategy that
+  actually ran is reported in OperationResult.strategy.
 """
 
 from collections import abc as _abc
@@ -76,8 +88,10 @@ class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Strategy.Val
     """MADV_POPULATE_WRITE on the daemon's own mapping, in parallel slices."""
 
 class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper):
-    """How a Plug allocates memory. AUTO picks by backing and size (documented in
-    docs/strategies.md); the others exist for experiments and benchmarks.
+    """How a Plug allocates memory (PlugRequest.strategy). AUTO picks by backing
+    and size (documented in docs/strategies.md); the others exist for
+    experiments and benchmarks. The client and the CLI name them auto,
+    fallocate and populate-write.
     """
 
 STRATEGY_AUTO: Strategy.ValueType  # 0
@@ -231,6 +245,7 @@ class Region(_message.Message):
     NUMA_NODES_FIELD_NUMBER: _builtins.int
     LOCK_FIELD_NUMBER: _builtins.int
     FROM_WARM_POOL_FIELD_NUMBER: _builtins.int
+    OPERATIONS_RUNNING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, 1-63 characters of [a-z0-9._-], starting with [a-z0-9]."""
     size: _builtins.int
@@ -274,6 +289,11 @@ class Region(_message.Message):
     """Plugged blocks are mlock()ed: reclaim and swap cannot take them away."""
     from_warm_pool: _builtins.bool
     """Served from the daemon's warm pool of pre-plugged memory."""
+    operations_running: _builtins.int
+    """Plug, Populate, Unplug and Discard calls running on the region right now.
+    A call counts until the daemon is done with it, its rollback included:
+    after a cancel, 0 here means the daemon has finished undoing the call.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -314,10 +334,11 @@ class Region(_message.Message):
         numa_nodes: _abc.Iterable[_builtins.int] | None = ...,
         lock: _builtins.bool = ...,
         from_warm_pool: _builtins.bool = ...,
+        operations_running: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -565,10 +586,16 @@ class DeleteRegionResponse(_message.Message):
 Global___DeleteRegionResponse: _TypeAlias = DeleteRegionResponse  # noqa: Y015
 
 @_typing.final
-class RangeRequest(_message.Message):
-    """Plug, Unplug and Discard take a range of one region. offset and length are
-    multiples of the region's block_size, length > 0, and the range lies
-    inside the region.
+class PlugRequest(_message.Message):
+    """The range of every range RPC (Plug, Populate, Unplug, Discard) is
+    [offset, offset + length) of one region: offset and length are multiples of
+    the region's block_size, and the range lies inside the region. length 0
+    means "to the end of the region": offset 0 and length 0 is the whole region,
+    without first asking GetRegion for its size. OUT_OF_RANGE when offset is at
+    or past the end.
+
+    Plug's request. Field numbers 1-5 are those RangeRequest had when Plug took
+    it, so such a request still decodes as the same PlugRequest.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -579,13 +606,18 @@ class RangeRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The region's name."""
     offset: _builtins.int
+    """First byte of the range; default 0, the start of the region."""
     length: _builtins.int
+    """Bytes to plug; default 0, to the end of the region."""
     strategy: Global___Strategy.ValueType
-    """Plug only: how to allocate; AUTO unless experimenting."""
+    """How to allocate; default STRATEGY_AUTO, which picks by backing and size
+    (the others are for experiments and benchmarks).
+    """
     threads: _builtins.int
-    """Plug only: most worker threads to use; 0 means the daemon's --threads,
-    and more than --threads is capped to it (the daemon has no more workers).
+    """Most worker threads to use; default 0, the daemon's --threads; more than
+    --threads is capped to it (the daemon has no more workers).
     """
     def __init__(
         self,
@@ -602,6 +634,36 @@ class RangeRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+Global___PlugRequest: _TypeAlias = PlugRequest  # noqa: Y015
+
+@_typing.final
+class RangeRequest(_message.Message):
+    """Unplug's and Discard's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The region's name."""
+    offset: _builtins.int
+    """First byte of the range; default 0, the start of the region."""
+    length: _builtins.int
+    """Bytes to unplug or discard; default 0, to the end of the region."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
 Global___RangeRequest: _TypeAlias = RangeRequest  # noqa: Y015
 
 @_typing.final
@@ -614,13 +676,16 @@ class PopulateRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The region's name."""
     offset: _builtins.int
+    """First byte of the range; default 0, the start of the region."""
     length: _builtins.int
+    """Bytes to populate; default 0, to the end of the region."""
     mode: Global___PopulateMode.ValueType
-    """Required."""
+    """Required: POPULATE_MODE_UNSPECIFIED is INVALID_ARGUMENT."""
     threads: _builtins.int
-    """Most worker threads to use; 0 means the daemon's --threads, and more
-    than --threads is capped to it (the daemon has no more workers).
+    """Most worker threads to use; default 0, the daemon's --threads; more than
+    --threads is capped to it (the daemon has no more workers).
     """
     def __init__(
         self,
@@ -751,13 +816,16 @@ Global___RangeResult: _TypeAlias = RangeResult  # noqa: Y015
 
 @_typing.final
 class AttachRequest(_message.Message):
+    """Attach's request: which region, and the access the ticket grants."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     ACCESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The region's name."""
     access: Global___Access.ValueType
-    """Required."""
+    """Required: ACCESS_UNSPECIFIED is INVALID_ARGUMENT."""
     def __init__(
         self,
         *,
@@ -774,6 +842,8 @@ Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
 
 @_typing.final
 class AttachTicket(_message.Message):
+    """Attach's reply: a ticket to redeem on the fd socket."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TICKET_FIELD_NUMBER: _builtins.int
@@ -782,15 +852,19 @@ class AttachTicket(_message.Message):
     ACCESS_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     ticket: _builtins.str
-    """Opaque, single use, at least 128 random bits; send it on the fd socket
+    """Opaque, single use, at least 128 random bits; redeem it on the fd socket
     before expires_in seconds have passed.
     """
     fd_socket: _builtins.str
-    """Path of the daemon's fd socket."""
+    """Path of the daemon's fd socket, as the daemon sees it."""
     expires_in: _builtins.float
+    """Seconds the ticket stays valid (the daemon's --ticket-ttl)."""
     access: Global___Access.ValueType
+    """The access the redeemed fd will have."""
     @_builtins.property
-    def region(self) -> Global___Region: ...
+    def region(self) -> Global___Region:
+        """The region now."""
+
     def __init__(
         self,
         *,

@@ -56,7 +56,7 @@ class MemplugStub:
                 _registered_method=True)
         self.Plug = channel.unary_stream(
                 '/memplug.v1.Memplug/Plug',
-                request_serializer=memplug_dot_v1_dot_memplug__pb2.RangeRequest.SerializeToString,
+                request_serializer=memplug_dot_v1_dot_memplug__pb2.PlugRequest.SerializeToString,
                 response_deserializer=memplug_dot_v1_dot_memplug__pb2.Progress.FromString,
                 _registered_method=True)
         self.Populate = channel.unary_stream(
@@ -169,11 +169,14 @@ class MemplugServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Attach(self, request, context):
-        """Issues a one-time ticket for the region's fd. The caller presents it on
-        the fd socket (AttachTicket.fd_socket, see proto/memplug/v1/fd-protocol.md),
-        where the daemon checks the connecting process's uid/gid (SO_PEERCRED)
-        against the region's ACL before passing the fd with SCM_RIGHTS.
-        INVALID_ARGUMENT without an access mode.
+        """Issues a one-time ticket to attach the region: the first half of
+        attaching by ticket. Whoever holds the ticket redeems it on the fd socket
+        (AttachTicket.fd_socket, line "MEMPLUG/1 ATTACH <ticket>", see
+        proto/memplug/v1/fd-protocol.md), where the daemon checks the redeeming
+        process's uid/gid (SO_PEERCRED) against the region's ACL before passing
+        the fd with SCM_RIGHTS. Issuing checks no ACL: the gRPC socket is the
+        control plane. A process in the ACL needs no ticket: it opens the region
+        on the fd socket directly. INVALID_ARGUMENT without an access mode.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -211,7 +214,7 @@ def add_MemplugServicer_to_server(servicer, server):
             ),
             'Plug': grpc.unary_stream_rpc_method_handler(
                     servicer.Plug,
-                    request_deserializer=memplug_dot_v1_dot_memplug__pb2.RangeRequest.FromString,
+                    request_deserializer=memplug_dot_v1_dot_memplug__pb2.PlugRequest.FromString,
                     response_serializer=memplug_dot_v1_dot_memplug__pb2.Progress.SerializeToString,
             ),
             'Populate': grpc.unary_stream_rpc_method_handler(
@@ -373,7 +376,7 @@ class Memplug:
             request,
             target,
             '/memplug.v1.Memplug/Plug',
-            memplug_dot_v1_dot_memplug__pb2.RangeRequest.SerializeToString,
+            memplug_dot_v1_dot_memplug__pb2.PlugRequest.SerializeToString,
             memplug_dot_v1_dot_memplug__pb2.Progress.FromString,
             options,
             channel_credentials,

@@ -11,6 +11,18 @@ that socket manages regions: it is the control plane.
 Errors are gRPC status codes; the trailing metadata key "memplug-error"
 names the memplug error class (e.g. "PoolExhausted") for clients that want
 more than the code. INTERNAL always means a daemon bug.
+
+Words used throughout (the API, the client, the CLI and the docs):
+- attach: a process obtains a region's fd from the daemon's fd socket, which
+  checks that process's own credentials against the region's ACL. It does so
+  in one of two ways:
+  - by ticket: the Attach RPC *issues* a one-time ticket; whoever presents it
+    on the fd socket (the line "MEMPLUG/1 ATTACH <ticket>") *redeems* it;
+  - directly: a process in the ACL *opens* the region on the fd socket with
+    no ticket (the line "MEMPLUG/1 OPEN <region> <rw|ro>").
+  See proto/memplug/v1/fd-protocol.md.
+- strategy: how Plug allocates memory (enum Strategy); the strategy that
+  actually ran is reported in OperationResult.strategy.
 """
 
 from collections import abc as _abc
@@ -60,7 +72,7 @@ class MemplugStub:
     A FILE region's file stays on disk. FAILED_PRECONDITION while an
     operation on the region is still running.
     """
-    Plug: _grpc.UnaryStreamMultiCallable[_memplug_pb2.RangeRequest, _memplug_pb2.Progress]
+    Plug: _grpc.UnaryStreamMultiCallable[_memplug_pb2.PlugRequest, _memplug_pb2.Progress]
     """Makes the blocks of a range available: backing memory is allocated for
     every byte, so that no later access can fail (SIGBUS) for want of memory.
     Already plugged blocks are left as they are, with their contents.
@@ -87,11 +99,14 @@ class MemplugStub:
     of the range is unplugged.
     """
     Attach: _grpc.UnaryUnaryMultiCallable[_memplug_pb2.AttachRequest, _memplug_pb2.AttachTicket]
-    """Issues a one-time ticket for the region's fd. The caller presents it on
-    the fd socket (AttachTicket.fd_socket, see proto/memplug/v1/fd-protocol.md),
-    where the daemon checks the connecting process's uid/gid (SO_PEERCRED)
-    against the region's ACL before passing the fd with SCM_RIGHTS.
-    INVALID_ARGUMENT without an access mode.
+    """Issues a one-time ticket to attach the region: the first half of
+    attaching by ticket. Whoever holds the ticket redeems it on the fd socket
+    (AttachTicket.fd_socket, line "MEMPLUG/1 ATTACH <ticket>", see
+    proto/memplug/v1/fd-protocol.md), where the daemon checks the redeeming
+    process's uid/gid (SO_PEERCRED) against the region's ACL before passing
+    the fd with SCM_RIGHTS. Issuing checks no ACL: the gRPC socket is the
+    control plane. A process in the ACL needs no ticket: it opens the region
+    on the fd socket directly. INVALID_ARGUMENT without an access mode.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_memplug_pb2.GetStatusRequest, _memplug_pb2.DaemonStatus]
     """The daemon at a glance: version, uptime, regions, quota, kernel features."""
@@ -118,7 +133,7 @@ class MemplugAsyncStub(MemplugStub):
     A FILE region's file stays on disk. FAILED_PRECONDITION while an
     operation on the region is still running.
     """
-    Plug: _aio.UnaryStreamMultiCallable[_memplug_pb2.RangeRequest, _memplug_pb2.Progress]  # type: ignore[assignment]
+    Plug: _aio.UnaryStreamMultiCallable[_memplug_pb2.PlugRequest, _memplug_pb2.Progress]  # type: ignore[assignment]
     """Makes the blocks of a range available: backing memory is allocated for
     every byte, so that no later access can fail (SIGBUS) for want of memory.
     Already plugged blocks are left as they are, with their contents.
@@ -145,11 +160,14 @@ class MemplugAsyncStub(MemplugStub):
     of the range is unplugged.
     """
     Attach: _aio.UnaryUnaryMultiCallable[_memplug_pb2.AttachRequest, _memplug_pb2.AttachTicket]  # type: ignore[assignment]
-    """Issues a one-time ticket for the region's fd. The caller presents it on
-    the fd socket (AttachTicket.fd_socket, see proto/memplug/v1/fd-protocol.md),
-    where the daemon checks the connecting process's uid/gid (SO_PEERCRED)
-    against the region's ACL before passing the fd with SCM_RIGHTS.
-    INVALID_ARGUMENT without an access mode.
+    """Issues a one-time ticket to attach the region: the first half of
+    attaching by ticket. Whoever holds the ticket redeems it on the fd socket
+    (AttachTicket.fd_socket, line "MEMPLUG/1 ATTACH <ticket>", see
+    proto/memplug/v1/fd-protocol.md), where the daemon checks the redeeming
+    process's uid/gid (SO_PEERCRED) against the region's ACL before passing
+    the fd with SCM_RIGHTS. Issuing checks no ACL: the gRPC socket is the
+    control plane. A process in the ACL needs no ticket: it opens the region
+    on the fd socket directly. INVALID_ARGUMENT without an access mode.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_memplug_pb2.GetStatusRequest, _memplug_pb2.DaemonStatus]  # type: ignore[assignment]
     """The daemon at a glance: version, uptime, regions, quota, kernel features."""
@@ -201,7 +219,7 @@ class MemplugServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Plug(
         self,
-        request: _memplug_pb2.RangeRequest,
+        request: _memplug_pb2.PlugRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_memplug_pb2.Progress], _abc.AsyncIterator[_memplug_pb2.Progress]]:
         """Makes the blocks of a range available: backing memory is allocated for
@@ -254,11 +272,14 @@ class MemplugServicer(metaclass=_abc_1.ABCMeta):
         request: _memplug_pb2.AttachRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_memplug_pb2.AttachTicket, _abc.Awaitable[_memplug_pb2.AttachTicket]]:
-        """Issues a one-time ticket for the region's fd. The caller presents it on
-        the fd socket (AttachTicket.fd_socket, see proto/memplug/v1/fd-protocol.md),
-        where the daemon checks the connecting process's uid/gid (SO_PEERCRED)
-        against the region's ACL before passing the fd with SCM_RIGHTS.
-        INVALID_ARGUMENT without an access mode.
+        """Issues a one-time ticket to attach the region: the first half of
+        attaching by ticket. Whoever holds the ticket redeems it on the fd socket
+        (AttachTicket.fd_socket, line "MEMPLUG/1 ATTACH <ticket>", see
+        proto/memplug/v1/fd-protocol.md), where the daemon checks the redeeming
+        process's uid/gid (SO_PEERCRED) against the region's ACL before passing
+        the fd with SCM_RIGHTS. Issuing checks no ACL: the gRPC socket is the
+        control plane. A process in the ACL needs no ticket: it opens the region
+        on the fd socket directly. INVALID_ARGUMENT without an access mode.
         """
 
     @_abc_1.abstractmethod
