@@ -135,6 +135,7 @@ def directory(ctrl: Controller, path: str) -> Path:
 
 def target(path: str) -> ChargeTarget:
     """Where a helper must go to charge `path`; raises CgroupError saying why it cannot."""
+    path = check_path(path)  # a malformed path is the caller's, whatever the machine
     memory = controller("memory")
     if memory is None:
         raise CgroupError(
@@ -149,7 +150,7 @@ def target(path: str) -> ChargeTarget:
             hugetlb_dir = directory(hugetlb, path)
         except CgroupError:
             hugetlb_dir = None  # charged to the memory cgroup only, as documented
-    return ChargeTarget(check_path(path), memory, memory_dir, hugetlb, hugetlb_dir)
+    return ChargeTarget(path, memory, memory_dir, hugetlb, hugetlb_dir)
 
 
 def memory_headroom(t: ChargeTarget) -> memcg.Headroom | None:
