@@ -157,6 +157,10 @@ def test_a_removed_or_bad_charge_cgroup_is_a_clear_error(daemon_factory: Factory
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
         assert path in (err.details() or "")
         for bad in (path + "/../..", "relative/path", "/a/./b"):
-            err = rpc_error(lambda bad=bad: create(d, "bad", SIZE, charge_cgroup=bad))
+
+            def create_bad(bad: str = bad) -> pb.Region:
+                return create(d, "bad", SIZE, charge_cgroup=bad)
+
+            err = rpc_error(create_bad)
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, err.details())
         assert [r.name for r in d.stub.ListRegions(pb.ListRegionsRequest()).regions] == ["vm"]
