@@ -71,6 +71,7 @@ def region(m: pb.Region) -> Region:
         lock=m.lock,
         from_warm_pool=m.from_warm_pool,
         operations_running=m.operations_running,
+        charge_cgroup=m.charge_cgroup,
     )
 
 

@@ -29,6 +29,7 @@ class Region:
     lock: bool = False
     from_warm_pool: bool = False
     operations_running: int = 0  # calls on the region now, rollbacks included
+    charge_cgroup: str = ""  # memory cgroup billed for its pages; "": the daemon's
 
 
 @dataclass(frozen=True)

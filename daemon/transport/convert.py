@@ -81,6 +81,7 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         lock=info.options.lock,
         from_warm_pool=info.options.from_warm_pool,
         operations_running=info.operations_running,
+        charge_cgroup=info.options.charge_cgroup,
     )
 
 
@@ -110,6 +111,7 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
         thp=request.transparent_huge_pages if request.HasField("transparent_huge_pages") else None,
         placement=Placement(policy_from_proto(request.numa_policy), tuple(request.numa_nodes)),
         lock=request.lock,
+        charge_cgroup=request.charge_cgroup,
     )
 
 
