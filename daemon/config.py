@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from memplug.common.errors import InvalidArgument
+from memplug.common.errors import InvalidArgument, StartupError
 from memplug.common.paths import FD_SOCKET_NAME, SOCKET_NAME, runtime_dir
 from memplug.common.sizes import parse_size
 from memplug.daemon.engine.warmpool import PoolSpec
@@ -35,12 +35,26 @@ class Switches:
     # MEMPLUG_MEMCG_CHECK=0: skip the memory cgroup headroom check before a plug
     # (the OOM-safe helper processes still keep the daemon alive).
     memcg_check: bool = True
+    # MEMPLUG_TAKEOVER_TIMEOUT=SECONDS: how long a daemon handing over waits for the
+    # new one at each step before it serves again (default 30).
+    takeover_timeout: float = 30.0
+    # MEMPLUG_TAKEOVER_EXIT_AFTER_FDS=1: `memplugd --takeover` exits (status 3) once
+    # every fd has come, before it restores: the new daemon dying mid-way.
+    takeover_exit_after_fds: bool = False
 
 
 def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
+    try:
+        takeover_timeout = float(environ.get("MEMPLUG_TAKEOVER_TIMEOUT", "30"))
+    except ValueError:
+        raise StartupError(
+            f"MEMPLUG_TAKEOVER_TIMEOUT={environ['MEMPLUG_TAKEOVER_TIMEOUT']!r} is not a number"
+        ) from None
     return Switches(
         madv_populate=environ.get("MEMPLUG_DISABLE_MADV_POPULATE") != "1",
         memcg_check=environ.get("MEMPLUG_MEMCG_CHECK", "1") != "0",
+        takeover_timeout=takeover_timeout,
+        takeover_exit_after_fds=environ.get("MEMPLUG_TAKEOVER_EXIT_AFTER_FDS") == "1",
     )
 
 
@@ -265,6 +279,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="ask the running memplugd PID (same --state-dir) to reload its configuration, "
         "wait for its answer and exit 0 if it was applied, 1 if not (for ExecReload=)",
+    )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take every region over from the memplugd running on this --state-dir (an "
+        "upgrade or restart without systemd): it hands over and exits, this one serves on "
+        "the same sockets",
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p

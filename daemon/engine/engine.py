@@ -380,6 +380,18 @@ class RegionEngine:
 
     # ------------------------------------------------------------------ shutdown
 
+    def quiesce(self, timeout: float) -> dict[str, int]:
+        """For a take-over: cancel every running operation and wait for its
+        rollback, refuse new ones, and return the memfd regions' fds by name
+        (FILE regions are reopened from their path). Nothing is closed: resume()
+        serves again, shutdown() ends."""
+        regions = self._table.pause(timeout, "memplugd is handing over to a new one")
+        return {r.name: r.backing.fd for r in regions if r.backing.kind is not BackingKind.FILE}
+
+    def resume(self) -> None:
+        """Serve again after quiesce(): the take-over did not happen."""
+        self._table.resume()
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel every running operation, wait for their rollbacks, release everything."""
         self._pool.stop()
