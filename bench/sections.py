@@ -38,6 +38,7 @@ from bench.report import (
     fmt_time,
 )
 from bench.stats import Result, Run, interleave, median, repeat
+from bench.takeover import takeover_section
 from bench.thp_pool import thp_section, warm_pool_section
 from memplug.client import Client
 from memplug.common import memory
@@ -759,4 +760,5 @@ SECTIONS: dict[str, SectionFn] = {
     "rss": rss_section,
     "thp": thp_section,
     "warmpool": warm_pool_section,
+    "takeover": takeover_section,
 }

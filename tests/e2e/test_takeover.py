@@ -284,9 +284,9 @@ def test_client_retries_idempotent_calls_while_unavailable(tmp_path: Path) -> No
         time.sleep(0.3)
         started.append(start_daemon(tmp_path))
 
-    # The daemon takes about a second to start here; the default window is 3 s.
+    # The daemon takes about a second to start here.
     thread = threading.Thread(target=start_later)
-    with Client(sock, fd_socket=tmp_path / "fd.sock") as c:
+    with Client(sock, fd_socket=tmp_path / "fd.sock", retry_unavailable=15) as c:
         thread.start()
         try:
             assert c.status().regions == 0
