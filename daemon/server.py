@@ -282,7 +282,8 @@ class Daemon:
         else:
             log.warning(
                 "no systemd (NOTIFY_SOCKET unset): memfd regions (shmem, hugetlb) will not "
-                "outlive this process; file regions will"
+                "outlive this process, except by a take-over (memplugd --takeover); file "
+                "regions will"
             )
         self.notifier.ready(self.status_line())
         self._health = threading.Thread(

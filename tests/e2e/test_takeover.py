@@ -236,10 +236,11 @@ def test_two_takers_one_wins(old: DaemonProcess) -> None:
         assert time.monotonic() < deadline, [log.read_text() for _, log in takers]
         time.sleep(0.05)
     (winner, winner_log), (loser, loser_log) = sorted(takers, key=lambda t: t[0].poll() is not None)
-    assert loser.returncode == 1
-    assert "taking over already" in loser_log.read_text() or "no running memplugd" in (
-        loser_log.read_text()
-    ), loser_log.read_text()
+    # The other was refused, or came after the take-over and took over from the winner.
+    loser_said = loser_log.read_text()
+    assert (loser.returncode == 1 and "taking over already" in loser_said) or (
+        loser.returncode == 0 and "handed 2 regions over" in loser_said
+    ), (loser.returncode, loser_said)
     new = serving(winner, winner_log, old.socket)
     with Client(new.socket) as c:
         assert sums(c) == checksums
