@@ -287,11 +287,14 @@ def test_client_retries_idempotent_calls_while_unavailable(tmp_path: Path) -> No
 
     # The daemon takes about a second to start here.
     thread = threading.Thread(target=start_later)
-    with Client(sock, fd_socket=tmp_path / "fd.sock", retry_unavailable=15) as c:
-        thread.start()
-        try:
-            assert c.status().regions == 0
-        finally:
-            thread.join()
-        assert started
-    assert started[0].stop() == 0
+    try:
+        with Client(sock, fd_socket=tmp_path / "fd.sock", retry_unavailable=15) as c:
+            thread.start()
+            try:
+                assert c.status().regions == 0
+            finally:
+                thread.join()
+    finally:
+        for d in started:
+            assert d.stop() == 0
+    assert started
