@@ -634,7 +634,7 @@ def test_rates_are_in_binary_units(daemon: DaemonProcess) -> None:
     screen = io.StringIO()
     Console(file=screen, width=120).print(bar.make_tasks_table(bar.tasks))
     shown = screen.getvalue()
-    assert "2 GiB/s" in shown and "GB/s" not in shown, shown
+    assert "2.00 GiB/s" in shown and "GB/s" not in shown, shown
 
 
 def test_a_socket_without_permission_says_which_group() -> None:
