@@ -7,7 +7,7 @@ import grp
 import os
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,13 @@ def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
         takeover_timeout=takeover_timeout,
         takeover_exit_after_fds=environ.get("MEMPLUG_TAKEOVER_EXIT_AFTER_FDS") == "1",
     )
+
+
+def service_environment() -> MutableMapping[str, str]:
+    """The process environment, where systemd passes NOTIFY_SOCKET, WATCHDOG_* and
+    LISTEN_*: daemon/systemd.py reads them from what this returns, and takes
+    LISTEN_* out so that children do not inherit them."""
+    return os.environ
 
 
 def under_journald(environ: Mapping[str, str] = os.environ) -> bool:
