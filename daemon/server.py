@@ -416,6 +416,7 @@ class Daemon:
             if stopped is not None:
                 stopped.wait(HANDOVER_GRACE)
             self.fd_server.stop()
+            del self.fd_server  # stopped for good: stop() must not stop it again
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.socket)
         return self._state_lock.fd, regions

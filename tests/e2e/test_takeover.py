@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memplug.client import Client
 from memplug.client.attach import Attachment
 from memplug.common import memory
+from memplug.common.errors import MemplugError
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 Ranges = list[tuple[int, int]]
@@ -297,3 +298,43 @@ def test_client_retries_idempotent_calls_while_unavailable(tmp_path: Path) -> No
         for d in started:
             assert d.stop() == 0
     assert started
+
+
+def test_plug_running_at_the_takeover_is_rolled_back(old: DaemonProcess) -> None:
+    """The old daemon cancels a running plug and waits for its rollback before it hands over."""
+    with Client(old.socket) as c:
+        c.create_region("big", 2048 * MiB)
+    started = threading.Event()
+    outcome: list[MemplugError | None] = []
+
+    def plug() -> None:
+        with Client(old.socket) as c:
+            try:
+                # One thread of MADV_POPULATE_WRITE over memory never touched: seconds.
+                c.plug(
+                    "big",
+                    strategy="populate-write",
+                    threads=1,
+                    progress=lambda done, _total: started.set() if done else None,
+                )
+                outcome.append(None)
+            except MemplugError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=plug)
+    thread.start()
+    try:
+        assert started.wait(30), "the plug never reported progress"
+        proc, log_path = start_taker(old, "new")
+        assert old.proc.wait(60) == 0, old.log()
+    finally:
+        thread.join(60)
+    new = serving(proc, log_path, old.socket)
+    assert len(outcome) == 1
+    if outcome[0] is None:
+        pytest.skip("the plug finished before the take-over began (a fast machine)")
+    assert outcome[0].code == "CANCELLED", outcome[0]
+    with Client(new.socket) as c:
+        region = c.get_region("big")
+        assert region.plugged == [] and region.allocated_bytes == 0, region
+    assert new.stop() == 0
