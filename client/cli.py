@@ -204,6 +204,7 @@ def show_region(r: Region) -> None:
         ("plugged", f"{format_size(r.plugged_bytes)} in {len(r.plugged)} range(s)"),
         ("allocated", format_size(r.allocated_bytes)),
         ("owner uid", str(r.owner_uid)),
+        ("charged to", f"memory cgroup {r.charge_cgroup}" if r.charge_cgroup else "the daemon"),
     ]
     if r.allocated_outside_plugged_bytes:
         rows.insert(
@@ -289,6 +290,12 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option("--numa-node", type=U32, multiple=True, help="node for --numa-policy (repeatable)")
 @click.option("--lock", is_flag=True, help="mlock plugged blocks")
+@click.option(
+    "--charge-cgroup",
+    default="",
+    metavar="PATH",
+    help="charge the memory to this cgroup (as /proc/PID/cgroup prints it)",
+)
 def create_cmd(
     name: str,
     size: int,
@@ -306,6 +313,7 @@ def create_cmd(
     numa_policy: str,
     numa_node: tuple[int, ...],
     lock: bool,
+    charge_cgroup: str,
 ) -> None:
     """Create region NAME of SIZE (nothing is allocated until plug)."""
     with client() as c:
@@ -326,6 +334,7 @@ def create_cmd(
             numa_policy=numa_policy,
             numa_nodes=list(numa_node),
             lock=lock,
+            charge_cgroup=charge_cgroup,
         )
     ctx = click.get_current_context()
     _emit(ctx, region_dict(region), lambda: show_region(region))

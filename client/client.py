@@ -110,7 +110,10 @@ class Client:
         numa_policy: str = "default",
         numa_nodes: list[int] | None = None,
         lock: bool = False,
+        charge_cgroup: str = "",
     ) -> Region:
+        """charge_cgroup: the memory cgroup billed for the region (a path as
+        /proc/PID/cgroup prints it); empty: the daemon's own."""
         request = pb.CreateRegionRequest(
             name=name,
             size=_check_uint(size, 64, "size"),
@@ -128,6 +131,7 @@ class Client:
             numa_policy=convert.pick(convert.NUMA_POLICIES, numa_policy, "NUMA policy"),
             numa_nodes=_check_uints(numa_nodes, 32, "NUMA node"),
             lock=lock,
+            charge_cgroup=charge_cgroup,
         )
         return convert.region(self._unary(self._stub.CreateRegion, request))
 

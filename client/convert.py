@@ -73,6 +73,7 @@ def region(m: pb.Region) -> Region:
         operations_running=m.operations_running,
         damage=m.damage,
         allocated_outside_plugged_bytes=m.allocated_outside_plugged_bytes,
+        charge_cgroup=m.charge_cgroup,
     )
 
 

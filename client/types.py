@@ -32,6 +32,7 @@ class Region:
     damage: str = ""  # why the region can no longer be used ("": it can)
     # memory holders allocated outside plugged blocks (counted by the quota)
     allocated_outside_plugged_bytes: int = 0
+    charge_cgroup: str = ""  # memory cgroup billed for its pages; "": the daemon's
 
 
 @dataclass(frozen=True)

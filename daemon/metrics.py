@@ -84,6 +84,15 @@ class EngineCollector(Collector):
             allocated.add_metric([backing], alloc)
             outside.add_metric([backing], stray)
         yield from (regions, plugged, allocated, outside)
+        charged = GaugeMetricFamily(
+            "memplug_region_charge_cgroup",
+            "1 for each region whose memory is charged to a cgroup other than the daemon's",
+            labels=["region", "cgroup"],
+        )
+        for info in self.engine.list_regions():
+            if info.options.charge_cgroup:
+                charged.add_metric([info.name, info.options.charge_cgroup], 1)
+        yield charged
         quota = GaugeMetricFamily("memplug_quota_bytes", "The --max-bytes quota (0: none)")
         quota.add_metric([], self.engine.max_bytes or 0)
         yield quota

@@ -42,7 +42,8 @@ from memplug.daemon.systemd import (
     watchdog_interval,
     write_reload_result,
 )
-from memplug.daemon.transport.fdserver import FdLimits, FdServer
+from memplug.daemon.transport.fdlimits import FdLimits
+from memplug.daemon.transport.fdserver import FdServer
 from memplug.daemon.transport.interceptors import MetricsInterceptor
 from memplug.daemon.transport.servicer import MemplugServicer
 from memplug.daemon.transport.streaming import OperationStreamer

@@ -30,6 +30,7 @@ from memplug.daemon.backings import (
     HugetlbBacking,
     ShmemBacking,
 )
+from memplug.daemon.engine.charging import checked_path
 from memplug.daemon.engine.placement import mem_policy
 from memplug.daemon.engine.region import RegionOptions, RegionSpec
 from memplug.daemon.engine.warmpool import WarmPool
@@ -117,7 +118,8 @@ def _from_pool(
     Pool memfds were made with huge pages as their spec says (the same as the
     request's, or no match) and no NUMA policy (a request with one never matches).
     """
-    if options.placement.active or options.lock or spec.backing is None:
+    if options.placement.active or options.lock or options.charge_cgroup or spec.backing is None:
+        # (A pool memfd's memory is charged to the daemon's cgroup, not the requested one.)
         return None
     if block_size != max(DEFAULT_BLOCK_SIZE, page_size):
         return None
@@ -133,6 +135,12 @@ def _from_pool(
 
 
 def _options(spec: RegionSpec) -> RegionOptions:
+    options = _memory_options(spec)
+    charge_cgroup = checked_path(spec.charge_cgroup)
+    return dataclasses.replace(options, charge_cgroup=charge_cgroup) if charge_cgroup else options
+
+
+def _memory_options(spec: RegionSpec) -> RegionOptions:
     placement = spec.placement.check(probe.numa_nodes())
     if spec.backing is not BackingKind.SHMEM:
         if spec.thp:

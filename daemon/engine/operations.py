@@ -21,7 +21,7 @@ from memplug.common.errors import FailedPrecondition, Internal, MemplugError, Re
 from memplug.common.ranges import Range, subtract
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import BackingKind
-from memplug.daemon.engine import rollback
+from memplug.daemon.engine import charging, rollback
 from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.placement import lock_ranges, placed, unlock_ranges
 from memplug.daemon.engine.quota import Quota
@@ -36,7 +36,6 @@ from memplug.daemon.engine.strategy import (
     populate_strategy,
 )
 from memplug.daemon.kernel import memcg
-from memplug.daemon.kernel.helper import HelperPool
 from memplug.daemon.kernel.ops import iter_chunks
 
 log = logging.getLogger("memplug.engine")
@@ -133,7 +132,8 @@ class Operations:
             fresh = sum(g.length for g in gaps)
             # Refusals first: a plug too big for the cgroup or the quota costs
             # no planning, no extent scan and no intent, whatever its size.
-            room = self._memcg_room(region, r, fresh)
+            charge = charging.plug_target(region, r, fresh, check=self._memcg_check)
+            room = None if charge is not None else self._memcg_room(region, r, fresh)
             self._quota.reserve(
                 region.name,
                 fresh,
@@ -158,7 +158,13 @@ class Operations:
             span = Range(gaps[0].offset, gaps[-1].end - gaps[0].offset)
             try:
                 self._allocate(
-                    region, plan, span, isolate=room is not None, token=token, progress=progress
+                    region,
+                    plan,
+                    span,
+                    isolate=room is not None,
+                    charge=charge,
+                    token=token,
+                    progress=progress,
                 )
                 lock_ranges(region, gaps)
             except BaseException as exc:
@@ -219,6 +225,7 @@ class Operations:
         span: Range,
         *,
         isolate: bool,
+        charge: charging.ChargeTarget | None,
         token: CancelToken,
         progress: ProgressCallback | None,
     ) -> None:
@@ -226,20 +233,21 @@ class Operations:
 
         isolate: under a memcg limit the kernel OOM-kills instead of failing,
         so sacrificial helper processes make the call and the victim is never
-        the daemon.
+        the daemon. charge: the region's pages belong to that cgroup, so only
+        helpers placed in it may allocate them.
         """
         backing = region.backing
-        match plan.strategy, isolate:
+        match plan.strategy, isolate or charge is not None:
             case Strategy.FALLOCATE, False:  # fallocate(2) on the daemon's fd
                 self._run(region, plan, backing.allocate, token, progress)
             case Strategy.POPULATE_WRITE, False:  # MADV_POPULATE_WRITE on one mapping of span
                 with backing.map_span(span) as mapping:
                     self._run(region, plan, mapping.populate_write, token, progress)
             case Strategy.FALLOCATE, True:  # fallocate(2) in helper processes
-                with HelperPool(backing.fd) as helpers:
+                with charging.helpers(backing, charge) as helpers:
                     self._run(region, plan, helpers.allocate, token, progress)
             case Strategy.POPULATE_WRITE, True:  # MADV_POPULATE_WRITE in helper processes
-                with HelperPool(backing.fd) as helpers:
+                with charging.helpers(backing, charge) as helpers:
                     self._run(region, plan, helpers.populate_write, token, progress)
             case _:
                 raise Internal(f"region {region.name!r}: a plug cannot run {plan.strategy}")
@@ -313,9 +321,19 @@ class Operations:
                 strategy, [r], max_threads=self._thread_count(threads), align=region.block_size
             )
             backing = region.backing
+            charge = charging.target(region, "populate", r)
             started = time.monotonic()
             try:
                 match strategy:
+                    case Strategy.POPULATE_WRITE | Strategy.POPULATE_READ if charge is not None:
+                        # Pages it faults in (a file's page cache) are the cgroup's.
+                        with charging.helpers(backing, charge) as helpers:
+                            work = (
+                                helpers.populate_write
+                                if strategy is Strategy.POPULATE_WRITE
+                                else helpers.populate_read
+                            )
+                            self._run(region, plan, work, token, progress)
                     case Strategy.TOUCH_READ:  # read one byte per page, in a helper
                         self._run(region, plan, backing.touch, token, progress)
                     case Strategy.POPULATE_WRITE:  # MADV_POPULATE_WRITE on one mapping of r
@@ -399,7 +417,8 @@ class Operations:
             started = time.monotonic()
             intent = self._journal.begin(region, "discard", r)
             try:
-                lost, cause = self._zero_blocks(region, r)
+                with charging.allocator(region, "discard", r) as allocate:
+                    lost, cause = self._zero_blocks(region, r, allocate)
                 if region.lock_map is not None:
                     with region.mutex:
                         relock = region.plugged.intersection(r)
@@ -419,8 +438,13 @@ class Operations:
                 )
         return RangeOutcome(r.length, seconds, region.info(in_call=True))
 
-    def _zero_blocks(self, region: Region, r: Range) -> tuple[list[Range], MemplugError | None]:
-        """Punch and re-allocate each block; returns the blocks that lost their backing."""
+    def _zero_blocks(
+        self, region: Region, r: Range, allocate: Work
+    ) -> tuple[list[Range], MemplugError | None]:
+        """Punch and re-allocate each block; returns the blocks that lost their backing.
+
+        allocate: fallocate in the daemon, or in a helper charging the region's cgroup.
+        """
         backing = region.backing
         lost: list[Range] = []
         cause: MemplugError | None = None
@@ -434,7 +458,7 @@ class Operations:
                     region=region.name,
                 ) from exc
             try:
-                backing.allocate(block, region.block_size)
+                allocate(block, region.block_size)
             except OSError as exc:
                 backing.release(block, region.block_size)  # hugetlb keeps partial pages
                 self._mark_unplugged(region, Range(block, region.block_size))

@@ -77,6 +77,7 @@ class RegionSpec:
     thp: bool | None = None  # None: when the kernel allows it (SHMEM)
     placement: Placement = field(default_factory=Placement)
     lock: bool = False
+    charge_cgroup: str = ""  # "": the daemon's own memory cgroup
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,16 @@ runs the allocating syscalls on the daemon's behalf with oom_score_adj 1000,
 so it is the process the OOM killer picks; the daemon sees it die, rolls the
 plug back and answers RESOURCE_EXHAUSTED.
 
+A helper can also charge a cgroup other than the daemon's (a region's
+charge_cgroup, see cgroup.py): it is given the cgroup.procs files to join,
+writes its pid into each before its first allocation, and answers one line,
+ok or err, before any request. Pages it allocates from then on are charged
+to those cgroups, and stay charged there after it exits.
+
 Protocol on stdin/stdout, one line each way per request:
     fallocate OFFSET LENGTH | populate OFFSET LENGTH 0|1   ->   ok | err ERRNO MESSAGE
 
-    python -m memplug.daemon.kernel.helper FD
+    python -m memplug.daemon.kernel.helper FD [CGROUP_PROCS_FILE...]
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 from typing import IO, Final
 
 from memplug.common import memory
+from memplug.common.errors import FailedPrecondition
 from memplug.daemon.kernel import ops
 
 OOM_KILLED: Final = "the allocation helper was killed by the kernel (OOM)"
@@ -31,14 +40,33 @@ OOM_KILLED: Final = "the allocation helper was killed by the kernel (OOM)"
 class AllocHelper:
     """One helper process holding the region's fd; not thread-safe (one per worker)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, cgroups: Sequence[Path] = ()) -> None:
+        """cgroups: cgroup.procs files the helper joins before it allocates anything."""
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", __name__, str(fd)],
+            [sys.executable, "-I", "-m", __name__, str(fd), *map(str, cgroups)],
             pass_fds=(fd,),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
+        )
+        if cgroups:
+            self._joined(cgroups)
+
+    def _joined(self, cgroups: Sequence[Path]) -> None:
+        """Wait for the helper to join its cgroups; FailedPrecondition if it could not."""
+        assert self._proc.stdout is not None
+        reply = self._proc.stdout.readline()
+        if reply.startswith("ok"):
+            return
+        self.close()
+        if reply.startswith("err "):
+            _, _, detail = reply.rstrip("\n").split(" ", 2)
+        else:
+            detail = f"the helper exited with {self._proc.returncode}"
+        raise FailedPrecondition(
+            f"the allocation helper could not join cgroup {detail}: was the cgroup "
+            "removed, or does it take no processes (cgroup v2: only leaves do)?"
         )
 
     def _call(self, line: str) -> None:
@@ -82,8 +110,9 @@ class AllocHelper:
 class HelperPool:
     """A helper per worker thread, created on first use, closed together."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, cgroups: Sequence[Path] = ()) -> None:
         self._fd = fd
+        self._cgroups = tuple(cgroups)
         self._local = threading.local()
         self._all: list[AllocHelper] = []
         self._lock = threading.Lock()
@@ -91,7 +120,7 @@ class HelperPool:
     def get(self) -> AllocHelper:
         helper: AllocHelper | None = getattr(self._local, "helper", None)
         if helper is None:
-            helper = AllocHelper(self._fd)
+            helper = AllocHelper(self._fd, self._cgroups)
             self._local.helper = helper
             with self._lock:
                 self._all.append(helper)
@@ -105,6 +134,10 @@ class HelperPool:
         """MADV_POPULATE_WRITE in the calling worker's helper."""
         self.get().populate(offset, length, write=True)
 
+    def populate_read(self, offset: int, length: int) -> None:
+        """MADV_POPULATE_READ in the calling worker's helper."""
+        self.get().populate(offset, length, write=False)
+
     def close(self) -> None:
         with self._lock:
             helpers, self._all = self._all, []
@@ -116,6 +149,22 @@ class HelperPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _join(cgroups: Sequence[str], stdout: IO[str]) -> bool:
+    """Move this process into each cgroup (its cgroup.procs file); answer ok or err."""
+    for procs in cgroups:
+        try:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as exc:
+            where = os.path.dirname(procs)
+            stdout.write(f"err {exc.errno or errno.EIO} {where} ({exc.strerror})\n")
+            stdout.flush()
+            return False
+    stdout.write("ok\n")
+    stdout.flush()
+    return True
 
 
 def _serve(fd: int, stdin: IO[str], stdout: IO[str]) -> None:
@@ -140,5 +189,7 @@ if __name__ == "__main__":
     # Be the OOM killer's first choice in the cgroup, well before the daemon.
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
-    _serve(int(sys.argv[1]), sys.stdin, sys.stdout)
+    # Joined after start-up, so the interpreter's own memory stays the daemon's.
+    if _join(sys.argv[2:], sys.stdout):
+        _serve(int(sys.argv[1]), sys.stdin, sys.stdout)
     os._exit(0)

@@ -25,9 +25,10 @@ class Headroom:
     limit: int
     usage: int
     cgroup: str  # the cgroup whose limit is the tightest
+    kind: str = "memory"  # or "hugetlb": which controller's limit
 
     def describe(self) -> str:
-        return f"memory cgroup {self.cgroup} (limit {self.limit}, in use {self.usage})"
+        return f"{self.kind} cgroup {self.cgroup} (limit {self.limit}, in use {self.usage})"
 
 
 def _read_int(path: Path) -> int | None:
@@ -126,4 +127,25 @@ def _headroom(v2: str | None, v1: str | None) -> Headroom | None:
             usage = _read_int(d / "memory.current")
             if limit is not None and usage is not None:
                 candidates.append(Headroom(max(0, limit - usage), limit, usage, str(d)))
+    return min(candidates, key=lambda h: h.bytes) if candidates else None
+
+
+def chain_headroom(mount: Path, directory: Path, version: int) -> Headroom | None:
+    """The smallest memory headroom from directory up to the controller's mount (any cgroup)."""
+    if version == 2:
+        return files_headroom(mount, directory, "memory.max", "memory.current")
+    return files_headroom(mount, directory, "memory.limit_in_bytes", "memory.usage_in_bytes")
+
+
+def files_headroom(
+    mount: Path, directory: Path, limit_file: str, usage_file: str, *, kind: str = "memory"
+) -> Headroom | None:
+    """The smallest limit - usage along directory and its ancestors up to mount; None: no limit."""
+    candidates: list[Headroom] = []
+    relative = directory.relative_to(mount).as_posix()
+    for d in _chain(mount, "" if relative == "." else relative):
+        limit = _read_int(d / limit_file)
+        usage = _read_int(d / usage_file)
+        if limit is not None and usage is not None:
+            candidates.append(Headroom(max(0, limit - usage), limit, usage, str(d), kind))
     return min(candidates, key=lambda h: h.bytes) if candidates else None

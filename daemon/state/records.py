@@ -8,7 +8,7 @@ format and must stay readable by every later memplugd:
     acl:     {"owner_uid": [uid], "allowed_uids": [...], "allowed_gids": [...],
               "read_only_uids": [...], "read_only_gids": [...]}   (ids ascending)
     options: {"thp": bool, "numa_policy": str, "numa_nodes": [...], "lock": bool,
-              "from_warm_pool": bool}
+              "from_warm_pool": bool, "charge_cgroup": str}
 
 A key missing on reading takes its default (older stores wrote fewer keys); a
 value of the wrong shape raises ValueError, saying which.
@@ -96,6 +96,7 @@ class RegionOptions:
     placement: Placement = field(default_factory=Placement)
     lock: bool = False
     from_warm_pool: bool = False
+    charge_cgroup: str = ""  # memory cgroup its pages are charged to; "": the daemon's
 
 
 @dataclass(frozen=True)
@@ -151,17 +152,22 @@ def options_to_json(options: RegionOptions) -> str:
             "numa_nodes": list(options.placement.nodes),
             "lock": options.lock,
             "from_warm_pool": options.from_warm_pool,
+            "charge_cgroup": options.charge_cgroup,
         }
     )
 
 
 def options_from_json(text: str) -> RegionOptions:
     o = _object("options", text)
+    charge_cgroup = o.get("charge_cgroup", "")
+    if not isinstance(charge_cgroup, str):
+        raise ValueError(f"charge_cgroup: expected a string, got {charge_cgroup!r}")
     return RegionOptions(
         thp=bool(o.get("thp", False)),
         placement=Placement(str(o.get("numa_policy", "default")), tuple(_ids(o, "numa_nodes"))),
         lock=bool(o.get("lock", False)),
         from_warm_pool=bool(o.get("from_warm_pool", False)),
+        charge_cgroup=charge_cgroup,
     )
 
 

@@ -83,6 +83,7 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         operations_running=info.operations_running,
         damage=info.damage,
         allocated_outside_plugged_bytes=info.allocated_outside_plugged,
+        charge_cgroup=info.options.charge_cgroup,
     )
 
 
@@ -112,6 +113,7 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
         thp=request.transparent_huge_pages if request.HasField("transparent_huge_pages") else None,
         placement=Placement(policy_from_proto(request.numa_policy), tuple(request.numa_nodes)),
         lock=request.lock,
+        charge_cgroup=request.charge_cgroup,
     )
 
 

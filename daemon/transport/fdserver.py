@@ -1,4 +1,4 @@
-"""The fd socket: trade an attach ticket for a region's fd (SCM_RIGHTS).
+"""The fd socket's server: one thread accepts, reads one request, hands over an fd (SCM_RIGHTS).
 
 Wire protocol (proto/memplug/v1/fd-protocol.md): the client sends one line,
 
@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import heapq
 import logging
 import os
-import re
 import resource
 import selectors
 import socket
-import struct
-import termios
 import threading
 import time
 from collections import Counter, deque
@@ -53,61 +49,38 @@ from memplug.common.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from memplug.common.status import code_for
 from memplug.daemon import metrics
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.region import Access
-from memplug.daemon.engine.tickets import Handoff, Peer
+from memplug.daemon.engine.tickets import Peer
 from memplug.daemon.ratelog import RateLimitedLog
+from memplug.daemon.transport.fdlimits import (
+    ACCEPT_BACKOFF,
+    SHED_BURST,
+    SHED_WINDOW,
+    UNREAD_RECHECK,
+    FdLimits,
+    unsent_bytes,
+)
+from memplug.daemon.transport.fdwire import (
+    ATTACH_REQUEST,
+    MAX_REQUEST,
+    OPEN_REQUEST,
+    PROTOCOL,
+    err_line,
+    hidden_refusal,
+    ok_line,
+)
 from memplug.daemon.transport.peercred import peer_of, peer_uid
 from memplug.daemon.transport.unixsock import claim_socket_path
 
 log = logging.getLogger("memplug.fdserver")
 
-PROTOCOL: Final = "MEMPLUG/1"
-MAX_REQUEST: Final = 512
-READ_TIMEOUT: Final = 5.0
-MAX_CONNECTIONS: Final = 4096  # in all, however high RLIMIT_NOFILE is
-RESERVED_FDS: Final = 256  # at least this many fds stay for regions, gRPC, the store
+READ_TIMEOUT: Final = 5.0  # seconds a connection has to send its request line
 # Short on purpose: under a flood the backlog is full of the flooder's connects, and a
 # client that waits for room (a blocking connect) waits behind all of them.
 LISTEN_BACKLOG: Final = 128
 ACCEPT_BATCH: Final = 64  # accepts per turn of the loop, so connections already in get served
-ACCEPT_BACKOFF: Final = (0.05, 1.0)  # pause accepting after EMFILE/ENFILE: first, longest
-# Shedding costs the daemon about what reconnecting costs the flooder: past this many
-# sheds in a window, accepting pauses until the window ends (the connects wait in the
-# backlog), so a reconnect loop cannot take more than a sliver of a CPU.
-SHED_BURST: Final = 100
-SHED_WINDOW: Final = 0.1  # seconds
-UNREAD_RECHECK: Final = (0.01, 1.0)  # SIOCOUTQ polls of an unread reply: first, longest
-_ATTACH_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} ATTACH ([A-Za-z0-9_-]{{16,128}})")
-_OPEN_RE: Final = re.compile(rf"{re.escape(PROTOCOL)} OPEN ([a-z0-9][a-z0-9._-]{{0,62}}) (rw|ro)")
-_INT = struct.Struct("i")
-
-
-@dataclass(frozen=True)
-class FdLimits:
-    """What the fd socket may hold, in all and per peer uid."""
-
-    nofile: int  # the daemon's RLIMIT_NOFILE (soft) these were sized from
-    connections: int  # open connections in all
-    per_uid: int  # open connections of one uid, unread replies included
-    unread_per_uid: int  # replies with an fd that one uid has not read yet
-
-    @classmethod
-    def for_nofile(cls, nofile: int) -> FdLimits:
-        """A quarter of the fd table (at least RESERVED_FDS) stays for regions and gRPC;
-        one uid may hold a sixteenth of the connections, half of those unread."""
-        reserve = max(RESERVED_FDS, nofile // 4)
-        connections = max(16, min(MAX_CONNECTIONS, nofile - reserve))
-        per_uid = max(8, connections // 16)
-        return cls(nofile, connections, per_uid, max(4, per_uid // 2))
-
-    def describe(self) -> str:
-        return (
-            f"RLIMIT_NOFILE {self.nofile}: at most {self.connections} connections, "
-            f"{self.per_uid} per uid, {self.unread_per_uid} unread replies per uid"
-        )
 
 
 @dataclass(eq=False)
@@ -118,36 +91,6 @@ class _Conn:
     buf: bytearray = field(default_factory=bytearray)
     unread: bool = False  # a reply with an fd is sent; the peer has not read it yet
     recheck: float = UNREAD_RECHECK[0]
-
-
-def ok_line(h: Handoff) -> bytes:
-    return (
-        f"OK region={h.region} size={h.size} page_size={h.page_size} "
-        f"block_size={h.block_size} backing={h.backing} access={h.access.value} "
-        f"seals={h.seals} plugged_bytes={h.plugged_bytes}\n"
-    ).encode()
-
-
-def err_line(exc: MemplugError) -> bytes:
-    message = exc.message.replace("\n", " ")
-    return f"ERR {code_for(exc).name} {message}\n".encode()
-
-
-def unsent_bytes(sock: socket.socket) -> int:
-    """Bytes sent on a Unix stream socket that the peer has not read (SIOCOUTQ)."""
-    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(_INT.size))
-    return int(_INT.unpack(raw)[0])
-
-
-def hidden_refusal(uid: int, name: str, access: Access) -> PermissionDenied:
-    """One answer for 'no such region' and 'not yours', so the socket tells no one
-    outside a region's ACL that it exists, nor why a region was lost."""
-    how = "read-only" if access is Access.READ_ONLY else "read-write"
-    return PermissionDenied(
-        f"uid {uid} may not open region {name!r} {how}: there is no such region, or its "
-        f"ACL does not admit uid {uid} {how}; ask the region's owner",
-        region=name,
-    )
 
 
 class FdServer:
@@ -384,7 +327,7 @@ class FdServer:
     def _serve(self, conn: _Conn, line: bytes) -> None:
         peer = peer_of(conn.sock)
         text = line.decode("ascii", errors="replace").rstrip("\r")
-        attach, open_ = _ATTACH_RE.fullmatch(text), _OPEN_RE.fullmatch(text)
+        attach, open_ = ATTACH_REQUEST.fullmatch(text), OPEN_REQUEST.fullmatch(text)
         if attach is None and open_ is None:
             metrics.ATTACHES.labels("malformed").inc()
             self._ratelog.warning(

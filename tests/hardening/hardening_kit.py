@@ -428,10 +428,27 @@ def own_memory_cgroup(root: Path, version: int) -> Path:
     return root
 
 
+def cgroup_path(cg: MemoryCgroup) -> str:
+    """The cgroup's path as /proc/PID/cgroup prints it (relative to its hierarchy's root)."""
+    found = _memory_hierarchy()
+    assert found is not None
+    return "/" + cg.path.relative_to(found[0]).as_posix()
+
+
+def own_memory_cgroup_dir() -> Path:
+    """This test process's memory cgroup directory (skips without root or a controller)."""
+    require_root("creates memory cgroups")
+    found = _memory_hierarchy()
+    require(found is not None, "no memory cgroup controller mounted (v1 or v2)")
+    assert found is not None
+    return own_memory_cgroup(*found)
+
+
 @contextlib.contextmanager
-def memory_cgroup(limit: int) -> Iterator[MemoryCgroup]:
+def memory_cgroup(limit: int | None, parent: Path | None = None) -> Iterator[MemoryCgroup]:
     """A fresh memory cgroup (v2 if the unified hierarchy has the memory controller,
-    else v1) limited to `limit` bytes; removed afterwards.
+    else v1) limited to `limit` bytes (None: no limit of its own), made in `parent`
+    (default: the hierarchy's root); removed afterwards.
 
     Stop the processes put in it before leaving; any still there are moved back
     to this test process's own memory cgroup (where they came from) first.
@@ -441,12 +458,13 @@ def memory_cgroup(limit: int) -> Iterator[MemoryCgroup]:
     require(found is not None, "no memory cgroup controller mounted (v1 or v2)")
     assert found is not None
     root, version = found
-    path = root / f"memplug-test-{secrets.token_hex(4)}"
+    path = (parent or root) / f"memplug-test-{secrets.token_hex(4)}"
     path.mkdir()
     try:
         cg = MemoryCgroup(path, version)
-        cg.limit_file.write_text(str(limit))
-        if version == 1 and (path / "memory.memsw.limit_in_bytes").exists():
+        if limit is not None:
+            cg.limit_file.write_text(str(limit))
+        if limit is not None and version == 1 and (path / "memory.memsw.limit_in_bytes").exists():
             with contextlib.suppress(OSError):  # no swap accounting: nothing to limit
                 (path / "memory.memsw.limit_in_bytes").write_text(str(limit))
         yield cg

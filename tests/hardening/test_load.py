@@ -165,7 +165,7 @@ class Worker(threading.Thread):
             return (4096, BLOCK), frozenset({"INVALID_ARGUMENT"})
         if kind == 1:
             return (size, BLOCK), frozenset({"OUT_OF_RANGE"})
-        return (0, 0), frozenset({"INVALID_ARGUMENT"})
+        return (0, 4096), frozenset({"INVALID_ARGUMENT"})  # (length 0 means "to the end")
 
     # ------------------------------------------------------------------ operations
 

@@ -177,7 +177,11 @@ def test_acl_and_options_are_stored_in_the_json_layout_every_memplugd_reads(
             read_only_gids=frozenset({300, 200}),
         ),
         options=RegionOptions(
-            thp=True, placement=Placement("bind", (0,)), lock=True, from_warm_pool=True
+            thp=True,
+            placement=Placement("bind", (0,)),
+            lock=True,
+            from_warm_pool=True,
+            charge_cgroup="/kubepods/pod1/ctr",
         ),
     )
     store = SqliteStore(db)
@@ -198,8 +202,25 @@ def test_acl_and_options_are_stored_in_the_json_layout_every_memplugd_reads(
         "numa_nodes": [0],
         "lock": True,
         "from_warm_pool": True,
+        "charge_cgroup": "/kubepods/pod1/ctr",
     }
     assert SqliteStore(db).load()[0] == [full]
+
+
+def test_options_written_before_charge_cgroup_existed_load_with_the_daemons_cgroup(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    store = SqliteStore(db)
+    store.put_region(record("old"))
+    store.close()
+    older = '{"thp": false, "numa_policy": "default", "numa_nodes": [], "lock": false}'
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("UPDATE regions SET options = ? WHERE name = 'old'", (older,))
+    (loaded,) = SqliteStore(db).load()[0]
+    assert not loaded.gone
+    assert loaded.options == RegionOptions()
+    assert loaded.options.charge_cgroup == ""
 
 
 def test_a_write_the_database_refuses_raises_and_changes_nothing(tmp_path: Path) -> None:
@@ -235,6 +256,7 @@ def test_a_write_the_database_refuses_raises_and_changes_nothing(tmp_path: Path)
         ("plugged", '[[0, "2M"]]', "is not two non-negative integers"),
         ("size", "big", "size: expected int"),
         ("created_at", "yesterday", "ValueError"),
+        ("options", '{"charge_cgroup": 7}', "charge_cgroup: expected a string"),
     ],
 )
 def test_a_malformed_row_loads_as_a_lost_region_and_the_others_as_written(

@@ -248,6 +248,7 @@ class Region(_message.Message):
     OPERATIONS_RUNNING_FIELD_NUMBER: _builtins.int
     DAMAGE_FIELD_NUMBER: _builtins.int
     ALLOCATED_OUTSIDE_PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
+    CHARGE_CGROUP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, 1-63 characters of [a-z0-9._-], starting with [a-z0-9]."""
     size: _builtins.int
@@ -310,6 +311,11 @@ class Region(_message.Message):
     a shared mapping allocates it). The quota counts them like plugged bytes.
     Unplug of those blocks frees them. 0 for FILE regions (disk blocks).
     """
+    charge_cgroup: _builtins.str
+    """The memory cgroup the region's pages are charged to (a path as
+    /proc/PID/cgroup prints it, e.g. /kubepods/pod1/ctr); empty: the daemon's
+    own. See CreateRegionRequest.charge_cgroup.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -353,10 +359,11 @@ class Region(_message.Message):
         operations_running: _builtins.int = ...,
         damage: _builtins.str = ...,
         allocated_outside_plugged_bytes: _builtins.int = ...,
+        charge_cgroup: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "created_at", b"created_at", "damage", b"damage", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "created_at", b"created_at", "damage", b"damage", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -402,6 +409,7 @@ class CreateRegionRequest(_message.Message):
     NUMA_POLICY_FIELD_NUMBER: _builtins.int
     NUMA_NODES_FIELD_NUMBER: _builtins.int
     LOCK_FIELD_NUMBER: _builtins.int
+    CHARGE_CGROUP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """See Region.name."""
     size: _builtins.int
@@ -439,6 +447,18 @@ class CreateRegionRequest(_message.Message):
     """mlock plugged blocks (they count against the quota like any plugged
     bytes; the daemon needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK).
     """
+    charge_cgroup: _builtins.str
+    """Charge the region's memory to this memory cgroup instead of the daemon's:
+    a path as /proc/PID/cgroup prints it (absolute, no "." or ".."
+    components), which must exist under the memory controller's mount (cgroup
+    v1 or v2). Plug and Populate then allocate in a helper process placed in
+    that cgroup (and in the hugetlb controller's cgroup of the same path, for
+    HUGETLB regions, where it exists), so the kernel bills the consumer. A
+    plug larger than the cgroup's headroom (limit - usage, along its
+    ancestors) fails with RESOURCE_EXHAUSTED naming the cgroup; a cgroup that
+    no longer exists, with FAILED_PRECONDITION. Empty: the daemon's cgroup.
+    Such a region never comes from the warm pool.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -470,10 +490,11 @@ class CreateRegionRequest(_message.Message):
         numa_policy: Global___NumaPolicy.ValueType = ...,
         numa_nodes: _abc.Iterable[_builtins.int] | None = ...,
         lock: _builtins.bool = ...,
+        charge_cgroup: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "_transparent_huge_pages", b"_transparent_huge_pages", "owner_uid", b"owner_uid", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "_transparent_huge_pages", b"_transparent_huge_pages", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "_transparent_huge_pages", b"_transparent_huge_pages", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__owner_uid: _TypeAlias = _typing.Literal["owner_uid"]  # noqa: Y015
     _WhichOneofArgType__owner_uid: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid"]  # noqa: Y015
