@@ -71,6 +71,8 @@ def region(m: pb.Region) -> Region:
         lock=m.lock,
         from_warm_pool=m.from_warm_pool,
         operations_running=m.operations_running,
+        damage=m.damage,
+        allocated_outside_plugged_bytes=m.allocated_outside_plugged_bytes,
         charge_cgroup=m.charge_cgroup,
     )
 
@@ -97,6 +99,7 @@ def status(m: pb.DaemonStatus) -> Status:
         regions=m.regions,
         plugged_bytes=m.plugged_bytes,
         allocated_bytes=m.allocated_bytes,
+        allocated_outside_plugged_bytes=m.allocated_outside_plugged_bytes,
         quota_bytes=m.quota_bytes or None,
         threads=m.threads,
         hugetlb_pools=[HugePool(p.page_size, p.total, p.free, p.reserved, p.surplus)

@@ -29,6 +29,9 @@ class Region:
     lock: bool = False
     from_warm_pool: bool = False
     operations_running: int = 0  # calls on the region now, rollbacks included
+    damage: str = ""  # why the region can no longer be used ("": it can)
+    # memory holders allocated outside plugged blocks (counted by the quota)
+    allocated_outside_plugged_bytes: int = 0
     charge_cgroup: str = ""  # memory cgroup billed for its pages; "": the daemon's
 
 
@@ -102,3 +105,5 @@ class Status:
     shmem_thp_hint: str = ""
     numa_nodes: list[int] = field(default_factory=list)
     warm_pools: list[WarmPool] = field(default_factory=list)
+    # memory holders allocated outside plugged blocks (counted by the quota)
+    allocated_outside_plugged_bytes: int = 0

@@ -71,11 +71,19 @@ class EngineCollector(Collector):
             "Bytes the kernel has allocated to regions, by backing",
             labels=["backing"],
         )
-        for backing, (count, plug, alloc) in sorted(self.engine.usage_by_backing().items()):
+        outside = GaugeMetricFamily(
+            "memplug_allocated_outside_plugged_bytes",
+            "Bytes holders of regions' fds allocated outside plugged blocks (counted by the "
+            "quota), by backing",
+            labels=["backing"],
+        )
+        usage = sorted(self.engine.usage_by_backing().items())
+        for backing, (count, plug, alloc, stray) in usage:
             regions.add_metric([backing], count)
             plugged.add_metric([backing], plug)
             allocated.add_metric([backing], alloc)
-        yield from (regions, plugged, allocated)
+            outside.add_metric([backing], stray)
+        yield from (regions, plugged, allocated, outside)
         charged = GaugeMetricFamily(
             "memplug_region_charge_cgroup",
             "1 for each region whose memory is charged to a cgroup other than the daemon's",
@@ -88,8 +96,11 @@ class EngineCollector(Collector):
         quota = GaugeMetricFamily("memplug_quota_bytes", "The --max-bytes quota (0: none)")
         quota.add_metric([], self.engine.max_bytes or 0)
         yield quota
-        used = GaugeMetricFamily("memplug_quota_used_bytes", "Plugged bytes counted by the quota")
-        used.add_metric([], self.engine.plugged_total)
+        used = GaugeMetricFamily(
+            "memplug_quota_used_bytes",
+            "Bytes the quota counts: plugged, and allocated by holders outside plugged blocks",
+        )
+        used.add_metric([], self.engine.quota_counted)
         yield used
         pages = GaugeMetricFamily(
             "memplug_hugetlb_pages",

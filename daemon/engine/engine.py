@@ -25,7 +25,7 @@ from typing import Protocol
 
 from memplug.common import memory
 from memplug.common.cancel import CancelToken
-from memplug.common.errors import MemplugError, PermissionDenied
+from memplug.common.errors import FailedPrecondition, MemplugError, PermissionDenied
 from memplug.common.ranges import Range
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking
@@ -63,6 +63,8 @@ class EngineStatus:
     allocated_bytes: int
     quota_bytes: int | None
     threads: int
+    # Allocated by holders outside plugged blocks; the quota counts it.
+    allocated_outside_plugged_bytes: int
     madv_populate: bool
     warm_pools: list[tuple[PoolSpec, int, int, int]]  # (spec, ready, hits, misses)
 
@@ -118,6 +120,7 @@ class RegionEngine:
             quota=self._quota,
             make_room=self._pool.shed,
             release_quota=self._release_quota,
+            allocated_outside_plugged=self.allocated_outside_plugged,
             threads=threads,
             madv_populate=self.madv_populate,
             memcg_check=memcg_check,
@@ -134,27 +137,40 @@ class RegionEngine:
     def plugged_total(self) -> int:
         return self._quota.used
 
-    def usage_by_backing(self) -> dict[str, tuple[int, int, int]]:
-        """backing -> (regions, plugged bytes, allocated bytes)."""
+    @property
+    def quota_counted(self) -> int:
+        """What the quota counts now: plugged bytes and those allocated outside them."""
+        return self._quota.used + self.allocated_outside_plugged()
+
+    def allocated_outside_plugged(self) -> int:
+        """Bytes holders of regions' fds allocated outside plugged blocks, all regions."""
+        return sum(r.allocated_outside_plugged() for r in self._table.regions())
+
+    def usage_by_backing(self) -> dict[str, tuple[int, int, int, int]]:
+        """backing -> (regions, plugged, allocated, allocated outside plugged bytes)."""
         regions = self._table.regions()
-        usage: dict[str, tuple[int, int, int]] = {k.value: (0, 0, 0) for k in BackingKind}
+        usage: dict[str, tuple[int, int, int, int]] = {k.value: (0, 0, 0, 0) for k in BackingKind}
         for region in regions:
-            info = region.info()
-            count, plugged, allocated = usage[info.backing.value]
+            info = self._info(region)
+            count, plugged, allocated, outside = usage[info.backing.value]
             usage[info.backing.value] = (
                 count + 1,
                 plugged + info.plugged_bytes,
                 allocated + info.allocated_bytes,
+                outside + info.allocated_outside_plugged,
             )
         return usage
 
     def status(self) -> EngineStatus:
         regions = self._table.regions()
+        for region in regions:
+            self._inspect(region)
         return EngineStatus(
             regions=len(regions),
             plugged_bytes=self._quota.used,
             allocated_bytes=sum(r.backing.allocated_bytes() for r in regions),
             quota_bytes=self._quota.max_bytes,
+            allocated_outside_plugged_bytes=sum(r.allocated_outside_plugged() for r in regions),
             threads=self.threads,
             madv_populate=self.madv_populate,
             warm_pools=[
@@ -220,13 +236,34 @@ class RegionEngine:
         self._table.add(region)
 
     def get_region(self, name: str) -> RegionInfo:
-        return self._get(name).info()
+        return self._info(self._get(name))
 
     def _get(self, name: str) -> Region:
         return self._table.get(name)
 
     def list_regions(self, selector: Mapping[str, str] | None = None) -> list[RegionInfo]:
-        return [r.info() for r in self._table.regions() if r.label_match(selector or {})]
+        return [self._info(r) for r in self._table.regions() if r.label_match(selector or {})]
+
+    def _info(self, region: Region) -> RegionInfo:
+        self._inspect(region)
+        return region.info()
+
+    def _inspect(self, region: Region) -> None:
+        """Notice a FILE region's file resized from outside (see Region.detect_damage)."""
+        lost = region.detect_damage()
+        if lost:
+            self._release_quota(lost)
+
+    def _usable(self, region: Region, op: str) -> Region:
+        """The region, after a look at its backing; FAILED_PRECONDITION if it is damaged."""
+        self._inspect(region)
+        with region.mutex:
+            damage = region.damage
+        if damage is not None:
+            raise FailedPrecondition(
+                f"region {region.name!r} is damaged, {op} refused: {damage}", region=region.name
+            )
+        return region
 
     def delete_region(self, name: str) -> None:
         region = self._table.remove_idle(name, before=self._record_deletion)
@@ -279,7 +316,25 @@ class RegionEngine:
                     region=region.name,
                 )
             backing = region.backing
+            if (
+                access is Access.READ_WRITE
+                and not backing.sealed_against_resize
+                and peer.uid not in (0, region.acl.owner_uid)
+            ):
+                # FAILED_PRECONDITION, not PERMISSION_DENIED: the peer is in the ACL,
+                # and the fd socket would hide the reason of a PERMISSION_DENIED.
+                raise FailedPrecondition(
+                    f"uid {peer.uid} may not attach FILE region {region.name!r} read-write: "
+                    "a regular file cannot be sealed against truncation, so a read-write fd "
+                    "would let it shrink the file under the region's other users (SIGBUS); "
+                    f"only the owner (uid {region.acl.owner_uid}) and root may. Attach it "
+                    "read-only, or use a shmem or hugetlb region",
+                    region=region.name,
+                )
+            self._usable(region, "attach")
             fd = backing.reopen(writable=access is Access.READ_WRITE)
+            with region.mutex:
+                plugged_bytes = region.plugged.total
         return Handoff(
             fd=fd,
             region=region.name,
@@ -289,6 +344,7 @@ class RegionEngine:
             backing=backing.kind.value,
             access=access,
             seals=backing.seals(),
+            plugged_bytes=plugged_bytes,
         )
 
     # ------------------------------------------------------------------ operations
@@ -308,7 +364,7 @@ class RegionEngine:
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             return self._ops.plug(
-                region,
+                self._usable(region, "plug"),
                 offset,
                 length,
                 requested=requested,
@@ -332,7 +388,13 @@ class RegionEngine:
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             return self._ops.populate(
-                region, offset, length, write=write, threads=threads, token=token, progress=progress
+                self._usable(region, "populate"),
+                offset,
+                length,
+                write=write,
+                threads=threads,
+                token=token,
+                progress=progress,
             )
 
     def unplug(
@@ -341,6 +403,7 @@ class RegionEngine:
         """Punch the range and mark it unplugged."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
+            self._inspect(region)  # a damaged region may still give memory back
             return self._ops.unplug(region, offset, length, token)
 
     def discard(
@@ -349,7 +412,7 @@ class RegionEngine:
         """Zero plugged blocks and keep them backed."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
-            return self._ops.discard(region, offset, length, token)
+            return self._ops.discard(self._usable(region, "discard"), offset, length, token)
 
     def record_pending(self) -> None:
         """Retry closing the intents whose closing write failed (called periodically)."""

@@ -81,6 +81,8 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         lock=info.options.lock,
         from_warm_pool=info.options.from_warm_pool,
         operations_running=info.operations_running,
+        damage=info.damage,
+        allocated_outside_plugged_bytes=info.allocated_outside_plugged,
         charge_cgroup=info.options.charge_cgroup,
     )
 
@@ -185,6 +187,7 @@ def status_to_proto(
         plugged_bytes=status.plugged_bytes,
         allocated_bytes=status.allocated_bytes,
         quota_bytes=status.quota_bytes or 0,
+        allocated_outside_plugged_bytes=status.allocated_outside_plugged_bytes,
         threads=status.threads,
         hugetlb_pools=pools,
         madv_populate=status.madv_populate,
