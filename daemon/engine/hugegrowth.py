@@ -70,6 +70,18 @@ class Budget:
     def pages(self) -> int:
         return self.max_bytes // self.page_size
 
+    def flag(self) -> str:
+        """As --hugetlb-budget takes it, e.g. 2M:256M@0."""
+        node = "" if self.node is None else f"@{self.node}"
+        return f"{_short_size(self.page_size)}:{_short_size(self.max_bytes)}{node}"
+
+
+def _short_size(n: int) -> str:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
 
 @dataclass(frozen=True)
 class PoolReport:
@@ -181,9 +193,7 @@ class HugePoolGrower:
         if added + shortfall <= budget.pages():
             return
         page_size, node = key
-        flag = f"{format_size(page_size)}:{format_size(budget.max_bytes)}" + (
-            "" if budget.node is None else f"@{budget.node}"
-        )
+        flag = budget.flag()
         raise PoolExhausted(
             f"region {region.name!r}: {hugepools.describe(page_size, node)} has {available} "
             f"free pages (of {pool.total}, {pool.reserved} reserved), {shortfall} short for "
@@ -247,7 +257,7 @@ class HugePoolGrower:
         if page_size >= GIB:
             message += (
                 f"; {format_size(page_size)} pages are best reserved at boot: kernel command line "
-                f"`hugepagesz={page_size // GIB}G hugepages={want}` (or `hugetlb_cma=SIZE` "
+                f"`hugepagesz={_short_size(page_size)} hugepages={want}` (or `hugetlb_cma=SIZE` "
                 "to let the kernel allocate them at run time from a CMA area)"
             )
         return message
