@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +30,7 @@ from memplug.common.ranges import Range
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking
 from memplug.daemon.engine.creation import creation_error, make_backing
+from memplug.daemon.engine.hugegrowth import Budget, HugePoolGrower, PoolReport
 from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.operations import Operations, OpResult, RangeOutcome
 from memplug.daemon.engine.placement import apply_region_options, release_region
@@ -67,6 +68,8 @@ class EngineStatus:
     allocated_outside_plugged_bytes: int
     madv_populate: bool
     warm_pools: list[tuple[PoolSpec, int, int, int]]  # (spec, ready, hits, misses)
+    # kernel-wide, then per node, with the pages memplug added (--hugetlb-budget)
+    hugetlb_pools: list[PoolReport] = field(default_factory=list)
 
 
 class RegionListener(Protocol):
@@ -90,10 +93,13 @@ class RegionEngine:
         warm_pools: list[PoolSpec] | None = None,
         madv_populate: bool = True,
         memcg_check: bool = True,
+        hugetlb_budgets: list[Budget] | None = None,
+        hugetlb_keep: bool = False,
     ) -> None:
         """madv_populate=False plugs and populates as on a kernel without
         MADV_POPULATE_* (the fallback paths); memcg_check=False skips the cgroup
-        headroom check before a plug."""
+        headroom check before a plug. hugetlb_budgets: pools a plug may grow
+        (hugegrowth.py); hugetlb_keep: never give the pages back."""
         self.threads = threads
         self.madv_populate = madv_populate and memory.has_madv_populate()
         self.memcg_check = memcg_check
@@ -114,6 +120,9 @@ class RegionEngine:
             release=self._release_quota,
         )
         self._journal = Journal(self._store)
+        self._hugepages = HugePoolGrower(
+            list(hugetlb_budgets or []), keep=hugetlb_keep, store=self._store
+        )
         self._ops = Operations(
             runner=self._runner,
             journal=self._journal,
@@ -124,6 +133,7 @@ class RegionEngine:
             threads=threads,
             madv_populate=self.madv_populate,
             memcg_check=memcg_check,
+            hugepages=self._hugepages,
         )
 
     # ------------------------------------------------------------------ bookkeeping
@@ -177,7 +187,12 @@ class RegionEngine:
                 (spec, self._pool.ready(spec), self._pool.hits[spec], self._pool.misses[spec])
                 for spec in self._pool.specs
             ],
+            hugetlb_pools=self._hugepages.report(),
         )
+
+    def hugetlb_pools(self) -> list[PoolReport]:
+        """The kernel's hugetlb pools, kernel-wide and per node, with what memplug added."""
+        return self._hugepages.report()
 
     def _release_quota(self, nbytes: int) -> None:
         self._quota.release(nbytes)
@@ -276,6 +291,8 @@ class RegionEngine:
             self._listener.region_deleted(name, region.backing)
         region.backing.close()
         log.info("deleted region %s", name)
+        # Free now unless a client still holds the memory (record_pending retries).
+        self._hugepages.settle()
 
     def _record_deletion(self, name: str) -> None:
         # Recorded first, under the table's lock: a delete the store refuses
@@ -417,6 +434,8 @@ class RegionEngine:
     def record_pending(self) -> None:
         """Retry closing the intents whose closing write failed (called periodically)."""
         self._journal.record_pending(self._table.regions())
+        # and give back huge pages added for memory freed since (a client's last fd closed)
+        self._hugepages.settle()
 
     # ------------------------------------------------------------------ start-up
 
@@ -424,6 +443,7 @@ class RegionEngine:
         """Bring back the regions the store remembers (see restore.py); call once, first."""
         regions, report = restore_regions(self._store, adopted, self.allow_dirs)
         self._table.restored(regions, report.lost)
+        self._hugepages.restore()
         for region in regions:
             self._quota.add(region.plugged.total)
         self._pool.start()

@@ -18,7 +18,10 @@ from typing import Protocol
 from memplug.common.ranges import Range
 from memplug.daemon.state.records import RegionRecord
 
-__all__ = ["Intent", "MemoryStore", "RegionRecord", "StateStore"]
+__all__ = ["Intent", "MemoryStore", "PoolKey", "RegionRecord", "StateStore"]
+
+# A hugetlb pool: (page size, NUMA node), node None for the kernel-wide pool.
+PoolKey = tuple[int, int | None]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class StateStore(Protocol):
         """Record a region's plugged set and drop the intent, in one transaction."""
         ...
 
+    def load_hugetlb_added(self) -> dict[PoolKey, int]:
+        """Pages the daemon added to each hugetlb pool and has not given back."""
+        ...
+
+    def put_hugetlb_added(self, pool: PoolKey, pages: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -61,6 +70,7 @@ class MemoryStore:
         self._regions: dict[str, RegionRecord] = {}
         self._intents: dict[int, Intent] = {}
         self._next = 1
+        self._hugetlb_added: dict[PoolKey, int] = {}
 
     def load(self) -> tuple[list[RegionRecord], list[Intent]]:
         return list(self._regions.values()), list(self._intents.values())
@@ -89,6 +99,12 @@ class MemoryStore:
             self._regions[region] = dataclasses.replace(self._regions[region], plugged=plugged)
         if intent is not None:
             self._intents.pop(intent, None)
+
+    def load_hugetlb_added(self) -> dict[PoolKey, int]:
+        return dict(self._hugetlb_added)
+
+    def put_hugetlb_added(self, pool: PoolKey, pages: int) -> None:
+        self._hugetlb_added[pool] = pages
 
     def close(self) -> None:
         pass
