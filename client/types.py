@@ -102,3 +102,13 @@ class Status:
     shmem_thp_hint: str = ""
     numa_nodes: list[int] = field(default_factory=list)
     warm_pools: list[WarmPool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RegionHold:
+    """A hold on a region: Unplug, Discard and Delete fail until it ends."""
+
+    region: str
+    holder: str
+    reason: str
+    expires_at: float  # seconds since the epoch
