@@ -12,7 +12,8 @@ SOURCES := $(shell find common daemon client proto -name '*.py' -o -name '*.pyi'
 PYTEST_ARGS ?= -m "not container"
 SHELL := /bin/bash
 
-.PHONY: all run test lint typecheck pytest protos check-protos clean bench reliability
+.PHONY: all run test lint typecheck pytest protos check-protos clean bench reliability install \
+	uninstall
 
 all: test
 
@@ -29,6 +30,25 @@ run: $(STAMP)
 	$(BIN)/memplugd $(ARGS)
 
 test: lint typecheck check-protos pytest
+
+# For using memplug rather than working on it: a virtualenv of its own in
+# INSTALL_DIR with memplug and memplugd linked into BINDIR (on PATH, and on
+# sudo's secure_path). A virtualenv because Debian's python refuses
+# `pip install` into the system (externally-managed-environment, PEP 668).
+# As a user: make install INSTALL_DIR=~/.local/share/memplug BINDIR=~/.local/bin
+INSTALL_DIR ?= /opt/memplug
+BINDIR ?= /usr/local/bin
+install:
+	$(PYTHON) -m venv $(INSTALL_DIR)
+	$(INSTALL_DIR)/bin/python -m pip install --quiet --disable-pip-version-check .
+	mkdir -p $(BINDIR)
+	ln -sf $(abspath $(INSTALL_DIR))/bin/memplug $(abspath $(INSTALL_DIR))/bin/memplugd $(BINDIR)/
+	$(BINDIR)/memplug --version
+
+# Only what install made: the two links, and INSTALL_DIR if it holds memplugd.
+uninstall:
+	rm -f $(BINDIR)/memplug $(BINDIR)/memplugd
+	if test -x $(INSTALL_DIR)/bin/memplugd; then rm -rf $(INSTALL_DIR); fi
 
 # The benchmark (bench/, not installed; root for the hugetlb pool and the tmpfs; restores
 # both): writes docs/bench.md. BENCH_ARGS="--quick" for a smoke run, "--sections small,rss"

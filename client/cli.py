@@ -11,13 +11,19 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
+import grp
 import json
 import os
+import pwd
 import re
+import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -37,7 +43,8 @@ from memplug.client.errors import (
     Unavailable,
 )
 from memplug.client.types import OperationResult, Region, Status
-from memplug.common.sizes import format_size, parse_size
+from memplug.common.paths import default_socket, runtime_dir
+from memplug.common.sizes import GiB, MiB, format_size, parse_size
 
 EXIT_CODES: dict[type[MemplugError], int] = {
     InvalidArgument: 2,
@@ -71,8 +78,92 @@ def one_line(text: str) -> str:
 
 
 def fail(exc: MemplugError) -> NoReturn:
+    if isinstance(exc, Unavailable):
+        exc = explain_unreachable(exc)
     click.echo(f"memplug: {one_line(str(exc))}", err=True)
     sys.exit(exit_code(exc))
+
+
+def _socket_in_use() -> tuple[Path, bool]:
+    """The gRPC socket this run talks to, and whether nobody chose it (the default)."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    chosen = root.obj.get("socket") if root is not None and root.obj else None  # --socket or env
+    return (Path(chosen), False) if chosen else (default_socket(), True)
+
+
+def _owner_and_group(st: os.stat_result) -> tuple[str, str]:
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return owner, group
+
+
+def explain_unreachable(exc: Unavailable) -> MemplugError:
+    """Why the daemon's socket cannot be reached, when the socket itself tells.
+
+    gRPC says only "failed to connect" (its message carries the errno text);
+    a plain connect(2) to the same path tells a socket this user may not use
+    (EACCES: exit 7, naming the group that may) from one where nobody listens.
+    """
+    path, by_default = _socket_in_use()
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(str(path))
+    except PermissionError:
+        return PermissionDenied(_permission_hint(path))
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ECONNREFUSED) and by_default:
+            return Unavailable(f"{exc}; {_where_to_look(path)}")
+        return exc
+    finally:
+        probe.close()
+    return exc  # it answers now: the daemon was starting or restarting
+
+
+def _permission_hint(path: Path) -> str:
+    try:
+        st = path.stat()
+    except PermissionError:  # a directory on the way cannot be searched
+        parent = path.parent
+        try:
+            pst = parent.stat()
+        except OSError:
+            return f"permission denied on {path}: you need root or the daemon's user"
+        owner, group = _owner_and_group(pst)
+        return (
+            f"permission denied on {path}: its directory {parent} (owner {owner}, group "
+            f"{group}, mode {stat.S_IMODE(pst.st_mode):o}) cannot be searched by you; "
+            f"you need to be in group {group} or root"
+        )
+    owner, group = _owner_and_group(st)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWGRP:
+        return (
+            f"permission denied on {path}: you need to be in group {group} (the socket's "
+            f"group, mode {mode:o}) or root; memplugd --socket-group GROUP chooses the group"
+        )
+    return (
+        f"permission denied on {path} (owner {owner}, mode {mode:o}): only {owner} or root "
+        f"may use it; memplugd --socket-mode 660 --socket-group GROUP opens it to a group"
+    )
+
+
+SYSTEM_SOCKET = Path("/run/memplug/memplug.sock")
+
+
+def _where_to_look(path: Path) -> str:
+    """Where memplug looked (the default), and the other place a daemon may listen."""
+    said = f"memplug looks in {runtime_dir()} unless told --socket PATH or $MEMPLUG_SOCKET"
+    if path != SYSTEM_SOCKET and SYSTEM_SOCKET.exists():
+        return f"{said}; a daemon run as root listens on {SYSTEM_SOCKET}: --socket {SYSTEM_SOCKET}"
+    return f"{said}; start one with `make run` or memplugd"
 
 
 U64_MAX = (1 << 64) - 1  # sizes and offsets are uint64 in the API
@@ -88,14 +179,31 @@ class InputError(click.ClickException):
 
     exit_code = 2
 
-    def __init__(self, exc: click.UsageError) -> None:
+    def __init__(self, exc: click.UsageError, argv: list[str] | None = None) -> None:
         ctx = exc.ctx
         verb = f"{ctx.info_name}: " if ctx is not None and ctx.parent is not None else ""
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-        super().__init__(f"{verb}{exc.format_message()}{hint}")
+        super().__init__(f"{verb}{_negative_number(exc, argv or []) or exc.format_message()}{hint}")
 
     def show(self, file: Any = None) -> None:
         click.echo(f"memplug: {one_line(self.format_message())}", err=True)
+
+
+# A negative size, offset or count as typed ("-1G", "-0x10", "-2"): click reads it as
+# an unknown short option, "-1", and would say "No such option".
+NEGATIVE_NUMBER = re.compile(r"-(?:0x[0-9a-f]*|[0-9][0-9._]*)[a-z]*", re.IGNORECASE)
+ARGV_KEY = "memplug.argv"  # ctx.meta: the arguments as typed, for messages that quote them
+
+
+def _negative_number(exc: click.UsageError, argv: list[str]) -> str | None:
+    """'-1G' is not a size, rather than 'No such option: -1'."""
+    if not isinstance(exc, click.NoSuchOption) or not NEGATIVE_NUMBER.match(exc.option_name):
+        return None
+    typed = next(
+        (a for a in argv if a.startswith(exc.option_name) and NEGATIVE_NUMBER.fullmatch(a)),
+        exc.option_name,
+    )
+    return f"{typed}: sizes, offsets and lengths cannot be negative"
 
 
 class Cli(click.Group):
@@ -108,16 +216,19 @@ class Cli(click.Group):
         parent: click.Context | None = None,
         **extra: Any,
     ) -> click.Context:
+        argv = list(args)
         try:
-            return super().make_context(info_name, args, parent, **extra)
+            ctx = super().make_context(info_name, args, parent, **extra)
         except click.UsageError as exc:
-            raise InputError(exc) from None
+            raise InputError(exc, argv) from None
+        ctx.meta[ARGV_KEY] = argv
+        return ctx
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:  # a verb's own arguments (parsed in here)
-            raise InputError(exc) from None
+            raise InputError(exc, ctx.meta.get(ARGV_KEY)) from None
 
 
 class Size(click.ParamType[int, Any]):
@@ -174,12 +285,21 @@ def command(group: click.Group, name: str, **kw: Any) -> Callable[[F], F]:
     # capabilities and is the wrong permission for a socket anyway.
     type=click.Path(dir_okay=False, readable=False),
     help="memplugd's gRPC socket [env MEMPLUG_SOCKET; default /run/memplug/memplug.sock as "
-    "root, else $XDG_RUNTIME_DIR/memplug/memplug.sock]",
+    "root, else $XDG_RUNTIME_DIR/memplug/memplug.sock, or /tmp/memplug-UID/memplug.sock "
+    "without XDG_RUNTIME_DIR: where memplugd run as the same user listens]",
 )
 @click.option("--json", "json_out", is_flag=True, help="machine-readable output for every verb")
+@click.version_option(package_name="memplug", prog_name="memplug", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, socket: str | None, json_out: bool) -> None:
-    """Plug, populate and hand over memory held by memplugd."""
+    """Plug, populate and hand over memory held by memplugd.
+
+    Sizes, offsets and lengths take bytes (4096), hex (0x200000) or binary
+    units (512M, 2G, 1GiB; K = 1024). Exit codes: 0 ok, 1 internal error,
+    2 invalid argument, 3 not found, 4 already exists, 5 failed precondition,
+    6 resource exhausted, 7 permission denied, 8 daemon unreachable,
+    124 deadline exceeded, 130 cancelled.
+    """
     ctx.obj = {"socket": socket, "json": json_out}
 
 
@@ -232,11 +352,11 @@ def show_region(r: Region) -> None:
 
 
 def show_result(verb: str, name: str, res: OperationResult) -> None:
-    rate = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
+    rate = res.bytes / res.seconds / GiB if res.seconds > 0 else 0.0
     zeroing = f", zeroing {res.zeroing}" if res.zeroing else ""
     click.echo(
         f"{verb} {name}: {format_size(res.bytes)} in {res.seconds * 1e3:.1f} ms "
-        f"({rate:.2f} GB/s, {res.strategy}, {res.threads} thread(s){zeroing}); "
+        f"({rate:.2f} GiB/s, {res.strategy}, {res.threads} thread(s){zeroing}); "
         f"plugged {format_size(res.region.plugged_bytes)} of {format_size(res.region.size)}"
     )
 
@@ -256,11 +376,23 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
 
 @command(cli, "create")
 @click.argument("name")
-@click.argument("size", type=SIZE, required=False, default=0)
-@click.option("--backing", "-b", type=click.Choice(["shmem", "hugetlb", "file"]), default="shmem")
+@click.argument("size", type=SIZE, required=False)
+@click.option(
+    "--backing",
+    "-b",
+    type=click.Choice(["shmem", "hugetlb", "file"]),
+    default="shmem",
+    help="shmem: 4 KiB pages; hugetlb: from the huge page pool (size it first); "
+    "file: a sparse file under the daemon's --allow-dir",
+)
 @click.option("--page-size", type=SIZE, default=0, help="hugetlb page size (2M, 1G)")
 @click.option("--block-size", type=SIZE, default=0, help="unit of plug (default 2M)")
-@click.option("--path", default="", help="FILE regions: the file, inside an allowed dir")
+@click.option(
+    "--path",
+    default="",
+    help="FILE regions: the file, inside an allowed dir (an existing file without SIZE "
+    "is adopted at its size)",
+)
 @click.option("--label", "-l", multiple=True, help="KEY=VALUE (repeatable)")
 @click.option(
     "--owner-uid", type=U32, default=None, help="uid owning the region (default: the daemon's uid)"
@@ -287,7 +419,7 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
 )
 def create_cmd(
     name: str,
-    size: int,
+    size: int | None,
     backing: str,
     page_size: int,
     block_size: int,
@@ -304,11 +436,21 @@ def create_cmd(
     lock: bool,
     charge_cgroup: str,
 ) -> None:
-    """Create region NAME of SIZE (nothing is allocated until plug)."""
+    """Create region NAME of SIZE (512M, 2G, 0x40000000): nothing is allocated until plug.
+
+    SIZE is required, except for a FILE region adopting an existing file
+    (-b file --path FILE), which takes the file's size.
+    """
+    if size is None and backing != "file":
+        raise click.UsageError(
+            f"missing argument SIZE: a {backing} region needs one (e.g. `create {name} 1G`); "
+            "only a file region adopting an existing file takes the file's size",
+            click.get_current_context(),
+        )
     with client() as c:
         region = c.create_region(
             name,
-            size,
+            size or 0,
             backing,
             page_size=page_size,
             block_size=block_size,
@@ -372,10 +514,32 @@ def show_cmd(name: str) -> None:
 @command(cli, "rm")
 @click.argument("names", nargs=-1, required=True)
 def rm_cmd(names: tuple[str, ...]) -> None:
-    """Delete regions (memory lives on while clients hold their fds)."""
+    """Delete regions (memory lives on while clients hold their fds).
+
+    All or nothing: every NAME is looked up first, and if any is missing none
+    is deleted (exit 3, naming the missing ones).
+    """
+    names = tuple(dict.fromkeys(names))  # a name given twice is deleted once
     with client() as c:
+        missing = []
         for name in names:
-            c.delete_region(name)
+            try:
+                c.get_region(name)
+            except NotFound:
+                missing.append(name)
+        if missing:
+            raise NotFound(
+                f"no region named {', '.join(missing)}; nothing deleted "
+                f"(`memplug ls` lists the regions)"
+            )
+        deleted: list[str] = []
+        for name in names:
+            try:
+                c.delete_region(name)
+            except MemplugError as exc:  # deleted by someone else meanwhile, or a daemon error
+                done = f"deleted {', '.join(deleted)}; " if deleted else "nothing deleted; "
+                raise type(exc)(f"{done}{name}: {exc}") from None
+            deleted.append(name)
     _emit(
         click.get_current_context(),
         {"deleted": list(names)},
@@ -422,6 +586,44 @@ def _cancelled_plug(c: Client, name: str, offset: int, length: int | None) -> Ca
     )
 
 
+def format_rate(bytes_per_second: float) -> str:
+    """2.23 GiB/s, 512 MiB/s: a speed steady enough to read while it changes."""
+    if bytes_per_second >= GiB:
+        return f"{bytes_per_second / GiB:.2f} GiB/s"
+    if bytes_per_second >= MiB:
+        return f"{bytes_per_second / MiB:.0f} MiB/s"
+    return f"{format_size(int(bytes_per_second))}/s"
+
+
+def progress_columns() -> tuple[Any, ...]:
+    """The progress bar's columns: sizes and speed in binary units, as everywhere else."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        ProgressColumn,
+        Task,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class BinarySpeedColumn(ProgressColumn):
+        """GiB/s (rich's TransferSpeedColumn speaks decimal MB/s only)."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            if speed is None:
+                return Text("?", style="progress.data.speed")
+            return Text(format_rate(speed), style="progress.data.speed")
+
+    return (
+        "{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        BinarySpeedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
 def _run_streaming(
     verb: str,
     name: str,
@@ -436,22 +638,9 @@ def _run_streaming(
     interactive = sys.stderr.isatty() and not ctx.obj["json"]
     try:
         if interactive:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from rich.progress import Progress
 
-            columns = (
-                "{task.description}",
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-            )
-            with Progress(*columns, transient=True) as bar:
+            with Progress(*progress_columns(), transient=True) as bar:
                 task = bar.add_task(f"{verb} {name}", total=None)
                 result = call(
                     progress=lambda done, total: bar.update(task, completed=done, total=total)
@@ -471,17 +660,36 @@ def _range_args(fn: F) -> F:
     return click.argument("name")(fn)
 
 
+# The help of every verb that takes a range (\b: click keeps the lines as they are).
+RANGE_HELP = """
+    \b
+    OFFSET and LENGTH: bytes (4096), hex (0x200000) or binary units
+    (512M, 2G, 1GiB; K = 1024), multiples of the region's block size.
+    No OFFSET: the whole region. No LENGTH: from OFFSET to the end."""
+
+
+def _with_range_help(fn: F) -> F:
+    fn.__doc__ = f"{fn.__doc__}\n{RANGE_HELP}"
+    return fn
+
+
 @command(cli, "plug")
 @_range_args
 @click.option(
     "--strategy",
     type=click.Choice(["auto", "fallocate", "populate-write"]),
     default="auto",
-    help="how to allocate (auto: by backing and size)",
+    help="how to allocate: auto (default) lets the daemon choose per backing, "
+    "fallocate(2) on one thread for shmem and file, MADV_POPULATE_WRITE over "
+    "threads for hugetlb; fallocate or populate-write force one (to compare them)",
 )
 @click.option("--threads", type=U32, default=0, help="most worker threads (default: daemon's)")
+@_with_range_help
 def plug_cmd(name: str, offset: int, length: int | None, strategy: str, threads: int) -> None:
-    """Allocate backing memory for NAME [OFFSET [LENGTH]] (default: all of it)."""
+    """Allocate backing memory for NAME [OFFSET [LENGTH]] (default: all of it).
+
+    All or nothing: if it cannot finish (pool empty, quota, Ctrl-C) what it
+    allocated is released and blocks plugged before keep their contents."""
     with client() as c:
         _run_streaming(
             "plug",
@@ -495,6 +703,7 @@ def plug_cmd(name: str, offset: int, length: int | None, strategy: str, threads:
 @_range_args
 @click.option("--mode", type=click.Choice(["read", "write"]), default="write")
 @click.option("--threads", type=U32, default=0, help="most worker threads (default: daemon's)")
+@_with_range_help
 def populate_cmd(name: str, offset: int, length: int | None, mode: str, threads: int) -> None:
     """Prefault plugged memory of NAME [OFFSET [LENGTH]]."""
     with client() as c:
@@ -507,6 +716,7 @@ def populate_cmd(name: str, offset: int, length: int | None, mode: str, threads:
 
 @command(cli, "unplug")
 @_range_args
+@_with_range_help
 def unplug_cmd(name: str, offset: int, length: int | None) -> None:
     """Free NAME [OFFSET [LENGTH]] and mark it unplugged."""
     with client() as c:
@@ -520,6 +730,7 @@ def unplug_cmd(name: str, offset: int, length: int | None) -> None:
 
 @command(cli, "discard")
 @_range_args
+@_with_range_help
 def discard_cmd(name: str, offset: int, length: int | None) -> None:
     """Zero plugged memory of NAME [OFFSET [LENGTH]]; it stays plugged."""
     with client() as c:
@@ -586,6 +797,7 @@ def exec_cmd(regions: tuple[str, ...], command: tuple[str, ...]) -> None:
     """  # fmt: skip
     env = dict(os.environ)
     subst: dict[str, str] = {}
+    given: dict[str, str] = {}  # environment variable -> the region that set it
     try:
         with client() as c:
             for spec in regions:
@@ -593,11 +805,19 @@ def exec_cmd(regions: tuple[str, ...], command: tuple[str, ...]) -> None:
                 if match is None:
                     raise InvalidArgument(f"--region {spec!r}: use NAME or NAME:ro")
                 name, access = match.group(1), match.group(2) or "rw"
-                if env_name(name) in env:
+                variable = env_name(name)
+                if name == given.get(variable):
                     raise InvalidArgument(f"--region {name} is given twice")
+                if variable in given:
+                    raise InvalidArgument(
+                        f"--region {given[variable]} and --region {name} both map to the "
+                        f"environment variable {variable} (every character other than a "
+                        f"letter or digit becomes _): attach one of them at a time"
+                    )
+                given[variable] = name
                 fd = c.attach(name, access, map_memory=False).detach_fd()
                 os.set_inheritable(fd, True)
-                env[env_name(name)] = str(fd)
+                env[variable] = str(fd)
                 subst[f"{{fd:{name}}}"] = str(fd)
                 subst[f"{{path:{name}}}"] = f"/proc/self/fd/{fd}"
     except MemplugError as exc:

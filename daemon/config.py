@@ -7,7 +7,7 @@ import grp
 import os
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,13 @@ def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
         madv_populate=environ.get("MEMPLUG_DISABLE_MADV_POPULATE") != "1",
         memcg_check=environ.get("MEMPLUG_MEMCG_CHECK", "1") != "0",
     )
+
+
+def service_environment() -> MutableMapping[str, str]:
+    """The process environment, where systemd passes NOTIFY_SOCKET, WATCHDOG_* and
+    LISTEN_*: daemon/systemd.py reads them from what this returns, and takes
+    LISTEN_* out so that children do not inherit them."""
+    return os.environ
 
 
 def under_journald(environ: Mapping[str, str] = os.environ) -> bool:

@@ -30,7 +30,12 @@ from memplug.common.errors import MemplugError, StartupError
 from memplug.common.sizes import format_size
 from memplug.daemon import __version__, metrics
 from memplug.daemon.backings import Backing, BackingKind
-from memplug.daemon.config import Config, environment_switches, metrics_address
+from memplug.daemon.config import (
+    Config,
+    environment_switches,
+    metrics_address,
+    service_environment,
+)
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.strategy import CHUNK_BYTES
 from memplug.daemon.metrics_http import MetricsServer
@@ -169,7 +174,7 @@ class Daemon:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self._reload_config = reload_config
-        self.notifier = Notifier()
+        self.notifier = Notifier(service_environment())
         self._server: grpc.Server | None = None
         self._store: SqliteStore | None = None
         self._stopped = threading.Event()
@@ -185,7 +190,7 @@ class Daemon:
     def start(self) -> None:
         config = self.config
         # First, before anything opens an fd: 3.. are systemd's.
-        listen_fd, adopted = split_inherited(listen_fds())
+        listen_fd, adopted = split_inherited(listen_fds(service_environment()))
         nofile = raise_nofile_limit()
         make_own_dir(config.state_dir, 0o700, "--state-dir DIR (or set XDG_STATE_HOME)")
         # Before anything else is touched: a second daemon on this state must
@@ -327,7 +332,7 @@ class Daemon:
             return False
 
     def _health_loop(self) -> None:
-        interval = watchdog_interval()
+        interval = watchdog_interval(service_environment())
         period = min(interval, STATUS_INTERVAL) if interval else STATUS_INTERVAL
         while not self._stopped.wait(period):
             if interval is not None:

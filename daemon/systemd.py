@@ -26,8 +26,7 @@ SD_LISTEN_FDS_START: Final = 3
 
 
 class Notifier:
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
+    def __init__(self, env: Mapping[str, str]) -> None:
         address = env.get("NOTIFY_SOCKET", "")
         # "@name" is an abstract socket.
         self.address = "\0" + address[1:] if address.startswith("@") else address
@@ -76,9 +75,8 @@ class Notifier:
         return self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
 
 
-def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
+def watchdog_interval(env: Mapping[str, str]) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None if off."""
-    env = os.environ if env is None else env
     usec = env.get("WATCHDOG_USEC")
     pid = env.get("WATCHDOG_PID")
     if not usec or (pid and int(pid) != os.getpid()):
@@ -86,12 +84,11 @@ def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
     return int(usec) / 2e6
 
 
-def listen_fds(env: MutableMapping[str, str] | None = None) -> list[tuple[int, str]]:
+def listen_fds(env: MutableMapping[str, str]) -> list[tuple[int, str]]:
     """The fds systemd passed us, with their names; consumes the LISTEN_* variables.
 
     They are unset so that children of the daemon do not think the fds are theirs.
     """
-    env = os.environ if env is None else env
     try:
         pid = int(env.get("LISTEN_PID", "0"))
         count = int(env.get("LISTEN_FDS", "0"))

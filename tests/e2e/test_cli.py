@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -18,7 +22,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import DaemonProcess, GiB, MiB, start_daemon, stop_shared
+from conftest import DaemonProcess, GiB, MiB, require, require_root, start_daemon, stop_shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_operations import free_port, scrape, value
@@ -522,3 +526,139 @@ def test_fuzz_cli_arguments(daemon: DaemonProcess, args: list[str]) -> None:
     if result.exit_code != 0:
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("memplug: "), shown
+
+
+# --------------------------------------------------------------------------- first steps
+
+
+def test_version_is_the_package_version() -> None:
+    proc = subprocess.run([str(MEMPLUG), "--version"], capture_output=True, text=True, check=False)
+    daemon = subprocess.run(
+        [str(MEMPLUG.parent / "memplugd"), "--version"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    version = daemon.stdout.split()[1]
+    assert proc.stdout.split() == ["memplug", version], (proc.stdout, daemon.stdout)
+
+
+def test_range_verbs_explain_offset_length_and_strategy() -> None:
+    for verb in ("plug", "populate", "unplug", "discard"):
+        text = " ".join(subprocess.run(
+            [str(MEMPLUG), verb, "--help"], capture_output=True, text=True, check=True
+        ).stdout.split())  # fmt: skip
+        for said in ("512M", "0x200000", "No OFFSET: the whole region", "No LENGTH: from OFFSET"):
+            assert said in text, (verb, said, text)
+        if verb == "plug":
+            for said in ("auto (default)", "fallocate(2)", "MADV_POPULATE_WRITE"):
+                assert said in text, (said, text)
+
+
+def test_create_needs_a_size_except_to_adopt_a_file(daemon_factory: Factory) -> None:
+    allowed = Path(tempfile.mkdtemp(prefix="memplug-cli-"))
+    try:
+        d = daemon_factory("--allow-dir", str(allowed))
+        sock = d.socket
+        for backing in ("shmem", "hugetlb"):
+            line = fails(sock, 2, "create", "nosize", "-b", backing)
+            assert "missing argument SIZE" in line and backing in line, line
+        line = fails(sock, 2, "create", "neg", "-1G")
+        assert "-1G" in line and "negative" in line and "No such option" not in line, line
+        line = fails(sock, 2, "plug", "neg", "0", "-0x200000")
+        assert "-0x200000" in line and "negative" in line, line
+        with Client(sock) as c:
+            assert c.list_regions() == []
+        (allowed / "disk").write_bytes(b"")
+        os.truncate(allowed / "disk", 4 * MiB)
+        adopted = ok_json(sock, "create", "adopted", "-b", "file", "--path", "disk")
+        assert adopted["size"] == 4 * MiB and adopted["backing"] == "file"
+        ok(sock, "rm", "adopted")
+    finally:
+        shutil.rmtree(allowed, ignore_errors=True)
+
+
+def test_rm_deletes_nothing_when_a_name_is_missing(daemon: DaemonProcess) -> None:
+    sock = daemon.socket
+    a1, a2 = fresh(), fresh()
+    ok(sock, "create", a1, "16M")
+    ok(sock, "create", a2, "16M")
+    line = fails(sock, 3, "rm", a1, "nonexist", a2, "gone-too")
+    assert "nonexist, gone-too" in line and "nothing deleted" in line, line
+    assert ok_json(sock, "show", a1)["name"] == a1 and ok_json(sock, "show", a2)["name"] == a2
+    assert ok_json(sock, "rm", a1, a2, a1) == {"deleted": [a1, a2]}
+    fails(sock, 3, "show", a1)
+
+
+def test_exec_names_the_variable_two_regions_share(daemon: DaemonProcess) -> None:
+    sock = daemon.socket
+    dotted, dashed = "ab.x", "ab-x"
+    ok(sock, "create", dotted, "16M")
+    ok(sock, "create", dashed, "16M")
+    line = fails(sock, 2, "exec", "-r", dotted, "-r", dashed, "--", "true")
+    assert f"{dotted} and --region {dashed}" in line and "MEMPLUG_FD_AB_X" in line, line
+    line = fails(sock, 2, "exec", "-r", dotted, "-r", f"{dotted}:ro", "--", "true")
+    assert "given twice" in line, line
+    # A variable inherited from the caller (a nested exec) is replaced, not "given twice".
+    proc = subprocess.run(
+        [str(MEMPLUG), "exec", "-r", dotted, "--", "sh", "-c", "echo $MEMPLUG_FD_AB_X {fd:ab.x}"],
+        env={**env_for(sock), "MEMPLUG_FD_AB_X": "99"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    fd_env, fd_arg = proc.stdout.split()
+    assert fd_env == fd_arg != "99"
+    ok(sock, "rm", dotted, dashed)
+
+
+def test_rates_are_in_binary_units(daemon: DaemonProcess) -> None:
+    """The result line and the progress bar's speed speak GiB/s, as every size does."""
+    sock = daemon.socket
+    name = fresh()
+    ok(sock, "create", name, "64M")
+    out = ok(sock, "plug", name)
+    assert re.search(r"\(\d+\.\d\d GiB/s, ", out) and "GB/s" not in out, out
+    ok(sock, "rm", name)
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from memplug.client.cli import progress_columns
+
+    now = [0.0]
+    bar = Progress(*progress_columns(), get_time=lambda: now[0], auto_refresh=False)
+    task = bar.add_task("plug x", total=4 * GiB)
+    for at, done in ((0.5, 1 * GiB), (1.5, 3 * GiB)):  # 2 GiB in the second between
+        now[0] = at
+        bar.update(task, completed=done)
+    screen = io.StringIO()
+    Console(file=screen, width=120).print(bar.make_tasks_table(bar.tasks))
+    shown = screen.getvalue()
+    assert "2.00 GiB/s" in shown and "GB/s" not in shown, shown
+
+
+def test_a_socket_without_permission_says_which_group() -> None:
+    """The CLI as uid 65534 on a root:root 0660 socket: exit 7, naming the socket and its group."""
+    require_root("runs the CLI as uid 65534 against root's daemon")
+    require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
+    where = Path(tempfile.mkdtemp(prefix="memplug-perm-", dir="/tmp"))
+    where.chmod(0o755)  # only the socket's own mode stands in the way
+    d = start_daemon(where, "--socket-mode", "660")
+    try:
+        assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o660 and os.stat(d.socket).st_gid == 0
+        for verb in (["ls"], ["create", "p1", "16M"], ["plug", "p1"]):
+            proc = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                 str(MEMPLUG), "--socket", str(d.socket), *verb],
+                env=env_for(d.socket), cwd="/", capture_output=True, text=True, timeout=60,
+                check=False,
+            )  # fmt: skip
+            assert proc.returncode == 7, (verb, proc.returncode, proc.stderr)
+            lines = proc.stderr.splitlines()
+            assert len(lines) == 1, proc.stderr
+            assert lines[0].startswith(f"memplug: permission denied on {d.socket}: "), lines[0]
+            assert "in group root (the socket's group" in lines[0], lines[0]
+        ok(d.socket, "ls")  # root still reaches it
+    finally:
+        stop_shared(d)
+        shutil.rmtree(where, ignore_errors=True)
