@@ -8,6 +8,7 @@ still refuses, naming the holder.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def test_a_held_region_refuses_unplug_discard_and_delete(daemon: DaemonProcess) 
         c.plug("vm0")
         hold = c.hold_region("vm0", HOLDER, "live update of QEMU pid 41", ttl=60)
         assert hold.holder == HOLDER and 55 < hold.expires_at - time.time() <= 60
-        refusals = {
+        refusals: dict[str, Callable[[], object]] = {
             "unplug": lambda: c.unplug("vm0", 0, 2 * MiB),
             "discard": lambda: c.discard("vm0", 0, 2 * MiB),
             "delete": lambda: c.delete_region("vm0"),
