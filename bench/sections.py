@@ -23,6 +23,7 @@ from bench import echo, memplugd
 from bench import qemu as qemu_mod
 from bench.context import Bench
 from bench.hugepool import hugepool_section
+from bench.liveupdate import live_update_section
 from bench.loadclient import BLOCK
 from bench.machine import HUGE_2M
 from bench.raw import Kind, RawMemory
@@ -761,4 +762,5 @@ SECTIONS: dict[str, SectionFn] = {
     "thp": thp_section,
     "warmpool": warm_pool_section,
     "hugepool": hugepool_section,
+    "liveupdate": live_update_section,
 }

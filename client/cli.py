@@ -913,6 +913,10 @@ def show_status(st: Status) -> None:
         )
 
 
+# The VMM verbs (vm-update, hold, release) register themselves on the group.
+from memplug.client import cli_vm  # noqa: E402, F401
+
+
 def main() -> None:
     cli(prog_name="memplug")
 

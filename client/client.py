@@ -14,7 +14,14 @@ from grpc.experimental import ChannelOptions
 from memplug.client import convert
 from memplug.client.attach import AttachInfo, Attachment, open_region, redeem
 from memplug.client.errors import error_from_rpc
-from memplug.client.types import OperationResult, RangeResult, Region, Status, Ticket
+from memplug.client.types import (
+    OperationResult,
+    RangeResult,
+    Region,
+    RegionHold,
+    Status,
+    Ticket,
+)
 from memplug.common.errors import (
     Cancelled,
     FailedPrecondition,
@@ -144,6 +151,19 @@ class Client:
 
     def delete_region(self, name: str) -> None:
         self._unary(self._stub.DeleteRegion, pb.DeleteRegionRequest(name=name))
+
+    def hold_region(
+        self, name: str, holder: str, reason: str = "", ttl: float = 300.0
+    ) -> RegionHold:
+        """Refuse Unplug, Discard and Delete of the region until released or ttl seconds pass."""
+        request = pb.HoldRegionRequest(name=name, holder=holder, reason=reason, ttl_seconds=ttl)
+        h = self._unary(self._stub.HoldRegion, request)
+        return RegionHold(h.region, h.holder, h.reason, h.expires_at)
+
+    def release_region(self, name: str, holder: str) -> bool:
+        """Drop holder's hold on the region; False if it held none."""
+        request = pb.ReleaseRegionRequest(name=name, holder=holder)
+        return bool(self._unary(self._stub.ReleaseRegion, request).released)
 
     def health(self, service: str = "memplug.v1.Memplug") -> str:
         """The grpc.health.v1 status of the daemon: "SERVING", "NOT_SERVING", ..."""

@@ -111,3 +111,13 @@ class Status:
     # memory holders allocated outside plugged blocks (counted by the quota)
     allocated_outside_plugged_bytes: int = 0
     hugetlb_node_pools: list[HugePool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RegionHold:
+    """A hold on a region: Unplug, Discard and Delete fail until it ends."""
+
+    region: str
+    holder: str
+    reason: str
+    expires_at: float  # seconds since the epoch

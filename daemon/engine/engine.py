@@ -30,6 +30,7 @@ from memplug.common.ranges import Range
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking
 from memplug.daemon.engine.creation import creation_error, make_backing
+from memplug.daemon.engine.holds import Holds
 from memplug.daemon.engine.hugegrowth import Budget, HugePoolGrower, PoolReport
 from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.operations import Operations, OpResult, RangeOutcome
@@ -50,7 +51,7 @@ from memplug.daemon.engine.strategy import Strategy
 from memplug.daemon.engine.table import RegionTable
 from memplug.daemon.engine.tickets import Handoff, Peer, Ticket, TicketBook
 from memplug.daemon.engine.warmpool import PoolSpec, WarmPool
-from memplug.daemon.state.store import MemoryStore, StateStore
+from memplug.daemon.state.store import HoldRecord, MemoryStore, StateStore
 
 __all__ = ["EngineStatus", "OpResult", "RangeOutcome", "RegionEngine", "RegionListener"]
 
@@ -123,6 +124,7 @@ class RegionEngine:
         self._hugepages = HugePoolGrower(
             list(hugetlb_budgets or []), keep=hugetlb_keep, store=self._store
         )
+        self._holds = Holds(self._store)
         self._ops = Operations(
             runner=self._runner,
             journal=self._journal,
@@ -283,6 +285,7 @@ class RegionEngine:
     def delete_region(self, name: str) -> None:
         region = self._table.remove_idle(name, before=self._record_deletion)
         self._journal.forget(name)
+        self._holds.forget(name)
         with region.mutex:
             self._quota.release(region.plugged.total + region.prebacked.total)
         self._tickets.revoke_region(name)
@@ -297,6 +300,7 @@ class RegionEngine:
     def _record_deletion(self, name: str) -> None:
         # Recorded first, under the table's lock: a delete the store refuses
         # leaves the region served, counted and restorable, as the error says.
+        self._holds.check(name, "delete")
         try:
             self._store.delete_region(name)
         except MemplugError as exc:
@@ -364,6 +368,21 @@ class RegionEngine:
             plugged_bytes=plugged_bytes,
         )
 
+    def hold_region(self, name: str, holder: str, reason: str, ttl: float) -> HoldRecord:
+        """Refuse Unplug, Discard and Delete of the region until released or expired."""
+        # Counted as an operation: a delete cannot slip between the lookup and the hold.
+        with self._table.operation(name, CancelToken()) as region:
+            hold = self._holds.hold(region.name, holder, reason, ttl)
+        log.info("region %s held by %r (%s) for %.0f s", name, hold.holder, hold.reason, ttl)
+        return hold
+
+    def release_region(self, name: str, holder: str) -> bool:
+        """Drop holder's hold; False if it held none (or it had expired)."""
+        region = self._get(name)
+        released = self._holds.release(region.name, holder)
+        log.info("region %s released by %r (%s)", name, holder, "held" if released else "not held")
+        return released
+
     # ------------------------------------------------------------------ operations
 
     def plug(
@@ -421,6 +440,7 @@ class RegionEngine:
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             self._inspect(region)  # a damaged region may still give memory back
+            self._holds.check(region.name, "unplug")
             return self._ops.unplug(region, offset, length, token)
 
     def discard(
@@ -429,6 +449,7 @@ class RegionEngine:
         """Zero plugged blocks and keep them backed."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
+            self._holds.check(region.name, "discard")
             return self._ops.discard(self._usable(region, "discard"), offset, length, token)
 
     def record_pending(self) -> None:
@@ -444,6 +465,7 @@ class RegionEngine:
         regions, report = restore_regions(self._store, adopted, self.allow_dirs)
         self._table.restored(regions, report.lost)
         self._hugepages.restore()
+        self._holds.load()
         for region in regions:
             self._quota.add(region.plugged.total)
         self._pool.start()

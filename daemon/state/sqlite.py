@@ -15,6 +15,8 @@ Schema, version 3:
     trigger finish_intent (v2): setting regions.finished_intent deletes that intent
     hugetlb_added(page_size INTEGER, node INTEGER (-1: the kernel-wide pool),
             pages INTEGER) (v3): huge pages the daemon added to a pool (--hugetlb-budget)
+    holds(region TEXT, holder TEXT, reason TEXT, expires_at REAL (epoch seconds),
+          PRIMARY KEY (region, holder))                   (v4)
 
 Every write is one transaction. In WAL mode with synchronous=NORMAL a commit is
 durable against a crash of the daemon before the call returns, a crash rolls
@@ -45,6 +47,7 @@ from memplug.common.errors import FailedPrecondition, MemplugError, NoSpace
 from memplug.common.ranges import Range
 from memplug.daemon.state.records import (
     Acl,
+    HoldRecord,
     acl_from_json,
     acl_to_json,
     options_from_json,
@@ -52,7 +55,7 @@ from memplug.daemon.state.records import (
 )
 from memplug.daemon.state.store import Intent, PoolKey, RegionRecord
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 SQLITE_FULL: Final = 13  # primary result code: "database or disk is full"
 
 
@@ -104,7 +107,20 @@ def _v3(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1, _v2, _v3]
+def _v4(db: sqlite3.Connection) -> None:
+    # Holds on regions (HoldRegion): a restart in the middle of a VMM hand-over
+    # must not let the region be unplugged or deleted under it.
+    db.executescript(
+        """
+        CREATE TABLE holds (
+            region TEXT NOT NULL, holder TEXT NOT NULL, reason TEXT NOT NULL,
+            expires_at REAL NOT NULL, PRIMARY KEY (region, holder)
+        );
+        """
+    )
+
+
+MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1, _v2, _v3, _v4]
 KERNEL_WIDE_NODE: Final = -1  # hugetlb_added.node of the kernel-wide pool
 
 
@@ -293,6 +309,7 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM regions WHERE name = ?", (name,))
             self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
+            self._db.execute("DELETE FROM holds WHERE region = ?", (name,))
             self._db.execute("COMMIT")
 
     def mark_gone(self, name: str, reason: str) -> None:
@@ -339,6 +356,40 @@ class SqliteStore:
             KERNEL_WIDE_NODE if node is None else node,
             pages,
         )
+
+    def load_holds(self) -> list[HoldRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT region, holder, reason, expires_at FROM holds ORDER BY region, holder"
+            ).fetchall()
+        holds = []
+        for row in rows:
+            try:
+                holds.append(
+                    HoldRecord(
+                        _typed("region", row[0], str),
+                        _typed("holder", row[1], str),
+                        _typed("reason", row[2], str),
+                        _typed("expires_at", row[3], float),
+                    )
+                )
+            except (ValueError, TypeError):
+                # A hold that cannot be read is kept as one that never expires:
+                # dropping it could let a hand-over's memory be unplugged.
+                holds.append(HoldRecord(str(row[0]), str(row[1]), "unreadable hold", float("inf")))
+        return holds
+
+    def put_hold(self, hold: HoldRecord) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO holds (region, holder, reason, expires_at) VALUES (?, ?, ?, ?)",
+            hold.region,
+            hold.holder,
+            hold.reason,
+            hold.expires_at,
+        )
+
+    def delete_hold(self, region: str, holder: str) -> None:
+        self._write("DELETE FROM holds WHERE region = ? AND holder = ?", region, holder)
 
     def close(self) -> None:
         with self._lock:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from memplug.common.ranges import Range
-from memplug.daemon.state.records import RegionRecord
+from memplug.daemon.state.records import HoldRecord, RegionRecord
 
-__all__ = ["Intent", "MemoryStore", "PoolKey", "RegionRecord", "StateStore"]
+__all__ = ["HoldRecord", "Intent", "MemoryStore", "PoolKey", "RegionRecord", "StateStore"]
 
 # A hugetlb pool: (page size, NUMA node), node None for the kernel-wide pool.
 PoolKey = tuple[int, int | None]
@@ -60,6 +60,14 @@ class StateStore(Protocol):
 
     def put_hugetlb_added(self, pool: PoolKey, pages: int) -> None: ...
 
+    def load_holds(self) -> list[HoldRecord]: ...
+
+    def put_hold(self, hold: HoldRecord) -> None:
+        """Record a hold, replacing the same holder's hold on the region."""
+        ...
+
+    def delete_hold(self, region: str, holder: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -69,6 +77,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._regions: dict[str, RegionRecord] = {}
         self._intents: dict[int, Intent] = {}
+        self._holds: dict[tuple[str, str], HoldRecord] = {}
         self._next = 1
         self._hugetlb_added: dict[PoolKey, int] = {}
 
@@ -80,6 +89,8 @@ class MemoryStore:
 
     def delete_region(self, name: str) -> None:
         self._regions.pop(name, None)
+        for key in [k for k in self._holds if k[0] == name]:
+            del self._holds[key]
         for i in [i for i, it in self._intents.items() if it.region == name]:
             del self._intents[i]
 
@@ -105,6 +116,15 @@ class MemoryStore:
 
     def put_hugetlb_added(self, pool: PoolKey, pages: int) -> None:
         self._hugetlb_added[pool] = pages
+
+    def load_holds(self) -> list[HoldRecord]:
+        return list(self._holds.values())
+
+    def put_hold(self, hold: HoldRecord) -> None:
+        self._holds[(hold.region, hold.holder)] = hold
+
+    def delete_hold(self, region: str, holder: str) -> None:
+        self._holds.pop((region, holder), None)
 
     def close(self) -> None:
         pass
