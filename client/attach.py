@@ -33,6 +33,7 @@ class AttachInfo:
     backing: str
     access: str  # "rw" or "ro"
     seals: int
+    plugged_bytes: int | None = None  # at the hand-off; None from a daemon that does not say
 
 
 def redeem(fd_socket: str, ticket: str, *, timeout: float = 10.0) -> tuple[int, AttachInfo]:
@@ -96,6 +97,7 @@ def _exchange(fd_socket: str, request: str, timeout: float) -> tuple[int, Attach
             backing=fields["backing"],
             access=fields["access"],
             seals=int(fields["seals"]),
+            plugged_bytes=int(fields["plugged_bytes"]) if "plugged_bytes" in fields else None,
         )
     for fd in fds:
         os.close(fd)
@@ -112,8 +114,12 @@ def _exchange(fd_socket: str, request: str, timeout: float) -> tuple[int, Attach
 class Attachment:
     """A region's fd, mapped into this process; close it (or use `with`) when done.
 
-    `view` is a memoryview of the whole region (read-only for "ro"). Touching
-    unplugged blocks is undefined: they may read as zero or fail.
+    `view` is a memoryview of the whole region (read-only for "ro"). `plugged`
+    lists the plugged ranges (offset, length) as they were at the hand-off: all
+    of the region unless it was attached with sparse=True. Touching unplugged
+    blocks is undefined: they may read as zero, allocate memory (which the
+    daemon's quota counts against everyone) or raise SIGBUS. `populated_bytes`
+    is what populate= faulted in: the plugged ranges only.
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class Attachment:
         self.fd = fd
         self.info = info
         self.plugged = plugged
+        self.populated_bytes = 0
         self.mmap: mmap.mmap | None = None
         self.view: memoryview | None = None
         self._views: list[memoryview] = []
@@ -158,7 +165,7 @@ class Attachment:
                     raise ValueError("populate must be None, 'read' or 'write'")
                 # Only plugged blocks: faulting an unplugged hugetlb block could
                 # allocate pages the daemon does not account for.
-                populate_mapping(
+                self.populated_bytes = populate_mapping(
                     self.mmap,
                     self.plugged,
                     write=populate == "write",
