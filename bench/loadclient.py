@@ -116,7 +116,8 @@ class _Setup:
                 ("Unplug 2 MiB", lambda: c.unplug(region, 0, BLOCK)),
             ]
         if workload == "attach":
-            return [("Attach", lambda: c.attach(region, map_memory=False).close())]
+            # The regions are partly plugged (the plug workload plugs block 0 only).
+            return [("Attach", lambda: c.attach(region, map_memory=False, sparse=True).close())]
         if workload == "ticket":
 
             def by_ticket() -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 from bench import echo, memplugd
 from bench import qemu as qemu_mod
 from bench.context import Bench
+from bench.hugepool import hugepool_section
+from bench.liveupdate import live_update_section
 from bench.loadclient import BLOCK
 from bench.machine import HUGE_2M
 from bench.raw import Kind, RawMemory
@@ -760,5 +762,7 @@ SECTIONS: dict[str, SectionFn] = {
     "rss": rss_section,
     "thp": thp_section,
     "warmpool": warm_pool_section,
+    "hugepool": hugepool_section,
+    "liveupdate": live_update_section,
     "takeover": takeover_section,
 }

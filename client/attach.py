@@ -34,6 +34,7 @@ class AttachInfo:
     backing: str
     access: str  # "rw" or "ro"
     seals: int
+    plugged_bytes: int | None = None  # at the hand-off; None from a daemon that does not say
 
 
 def redeem(
@@ -118,6 +119,7 @@ def _exchange(
             backing=fields["backing"],
             access=fields["access"],
             seals=int(fields["seals"]),
+            plugged_bytes=int(fields["plugged_bytes"]) if "plugged_bytes" in fields else None,
         )
     for fd in fds:
         os.close(fd)
@@ -134,8 +136,12 @@ def _exchange(
 class Attachment:
     """A region's fd, mapped into this process; close it (or use `with`) when done.
 
-    `view` is a memoryview of the whole region (read-only for "ro"). Touching
-    unplugged blocks is undefined: they may read as zero or fail.
+    `view` is a memoryview of the whole region (read-only for "ro"). `plugged`
+    lists the plugged ranges (offset, length) as they were at the hand-off: all
+    of the region unless it was attached with sparse=True. Touching unplugged
+    blocks is undefined: they may read as zero, allocate memory (which the
+    daemon's quota counts against everyone) or raise SIGBUS. `populated_bytes`
+    is what populate= faulted in: the plugged ranges only.
     """
 
     def __init__(
@@ -150,6 +156,7 @@ class Attachment:
         self.fd = fd
         self.info = info
         self.plugged = plugged
+        self.populated_bytes = 0
         self.mmap: mmap.mmap | None = None
         self.view: memoryview | None = None
         self._views: list[memoryview] = []
@@ -180,7 +187,7 @@ class Attachment:
                     raise ValueError("populate must be None, 'read' or 'write'")
                 # Only plugged blocks: faulting an unplugged hugetlb block could
                 # allocate pages the daemon does not account for.
-                populate_mapping(
+                self.populated_bytes = populate_mapping(
                     self.mmap,
                     self.plugged,
                     write=populate == "write",

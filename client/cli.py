@@ -326,6 +326,17 @@ def show_region(r: Region) -> None:
         ("owner uid", str(r.owner_uid)),
         ("charged to", f"memory cgroup {r.charge_cgroup}" if r.charge_cgroup else "the daemon"),
     ]
+    if r.allocated_outside_plugged_bytes:
+        rows.insert(
+            -1,
+            (
+                "outside",
+                f"{format_size(r.allocated_outside_plugged_bytes)} allocated outside plugged "
+                "blocks by the region's holders (counted by the quota; unplug frees it)",
+            ),
+        )
+    if r.damage:
+        rows.insert(1, ("DAMAGED", r.damage))
     if r.allowed_uids or r.allowed_gids:
         rows.append(("allowed", f"uids {r.allowed_uids or '-'} gids {r.allowed_gids or '-'}"))
     if r.read_only_uids or r.read_only_gids:
@@ -490,7 +501,7 @@ def ls_cmd(label: tuple[str, ...]) -> None:
         for r in regions:
             table.add_row(
                 r.name,
-                r.backing,
+                r.backing + (" DAMAGED" if r.damage else ""),
                 format_size(r.size),
                 format_size(r.plugged_bytes),
                 format_size(r.allocated_bytes),
@@ -775,7 +786,8 @@ def ticket_cmd(name: str, ro: bool) -> None:
     _emit(click.get_current_context(), data, human)
 
 
-REGION_SPEC = re.compile(r"([a-z0-9][a-z0-9._-]{0,62})(?::(ro|rw))?")
+# NAME, then any of :ro, :rw and :sparse (a partly plugged region, e.g. a VMM's hotplug memory)
+REGION_SPEC = re.compile(r"([a-z0-9][a-z0-9._-]{0,62})((?::(?:ro|rw|sparse))*)")
 
 
 def env_name(region: str) -> str:
@@ -784,14 +796,20 @@ def env_name(region: str) -> str:
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
 @click.option(
-    "--region", "-r", "regions", multiple=True, required=True, help="NAME or NAME:ro (repeatable)"
+    "--region",
+    "-r",
+    "regions",
+    multiple=True,
+    required=True,
+    help="NAME, NAME:ro, NAME:sparse or NAME:ro:sparse (repeatable)",
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_cmd(regions: tuple[str, ...], command: tuple[str, ...]) -> None:
     """Attach regions and run COMMAND with their fds inherited.
 
     In COMMAND, {fd:NAME} becomes the fd number and {path:NAME} /proc/self/fd/N;
-    MEMPLUG_FD_<NAME> is set in its environment.
+    MEMPLUG_FD_<NAME> is set in its environment. A region with unplugged blocks
+    is refused (touching them can raise SIGBUS) unless given as NAME:sparse.
 
       memplug exec -r vm0 -- qemu-system-x86_64 ... mem-path={path:vm0}
     """  # fmt: skip
@@ -803,8 +821,11 @@ def exec_cmd(regions: tuple[str, ...], command: tuple[str, ...]) -> None:
             for spec in regions:
                 match = REGION_SPEC.fullmatch(spec)
                 if match is None:
-                    raise InvalidArgument(f"--region {spec!r}: use NAME or NAME:ro")
-                name, access = match.group(1), match.group(2) or "rw"
+                    raise InvalidArgument(
+                        f"--region {spec!r}: use NAME, NAME:ro, NAME:sparse or NAME:ro:sparse"
+                    )
+                name, modifiers = match.group(1), match.group(2).split(":")[1:]
+                access = "ro" if "ro" in modifiers else "rw"
                 variable = env_name(name)
                 if name == given.get(variable):
                     raise InvalidArgument(f"--region {name} is given twice")
@@ -815,7 +836,8 @@ def exec_cmd(regions: tuple[str, ...], command: tuple[str, ...]) -> None:
                         f"letter or digit becomes _): attach one of them at a time"
                     )
                 given[variable] = name
-                fd = c.attach(name, access, map_memory=False).detach_fd()
+                attached = c.attach(name, access, map_memory=False, sparse="sparse" in modifiers)
+                fd = attached.detach_fd()
                 os.set_inheritable(fd, True)
                 env[variable] = str(fd)
                 subst[f"{{fd:{name}}}"] = str(fd)
@@ -850,9 +872,10 @@ def status_cmd() -> None:
 
 
 def show_status(st: Status) -> None:
+    counted = st.plugged_bytes + st.allocated_outside_plugged_bytes
     quota = (
-        f"{format_size(st.plugged_bytes)} of {format_size(st.quota_bytes)} "
-        f"({100 * st.plugged_bytes / st.quota_bytes:.0f}%)"
+        f"{format_size(st.plugged_bytes)}; the quota counts {format_size(counted)} of "
+        f"{format_size(st.quota_bytes)} ({100 * counted / st.quota_bytes:.0f}%)"
         if st.quota_bytes
         else f"{format_size(st.plugged_bytes)} (no quota)"
     )
@@ -861,6 +884,12 @@ def show_status(st: Status) -> None:
     click.echo(f"  regions:   {st.regions}")
     click.echo(f"  plugged:   {quota}")
     click.echo(f"  allocated: {format_size(st.allocated_bytes)}")
+    if st.allocated_outside_plugged_bytes:
+        click.echo(
+            f"  outside plugged blocks: {format_size(st.allocated_outside_plugged_bytes)} "
+            "allocated by holders of regions' fds (counted by the quota; `memplug show` tells "
+            "which region, unplug frees it)"
+        )
     click.echo(f"  threads:   {st.threads}")
     click.echo(f"  MADV_POPULATE: {'yes' if st.madv_populate else 'no (fallbacks in use)'}")
     thp = "allowed" if st.shmem_thp_allowed else f"off: {st.shmem_thp_hint}"
@@ -871,11 +900,21 @@ def show_status(st: Status) -> None:
             f"  warm pool {w.backing} {format_size(w.size)}: {w.ready} of {w.target} ready "
             f"({w.hits} hits, {w.misses} misses)"
         )
-    for p in st.hugetlb_pools:
-        click.echo(
-            f"  hugetlb {format_size(p.page_size):>7}: {p.free} free of {p.total} "
-            f"(reserved {p.reserved}, surplus {p.surplus})"
+    for p in [*st.hugetlb_pools, *st.hugetlb_node_pools]:
+        where = "" if p.node is None else f" node {p.node}"
+        grown = (
+            f", added by memplug {p.added_pages} of a budget of {p.budget_pages}"
+            if p.budget_pages or p.added_pages
+            else ""
         )
+        click.echo(
+            f"  hugetlb {format_size(p.page_size):>7}{where}: {p.free} free of {p.total} "
+            f"(reserved {p.reserved}, surplus {p.surplus}{grown})"
+        )
+
+
+# The VMM verbs (vm-update, hold, release) register themselves on the group.
+from memplug.client import cli_vm  # noqa: E402, F401
 
 
 def main() -> None:

@@ -13,11 +13,27 @@ import grpc
 from grpc.experimental import ChannelOptions
 
 from memplug.client import convert
-from memplug.client.attach import Attachment, open_region, redeem
+from memplug.client.attach import AttachInfo, Attachment, open_region, redeem
 from memplug.client.errors import error_from_rpc
-from memplug.client.types import OperationResult, RangeResult, Region, Status, Ticket
-from memplug.common.errors import Cancelled, Internal, InvalidArgument, MemplugError, Unavailable
+from memplug.client.types import (
+    OperationResult,
+    RangeResult,
+    Region,
+    RegionHold,
+    Status,
+    Ticket,
+)
+from memplug.common.errors import (
+    Cancelled,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MemplugError,
+    Unavailable,
+)
 from memplug.common.paths import default_socket
+from memplug.common.ranges import Range, subtract
+from memplug.common.sizes import format_size
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -165,6 +181,19 @@ class Client:
 
     def delete_region(self, name: str) -> None:
         self._unary(self._stub.DeleteRegion, pb.DeleteRegionRequest(name=name))
+
+    def hold_region(
+        self, name: str, holder: str, reason: str = "", ttl: float = 300.0
+    ) -> RegionHold:
+        """Refuse Unplug, Discard and Delete of the region until released or ttl seconds pass."""
+        request = pb.HoldRegionRequest(name=name, holder=holder, reason=reason, ttl_seconds=ttl)
+        h = self._unary(self._stub.HoldRegion, request)
+        return RegionHold(h.region, h.holder, h.reason, h.expires_at)
+
+    def release_region(self, name: str, holder: str) -> bool:
+        """Drop holder's hold on the region; False if it held none."""
+        request = pb.ReleaseRegionRequest(name=name, holder=holder)
+        return bool(self._unary(self._stub.ReleaseRegion, request).released)
 
     def health(self, service: str = "memplug.v1.Memplug") -> str:
         """The grpc.health.v1 status of the daemon: "SERVING", "NOT_SERVING", ..."""
@@ -334,27 +363,75 @@ class Client:
         *,
         populate: str | None = None,
         map_memory: bool = True,
+        sparse: bool = False,
     ) -> Attachment:
         """Attach the region: take its fd and (by default) map it; use as a context manager.
 
         Opens the region on the fd socket directly when this client knows where
         that socket is (one round trip, no gRPC); otherwise issues a ticket and
         redeems it. Either way the fd socket checks this process against the
-        region's ACL. populate="write" or "read" prefaults this process's page
-        tables for the plugged blocks (MADV_POPULATE_*), so first touches take
-        no faults.
+        region's ACL.
+
+        A region with unplugged blocks is refused with FailedPrecondition naming
+        them (plug it first), because touching an unplugged block can raise
+        SIGBUS (an empty hugetlb pool, a full filesystem) or allocate memory
+        outside the plugged set; the daemon's plugged set at the hand-off
+        decides. sparse=True takes a partly plugged region (a VMM that plugs and
+        unplugs under its guest): the Attachment's `plugged` lists the plugged
+        ranges, and it is the caller's job to touch only those. An owner who
+        unplugs blocks after the hand-off does so under its consumers' feet, as
+        the owner's deliberate act; nothing here can stop that.
+
+        populate="write" or "read" prefaults this process's page tables for the
+        plugged blocks only (MADV_POPULATE_*), so first touches take no faults;
+        the Attachment's `populated_bytes` says how much that was.
         """
         convert.pick(convert.ACCESS, access, "access")  # a clear error for a bad value
         direct = self._direct_fd_socket()
+        known: list[tuple[int, int]] | None = None
         if direct is not None:
             fd, info = open_region(str(direct), name, access, retry=self.retry_unavailable)
-            plugged = self.get_region(name).plugged if populate else []
         else:
             ticket = self.ticket(name, access)
             fd, info = redeem(ticket.fd_socket, ticket.ticket, retry=self.retry_unavailable)
-            plugged = ticket.region.plugged
+            known = ticket.region.plugged
         try:
+            plugged = self._plugged_at_handoff(name, info, known, sparse=sparse)
             return Attachment(fd, info, plugged=plugged, populate=populate, map_memory=map_memory)
         except BaseException:
             os.close(fd)
             raise
+
+    def _plugged_at_handoff(
+        self,
+        name: str,
+        info: AttachInfo,
+        known: list[tuple[int, int]] | None,
+        *,
+        sparse: bool,
+    ) -> list[tuple[int, int]]:
+        """The plugged ranges of a region just handed over; refuse a partly plugged
+        one unless sparse. known: the ranges the ticket came with."""
+        if info.plugged_bytes == info.size:
+            return [(0, info.size)]
+        # Partly plugged (or a daemon that does not say): the ranges, from the
+        # ticket when they agree with the hand-off, else from the daemon now.
+        if known is not None and sum(n for _, n in known) == info.plugged_bytes:
+            plugged = known
+        else:
+            plugged = self.get_region(name).plugged
+        plugged_bytes = sum(n for _, n in plugged)
+        if sparse or plugged_bytes == info.size:  # plugged since the hand-off: fine too
+            return plugged
+        holes = subtract([Range(0, info.size)], [Range(o, n) for o, n in plugged])
+        shown = ", ".join(str(h) for h in holes[:4]) + (", ..." if len(holes) > 4 else "")
+        err = FailedPrecondition(
+            f"region {name!r} has unplugged blocks: {shown} "
+            f"({format_size(info.size - plugged_bytes)} of "
+            f"{format_size(info.size)} unplugged); touching them can raise SIGBUS or allocate "
+            "memory outside the plugged set: plug them first, or attach with sparse=True "
+            f"(memplug exec -r {name}:sparse) and touch only the plugged ranges",
+            region=name,
+        )
+        err.code = "FAILED_PRECONDITION"
+        raise err

@@ -29,6 +29,9 @@ class Region:
     lock: bool = False
     from_warm_pool: bool = False
     operations_running: int = 0  # calls on the region now, rollbacks included
+    damage: str = ""  # why the region can no longer be used ("": it can)
+    # memory holders allocated outside plugged blocks (counted by the quota)
+    allocated_outside_plugged_bytes: int = 0
     charge_cgroup: str = ""  # memory cgroup billed for its pages; "": the daemon's
 
 
@@ -69,8 +72,11 @@ class HugePool:
     page_size: int
     total: int
     free: int
-    reserved: int
+    reserved: int  # kernel-wide, also on a node's pool
     surplus: int
+    node: int | None = None  # None: the kernel-wide pool
+    added_pages: int = 0  # added by memplugd for plugs (--hugetlb-budget), not given back yet
+    budget_pages: int = 0  # the most memplugd may add (0: none)
 
 
 @dataclass(frozen=True)
@@ -102,3 +108,16 @@ class Status:
     shmem_thp_hint: str = ""
     numa_nodes: list[int] = field(default_factory=list)
     warm_pools: list[WarmPool] = field(default_factory=list)
+    # memory holders allocated outside plugged blocks (counted by the quota)
+    allocated_outside_plugged_bytes: int = 0
+    hugetlb_node_pools: list[HugePool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RegionHold:
+    """A hold on a region: Unplug, Discard and Delete fail until it ends."""
+
+    region: str
+    holder: str
+    reason: str
+    expires_at: float  # seconds since the epoch

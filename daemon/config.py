@@ -15,7 +15,9 @@ from typing import Any
 from memplug.common.errors import InvalidArgument, StartupError
 from memplug.common.paths import FD_SOCKET_NAME, SOCKET_NAME, runtime_dir
 from memplug.common.sizes import parse_size
+from memplug.daemon.engine.hugegrowth import Budget
 from memplug.daemon.engine.warmpool import PoolSpec
+from memplug.daemon.kernel import hugepools
 
 
 def default_state_dir() -> Path:
@@ -95,6 +97,8 @@ class Config:
     fd_socket_mode: int = 0o666  # the consumer plane: identity is checked per region
     ticket_ttl: float = 10.0
     hugetlb_pools: tuple[tuple[int, int], ...] = ()  # (page size, pages) set at start and reload
+    hugetlb_budgets: tuple[Budget, ...] = ()  # pools a plug may grow, and by how much
+    hugetlb_keep: bool = False  # keep the pages added for plugs instead of giving them back
     log_level: str = "info"
     log_format: str = "text"  # "text" (key=value) or "json"
     warm_pools: tuple[PoolSpec, ...] = ()
@@ -123,6 +127,14 @@ class Config:
         for d in self.allow_dirs:
             if not d.is_dir():
                 raise InvalidArgument(f"allow-dir {d} is not a directory")
+        for budget in self.hugetlb_budgets:
+            if not hugepools.pool_dir(budget.page_size, budget.node).is_dir():
+                where = "" if budget.node is None else f" on NUMA node {budget.node}"
+                raise InvalidArgument(
+                    f"hugetlb-budget: the kernel offers no pool of {budget.page_size // 1024} KiB "
+                    f"pages{where} (see /sys/kernel/mm/hugepages and "
+                    "/sys/devices/system/node/node*/hugepages)"
+                )
         if self.log_format not in ("text", "json"):
             raise InvalidArgument(f"log-format {self.log_format!r}: use text or json")
         if self.metrics is not None:
@@ -165,6 +177,13 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "hugetlb_pools":
         values = [value] if isinstance(value, str) else list(value)
         return tuple(_pool(v) for v in values)
+    if key == "hugetlb_budgets":
+        values = [value] if isinstance(value, str) else list(value)
+        return tuple(Budget.parse(str(v)) for v in values)
+    if key == "hugetlb_keep":
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"hugetlb-keep {value!r}: use true or false")
+        return value
     if key == "ticket_ttl":
         return float(value)
     if key in ("socket_mode", "fd_socket_mode"):
@@ -259,6 +278,21 @@ def parser() -> argparse.ArgumentParser:
         "(repeatable)",
     )
     p.add_argument(
+        "--hugetlb-budget",
+        dest="hugetlb_budgets",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="PAGESIZE:MAX[@NODE], e.g. 2M:8G or 1G:16G@0: a hugetlb plug may grow that pool "
+        "by the pages it lacks, up to MAX in all; they are given back once free (repeatable)",
+    )
+    p.add_argument(
+        "--hugetlb-keep",
+        dest="hugetlb_keep",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="keep the huge pages added under --hugetlb-budget in the pool once free",
+    )
+    p.add_argument(
         "--metrics",
         default=argparse.SUPPRESS,
         help="serve Prometheus metrics on [HOST:]PORT (default off; host 127.0.0.1)",
@@ -313,6 +347,7 @@ def load(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
             norm = {
                 "allow_dir": "allow_dirs",
                 "hugetlb_pool": "hugetlb_pools",
+                "hugetlb_budget": "hugetlb_budgets",
                 "warm_pool": "warm_pools",
             }.get(norm, norm)
             if norm not in names:

@@ -14,8 +14,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from memplug.common import memory
-
 if TYPE_CHECKING:
     from memplug.daemon.engine.engine import RegionEngine
 
@@ -71,11 +69,19 @@ class EngineCollector(Collector):
             "Bytes the kernel has allocated to regions, by backing",
             labels=["backing"],
         )
-        for backing, (count, plug, alloc) in sorted(self.engine.usage_by_backing().items()):
+        outside = GaugeMetricFamily(
+            "memplug_allocated_outside_plugged_bytes",
+            "Bytes holders of regions' fds allocated outside plugged blocks (counted by the "
+            "quota), by backing",
+            labels=["backing"],
+        )
+        usage = sorted(self.engine.usage_by_backing().items())
+        for backing, (count, plug, alloc, stray) in usage:
             regions.add_metric([backing], count)
             plugged.add_metric([backing], plug)
             allocated.add_metric([backing], alloc)
-        yield from (regions, plugged, allocated)
+            outside.add_metric([backing], stray)
+        yield from (regions, plugged, allocated, outside)
         charged = GaugeMetricFamily(
             "memplug_region_charge_cgroup",
             "1 for each region whose memory is charged to a cgroup other than the daemon's",
@@ -88,15 +94,30 @@ class EngineCollector(Collector):
         quota = GaugeMetricFamily("memplug_quota_bytes", "The --max-bytes quota (0: none)")
         quota.add_metric([], self.engine.max_bytes or 0)
         yield quota
-        used = GaugeMetricFamily("memplug_quota_used_bytes", "Plugged bytes counted by the quota")
-        used.add_metric([], self.engine.plugged_total)
+        used = GaugeMetricFamily(
+            "memplug_quota_used_bytes",
+            "Bytes the quota counts: plugged, and allocated by holders outside plugged blocks",
+        )
+        used.add_metric([], self.engine.quota_counted)
         yield used
         pages = GaugeMetricFamily(
             "memplug_hugetlb_pages",
-            "The kernel's hugetlb pools, by page size and state (total, free, reserved, surplus)",
+            "The kernel's hugetlb pools, by page size and state (total, free, reserved, surplus; "
+            "added: pages memplug added for plugs, budget: the most it may add)",
             labels=["page_size", "state"],
         )
-        for pool in memory.huge_pools():
-            for state in ("total", "free", "reserved", "surplus"):
-                pages.add_metric([str(pool.page_size), state], getattr(pool, state))
+        node_pages = GaugeMetricFamily(
+            "memplug_hugetlb_node_pages",
+            "The kernel's hugetlb pools per NUMA node, by page size and state (as "
+            "memplug_hugetlb_pages; reserved is kernel-wide)",
+            labels=["page_size", "node", "state"],
+        )
+        for report in self.engine.hugetlb_pools():
+            for state in ("total", "free", "reserved", "surplus", "added", "budget"):
+                value = getattr(report, "budget_pages" if state == "budget" else state)
+                if report.node is None:
+                    pages.add_metric([str(report.page_size), state], value)
+                else:
+                    node_pages.add_metric([str(report.page_size), str(report.node), state], value)
         yield pages
+        yield node_pages

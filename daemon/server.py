@@ -72,6 +72,8 @@ RESTART_ONLY = (
     "state_dir",
     "threads",
     "warm_pools",
+    "hugetlb_budgets",
+    "hugetlb_keep",
     "socket_mode",
     "socket_group",
     "fd_socket_mode",
@@ -248,6 +250,8 @@ class Daemon:
             warm_pools=list(config.warm_pools),
             madv_populate=switches.madv_populate,
             memcg_check=switches.memcg_check,
+            hugetlb_budgets=list(config.hugetlb_budgets),
+            hugetlb_keep=config.hugetlb_keep,
         )
         metrics.REGISTRY.register(metrics.EngineCollector(self.engine))
         try:

@@ -52,6 +52,13 @@ class Backing(ABC):
     """
 
     kind: BackingKind
+    # Whether memory that holders of the fd allocate is the region's memory, for
+    # the quota to count: a memfd's pages are (reading a hole through a shared
+    # mapping allocates one); a file's blocks are disk, and its page cache is
+    # reclaimable.
+    holders_allocate_memory: bool = True
+    # Whether no holder of the fd can change its size (memfd seals).
+    sealed_against_resize: bool = True
 
     def __init__(
         self,
@@ -128,6 +135,13 @@ class Backing(ABC):
         """Bytes allocated now; 0 once the backing is closed (its region deleted)."""
         with self._fd_lock:
             return ops.allocated_bytes(self.fd) if self.fd >= 0 else 0
+
+    def resized(self) -> tuple[int, str] | None:
+        """(current size, why) if the fd's size is no longer the region's; None while it is.
+
+        memfds are sealed against resizing, so only a file can change under the daemon.
+        """
+        return None
 
     # ------------------------------------------------------------------ hand-off
 

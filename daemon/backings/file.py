@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Final
 
 from memplug.common import memory
-from memplug.common.errors import FailedPrecondition, InvalidArgument, NoSpace, PermissionDenied
+from memplug.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MemplugError,
+    NoSpace,
+    PermissionDenied,
+)
 from memplug.common.sizes import format_size
 from memplug.daemon.backings.base import Backing, BackingKind, MemPolicy
 from memplug.daemon.kernel import ops
@@ -67,6 +73,8 @@ def _open_parent(base: Path, rel: str) -> int:
 
 class FileBacking(Backing):
     kind = BackingKind.FILE
+    holders_allocate_memory = False
+    sealed_against_resize = False
 
     def __init__(
         self,
@@ -95,11 +103,14 @@ class FileBacking(Backing):
         *,
         create: bool = True,
         mpol: MemPolicy | None = None,
+        any_size: bool = False,
     ) -> FileBacking:
         """Open (or create) the file; size 0 adopts an existing file's size.
 
         A file memplug creates belongs to the region's owner, mode 0600; an
-        adopted file keeps its owner and mode.
+        adopted file keeps its owner and mode. any_size (a restart): open the
+        file of a region of `size` whatever its size now; resized() then says
+        what changed.
         """
         base, rel = _locate(path, allow_dirs)
         full, leaf = str(base / rel), os.path.basename(rel)
@@ -137,7 +148,7 @@ class FileBacking(Backing):
                 size = st.st_size
                 if size == 0:
                     raise InvalidArgument(f"{full} is empty: give a size to use it")
-            elif size != st.st_size:
+            elif size != st.st_size and not any_size:
                 raise FailedPrecondition(
                     f"{full} exists with size {st.st_size}; ask for that size, or 0 to adopt it"
                 )
@@ -171,6 +182,32 @@ class FileBacking(Backing):
         if self._parent_fd >= 0:
             os.close(self._parent_fd)
             self._parent_fd = -1
+
+    def resized(self) -> tuple[int, str] | None:
+        # Regular files cannot be sealed: anyone with a read-write fd (the owner,
+        # root) can ftruncate or fallocate(COLLAPSE_RANGE/INSERT_RANGE) them.
+        with self._fd_lock:
+            if self.fd < 0:
+                return None
+            now = os.fstat(self.fd).st_size
+        if now == self.size:
+            return None
+        how = "truncated" if now < self.size else "extended"
+        return now, (
+            f"its file {self.path} was {how} from {format_size(self.size)} ({self.size} bytes) "
+            f"to {format_size(now)} ({now} bytes) outside memplugd, by a process holding it "
+            "read-write (regular files cannot be sealed against truncation); its contents "
+            "may have moved or be gone, and touching blocks past the file's end raises "
+            "SIGBUS: copy out what you need, then delete the region"
+        )
+
+    def error_for(self, exc: OSError, missing: int) -> MemplugError:
+        # A population past a truncated end fails like a full filesystem (EFAULT):
+        # say what really happened.
+        found = self.resized()
+        if found is not None:
+            return FailedPrecondition(f"the region is damaged: {found[1]}")
+        return super().error_for(exc, missing)
 
     def exhausted(self, missing: int) -> NoSpace:
         try:

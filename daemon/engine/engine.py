@@ -19,17 +19,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from memplug.common import memory
 from memplug.common.cancel import CancelToken
-from memplug.common.errors import MemplugError, PermissionDenied
+from memplug.common.errors import FailedPrecondition, MemplugError, PermissionDenied
 from memplug.common.ranges import Range
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking
 from memplug.daemon.engine.creation import creation_error, make_backing
+from memplug.daemon.engine.holds import Holds
+from memplug.daemon.engine.hugegrowth import Budget, HugePoolGrower, PoolReport
 from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.operations import Operations, OpResult, RangeOutcome
 from memplug.daemon.engine.placement import apply_region_options, release_region
@@ -49,7 +51,7 @@ from memplug.daemon.engine.strategy import Strategy
 from memplug.daemon.engine.table import RegionTable
 from memplug.daemon.engine.tickets import Handoff, Peer, Ticket, TicketBook
 from memplug.daemon.engine.warmpool import PoolSpec, WarmPool
-from memplug.daemon.state.store import MemoryStore, StateStore
+from memplug.daemon.state.store import HoldRecord, MemoryStore, StateStore
 
 __all__ = ["EngineStatus", "OpResult", "RangeOutcome", "RegionEngine", "RegionListener"]
 
@@ -63,8 +65,12 @@ class EngineStatus:
     allocated_bytes: int
     quota_bytes: int | None
     threads: int
+    # Allocated by holders outside plugged blocks; the quota counts it.
+    allocated_outside_plugged_bytes: int
     madv_populate: bool
     warm_pools: list[tuple[PoolSpec, int, int, int]]  # (spec, ready, hits, misses)
+    # kernel-wide, then per node, with the pages memplug added (--hugetlb-budget)
+    hugetlb_pools: list[PoolReport] = field(default_factory=list)
 
 
 class RegionListener(Protocol):
@@ -88,10 +94,13 @@ class RegionEngine:
         warm_pools: list[PoolSpec] | None = None,
         madv_populate: bool = True,
         memcg_check: bool = True,
+        hugetlb_budgets: list[Budget] | None = None,
+        hugetlb_keep: bool = False,
     ) -> None:
         """madv_populate=False plugs and populates as on a kernel without
         MADV_POPULATE_* (the fallback paths); memcg_check=False skips the cgroup
-        headroom check before a plug."""
+        headroom check before a plug. hugetlb_budgets: pools a plug may grow
+        (hugegrowth.py); hugetlb_keep: never give the pages back."""
         self.threads = threads
         self.madv_populate = madv_populate and memory.has_madv_populate()
         self.memcg_check = memcg_check
@@ -112,15 +121,21 @@ class RegionEngine:
             release=self._release_quota,
         )
         self._journal = Journal(self._store)
+        self._hugepages = HugePoolGrower(
+            list(hugetlb_budgets or []), keep=hugetlb_keep, store=self._store
+        )
+        self._holds = Holds(self._store)
         self._ops = Operations(
             runner=self._runner,
             journal=self._journal,
             quota=self._quota,
             make_room=self._pool.shed,
             release_quota=self._release_quota,
+            allocated_outside_plugged=self.allocated_outside_plugged,
             threads=threads,
             madv_populate=self.madv_populate,
             memcg_check=memcg_check,
+            hugepages=self._hugepages,
         )
 
     # ------------------------------------------------------------------ bookkeeping
@@ -134,34 +149,52 @@ class RegionEngine:
     def plugged_total(self) -> int:
         return self._quota.used
 
-    def usage_by_backing(self) -> dict[str, tuple[int, int, int]]:
-        """backing -> (regions, plugged bytes, allocated bytes)."""
+    @property
+    def quota_counted(self) -> int:
+        """What the quota counts now: plugged bytes and those allocated outside them."""
+        return self._quota.used + self.allocated_outside_plugged()
+
+    def allocated_outside_plugged(self) -> int:
+        """Bytes holders of regions' fds allocated outside plugged blocks, all regions."""
+        return sum(r.allocated_outside_plugged() for r in self._table.regions())
+
+    def usage_by_backing(self) -> dict[str, tuple[int, int, int, int]]:
+        """backing -> (regions, plugged, allocated, allocated outside plugged bytes)."""
         regions = self._table.regions()
-        usage: dict[str, tuple[int, int, int]] = {k.value: (0, 0, 0) for k in BackingKind}
+        usage: dict[str, tuple[int, int, int, int]] = {k.value: (0, 0, 0, 0) for k in BackingKind}
         for region in regions:
-            info = region.info()
-            count, plugged, allocated = usage[info.backing.value]
+            info = self._info(region)
+            count, plugged, allocated, outside = usage[info.backing.value]
             usage[info.backing.value] = (
                 count + 1,
                 plugged + info.plugged_bytes,
                 allocated + info.allocated_bytes,
+                outside + info.allocated_outside_plugged,
             )
         return usage
 
     def status(self) -> EngineStatus:
         regions = self._table.regions()
+        for region in regions:
+            self._inspect(region)
         return EngineStatus(
             regions=len(regions),
             plugged_bytes=self._quota.used,
             allocated_bytes=sum(r.backing.allocated_bytes() for r in regions),
             quota_bytes=self._quota.max_bytes,
+            allocated_outside_plugged_bytes=sum(r.allocated_outside_plugged() for r in regions),
             threads=self.threads,
             madv_populate=self.madv_populate,
             warm_pools=[
                 (spec, self._pool.ready(spec), self._pool.hits[spec], self._pool.misses[spec])
                 for spec in self._pool.specs
             ],
+            hugetlb_pools=self._hugepages.report(),
         )
+
+    def hugetlb_pools(self) -> list[PoolReport]:
+        """The kernel's hugetlb pools, kernel-wide and per node, with what memplug added."""
+        return self._hugepages.report()
 
     def _release_quota(self, nbytes: int) -> None:
         self._quota.release(nbytes)
@@ -220,17 +253,39 @@ class RegionEngine:
         self._table.add(region)
 
     def get_region(self, name: str) -> RegionInfo:
-        return self._get(name).info()
+        return self._info(self._get(name))
 
     def _get(self, name: str) -> Region:
         return self._table.get(name)
 
     def list_regions(self, selector: Mapping[str, str] | None = None) -> list[RegionInfo]:
-        return [r.info() for r in self._table.regions() if r.label_match(selector or {})]
+        return [self._info(r) for r in self._table.regions() if r.label_match(selector or {})]
+
+    def _info(self, region: Region) -> RegionInfo:
+        self._inspect(region)
+        return region.info()
+
+    def _inspect(self, region: Region) -> None:
+        """Notice a FILE region's file resized from outside (see Region.detect_damage)."""
+        lost = region.detect_damage()
+        if lost:
+            self._release_quota(lost)
+
+    def _usable(self, region: Region, op: str) -> Region:
+        """The region, after a look at its backing; FAILED_PRECONDITION if it is damaged."""
+        self._inspect(region)
+        with region.mutex:
+            damage = region.damage
+        if damage is not None:
+            raise FailedPrecondition(
+                f"region {region.name!r} is damaged, {op} refused: {damage}", region=region.name
+            )
+        return region
 
     def delete_region(self, name: str) -> None:
         region = self._table.remove_idle(name, before=self._record_deletion)
         self._journal.forget(name)
+        self._holds.forget(name)
         with region.mutex:
             self._quota.release(region.plugged.total + region.prebacked.total)
         self._tickets.revoke_region(name)
@@ -239,10 +294,13 @@ class RegionEngine:
             self._listener.region_deleted(name, region.backing)
         region.backing.close()
         log.info("deleted region %s", name)
+        # Free now unless a client still holds the memory (record_pending retries).
+        self._hugepages.settle()
 
     def _record_deletion(self, name: str) -> None:
         # Recorded first, under the table's lock: a delete the store refuses
         # leaves the region served, counted and restorable, as the error says.
+        self._holds.check(name, "delete")
         try:
             self._store.delete_region(name)
         except MemplugError as exc:
@@ -279,7 +337,25 @@ class RegionEngine:
                     region=region.name,
                 )
             backing = region.backing
+            if (
+                access is Access.READ_WRITE
+                and not backing.sealed_against_resize
+                and peer.uid not in (0, region.acl.owner_uid)
+            ):
+                # FAILED_PRECONDITION, not PERMISSION_DENIED: the peer is in the ACL,
+                # and the fd socket would hide the reason of a PERMISSION_DENIED.
+                raise FailedPrecondition(
+                    f"uid {peer.uid} may not attach FILE region {region.name!r} read-write: "
+                    "a regular file cannot be sealed against truncation, so a read-write fd "
+                    "would let it shrink the file under the region's other users (SIGBUS); "
+                    f"only the owner (uid {region.acl.owner_uid}) and root may. Attach it "
+                    "read-only, or use a shmem or hugetlb region",
+                    region=region.name,
+                )
+            self._usable(region, "attach")
             fd = backing.reopen(writable=access is Access.READ_WRITE)
+            with region.mutex:
+                plugged_bytes = region.plugged.total
         return Handoff(
             fd=fd,
             region=region.name,
@@ -289,7 +365,23 @@ class RegionEngine:
             backing=backing.kind.value,
             access=access,
             seals=backing.seals(),
+            plugged_bytes=plugged_bytes,
         )
+
+    def hold_region(self, name: str, holder: str, reason: str, ttl: float) -> HoldRecord:
+        """Refuse Unplug, Discard and Delete of the region until released or expired."""
+        # Counted as an operation: a delete cannot slip between the lookup and the hold.
+        with self._table.operation(name, CancelToken()) as region:
+            hold = self._holds.hold(region.name, holder, reason, ttl)
+        log.info("region %s held by %r (%s) for %.0f s", name, hold.holder, hold.reason, ttl)
+        return hold
+
+    def release_region(self, name: str, holder: str) -> bool:
+        """Drop holder's hold; False if it held none (or it had expired)."""
+        region = self._get(name)
+        released = self._holds.release(region.name, holder)
+        log.info("region %s released by %r (%s)", name, holder, "held" if released else "not held")
+        return released
 
     # ------------------------------------------------------------------ operations
 
@@ -308,7 +400,7 @@ class RegionEngine:
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             return self._ops.plug(
-                region,
+                self._usable(region, "plug"),
                 offset,
                 length,
                 requested=requested,
@@ -332,7 +424,13 @@ class RegionEngine:
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             return self._ops.populate(
-                region, offset, length, write=write, threads=threads, token=token, progress=progress
+                self._usable(region, "populate"),
+                offset,
+                length,
+                write=write,
+                threads=threads,
+                token=token,
+                progress=progress,
             )
 
     def unplug(
@@ -341,6 +439,8 @@ class RegionEngine:
         """Punch the range and mark it unplugged."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
+            self._inspect(region)  # a damaged region may still give memory back
+            self._holds.check(region.name, "unplug")
             return self._ops.unplug(region, offset, length, token)
 
     def discard(
@@ -349,11 +449,14 @@ class RegionEngine:
         """Zero plugged blocks and keep them backed."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
-            return self._ops.discard(region, offset, length, token)
+            self._holds.check(region.name, "discard")
+            return self._ops.discard(self._usable(region, "discard"), offset, length, token)
 
     def record_pending(self) -> None:
         """Retry closing the intents whose closing write failed (called periodically)."""
         self._journal.record_pending(self._table.regions())
+        # and give back huge pages added for memory freed since (a client's last fd closed)
+        self._hugepages.settle()
 
     # ------------------------------------------------------------------ start-up
 
@@ -361,6 +464,8 @@ class RegionEngine:
         """Bring back the regions the store remembers (see restore.py); call once, first."""
         regions, report = restore_regions(self._store, adopted, self.allow_dirs)
         self._table.restored(regions, report.lost)
+        self._hugepages.restore()
+        self._holds.load()
         for region in regions:
             self._quota.add(region.plugged.total)
         self._pool.start()

@@ -22,6 +22,7 @@ from memplug.common.ranges import Range, subtract
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine import charging, rollback
+from memplug.daemon.engine.hugegrowth import HugePoolGrower
 from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.placement import lock_ranges, placed, unlock_ranges
 from memplug.daemon.engine.quota import Quota
@@ -71,19 +72,26 @@ class Operations:
         quota: Quota,
         make_room: Callable[[int], object],
         release_quota: Callable[[int], None],
+        allocated_outside_plugged: Callable[[], int],
         threads: int,
         madv_populate: bool,
         memcg_check: bool,
+        hugepages: HugePoolGrower,
     ) -> None:
-        """make_room(n) sheds warm-pool memory for a plug; release_quota(n) gives quota back."""
+        """make_room(n) sheds warm-pool memory for a plug; release_quota(n) gives quota back;
+        allocated_outside_plugged() is what holders allocated outside plugged blocks, all
+        regions (the quota counts it); hugepages grows a hugetlb region's pool for a plug
+        (--hugetlb-budget)."""
         self._runner = runner
         self._journal = journal
         self._quota = quota
         self._make_room = make_room
         self._release_quota = release_quota
+        self._allocated_outside_plugged = allocated_outside_plugged
         self._threads = threads
         self._madv_populate = madv_populate
         self._memcg_check = memcg_check
+        self._hugepages = hugepages
 
     # ------------------------------------------------------------------ plug
 
@@ -130,8 +138,17 @@ class Operations:
             # no planning, no extent scan and no intent, whatever its size.
             charge = charging.plug_target(region, r, fresh, check=self._memcg_check)
             room = None if charge is not None else self._memcg_room(region, r, fresh)
-            self._quota.reserve(region.name, fresh, make_room=self._make_room)
+            self._quota.reserve(
+                region.name,
+                fresh,
+                make_room=self._make_room,
+                outside_plugged=self._allocated_outside_plugged(),
+            )
+            with region.mutex:
+                region.reserved += fresh
+            growth = None
             try:
+                growth = self._hugepages.grow_for(region, fresh)
                 plan = make_plan(
                     strategy, gaps, max_threads=self._thread_count(threads), align=region.block_size
                 )
@@ -141,7 +158,9 @@ class Operations:
                 ]
                 intent = self._journal.begin(region, "plug", r, tuple(keep))
             except BaseException:
-                self._release_quota(fresh)
+                if growth is not None:
+                    growth.end(failed=True)
+                self._unreserve(region, fresh)
                 raise
             started = time.monotonic()
             span = Range(gaps[0].offset, gaps[-1].end - gaps[0].offset)
@@ -160,13 +179,16 @@ class Operations:
                 got = max(0, backing.allocated_bytes() - before)
                 unlock_ranges(region, gaps)
                 rollback.release_ranges(region, subtract(gaps, keep))
-                self._release_quota(fresh)
+                growth.end(failed=True)
+                self._unreserve(region, fresh)
                 self._journal.finish(region, intent, quiet=True)
                 raise rollback.failure(region, "plug", r, exc, missing=fresh - got) from exc
             seconds = time.monotonic() - started
-            with region.mutex:
+            growth.end()
+            with region.mutex:  # one hold: the bytes are never counted twice, nor missed
                 for g in gaps:
                     region.plugged.add(g)
+                region.reserved -= fresh
             try:
                 self._journal.finish(region, intent)
             except MemplugError as exc:
@@ -177,7 +199,8 @@ class Operations:
                         region.plugged.remove(g)
                 unlock_ranges(region, gaps)
                 rollback.release_ranges(region, subtract(gaps, keep))
-                self._release_quota(fresh)
+                growth.end(failed=True)
+                self._release_quota(fresh)  # reserved went with plugged, above
                 raise type(exc)(
                     f"region {region.name!r}: plug of {r} could not be recorded: "
                     f"{exc.message}; {rollback.UNDONE}",
@@ -191,6 +214,12 @@ class Operations:
             region.info(in_call=True),
             zeroing=backing.zeroing(strategy),
         )
+
+    def _unreserve(self, region: Region, nbytes: int) -> None:
+        """Give back a failed plug's quota (after its memory was released)."""
+        with region.mutex:
+            region.reserved -= nbytes
+        self._release_quota(nbytes)
 
     def _thread_count(self, requested: int) -> int:
         """Threads for one operation: as asked (0: all), at most the daemon's workers.
@@ -373,6 +402,7 @@ class Operations:
                 self._journal.finish(region, intent, quiet=True)
                 raise
             self._journal.finish_done(region, intent, "unplug", r)
+            self._hugepages.settle()  # pages memplug added for this region, if free now
             seconds = time.monotonic() - started
         return RangeOutcome(released, seconds, region.info(in_call=True))
 
@@ -399,7 +429,11 @@ class Operations:
             started = time.monotonic()
             intent = self._journal.begin(region, "discard", r)
             try:
-                with charging.allocator(region, "discard", r) as allocate:
+                # Each punched block is refilled at once: not a page to give back.
+                with (
+                    charging.allocator(region, "discard", r) as allocate,
+                    self._hugepages.holding(region, region.block_size),
+                ):
                     lost, cause = self._zero_blocks(region, r, allocate)
                 if region.lock_map is not None:
                     with region.mutex:

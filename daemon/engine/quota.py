@@ -37,9 +37,18 @@ class Quota:
         with self._lock:
             return self._used
 
-    def reserve(self, region: str, nbytes: int, *, make_room: Callable[[int], object]) -> None:
+    def reserve(
+        self,
+        region: str,
+        nbytes: int,
+        *,
+        make_room: Callable[[int], object],
+        outside_plugged: int = 0,
+    ) -> None:
         """Take nbytes for a plug of region, or raise QuotaExceeded.
 
+        outside_plugged: bytes holders of regions' fds allocated outside plugged
+        blocks; memory like plugged memory, so it counts against the limit too.
         make_room(short) frees at least short bytes of pool memory if it can;
         shed and reserve happen under one hold of the lock, or the pool's
         refill thread would take the room back in between.
@@ -47,15 +56,23 @@ class Quota:
         with self._lock:
             limit = self._max_bytes
             if limit is not None:
-                short = self._used + nbytes - limit
+                short = self._used + outside_plugged + nbytes - limit
                 if short > 0:
                     make_room(short)
-            if limit is not None and self._used + nbytes > limit:
-                left = max(0, limit - self._used)
+            if limit is not None and self._used + outside_plugged + nbytes > limit:
+                left = max(0, limit - self._used - outside_plugged)
+                stray = (
+                    f"; {format_size(outside_plugged)} of it is memory that holders of "
+                    "regions' fds allocated outside plugged blocks (memplug status shows "
+                    "which regions; an unplug of their unplugged blocks frees it)"
+                    if outside_plugged
+                    else ""
+                )
                 raise QuotaExceeded(
                     f"region {region!r}: plugging {format_size(nbytes)} more would exceed "
                     f"the daemon's quota of {format_size(limit)} "
-                    f"({format_size(left)} left); unplug or delete regions, or raise --max-bytes",
+                    f"({format_size(left)} left{stray}); unplug or delete regions, or raise "
+                    "--max-bytes",
                     region=region,
                 )
             self._used += nbytes

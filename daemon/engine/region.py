@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ __all__ = [
     "check_labels",
     "check_name",
 ]
+
+log = logging.getLogger("memplug.engine")
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,252}")
@@ -95,6 +98,10 @@ class RegionInfo:
     acl: Acl
     options: RegionOptions
     operations_running: int
+    # Bytes the kernel allocated to the region outside its plugged blocks (by
+    # holders of its fd), counted by the quota; 0 for FILE regions (disk).
+    allocated_outside_plugged: int = 0
+    damage: str = ""  # why the region cannot be used any more ("": it can)
 
 
 class Region:
@@ -129,6 +136,11 @@ class Region:
         self.mutex = threading.Lock()
         self.locks = RangeLock()
         self.active = 0  # operations in flight; guarded by the engine's lock
+        # Bytes running plugs reserved in the quota and are allocating, not yet
+        # in `plugged`: not allocated outside plugged blocks. Guarded by mutex.
+        self.reserved = 0
+        # Why the region is damaged (its file resized from outside); guarded by mutex.
+        self.damage: str | None = None
 
     @property
     def size(self) -> int:
@@ -150,6 +162,40 @@ class Region:
                 )
             length = self.size - offset
         return check_range(offset, length, size=self.size, align=self.block_size, what=what)
+
+    def detect_damage(self) -> int:
+        """Compare the backing with the region; mark the region damaged if it changed.
+
+        Plugged blocks that are no longer inside the file are forgotten (they
+        are gone: touching them raises SIGBUS). Returns the bytes forgotten,
+        whose quota the caller gives back.
+        """
+        found = self.backing.resized()
+        if found is None:
+            return 0
+        now, why = found
+        inside = Range(0, min(self.size, now) // self.block_size * self.block_size)
+        with self.mutex:
+            if self.damage is None:
+                log.warning("region %s is damaged: %s", self.name, why)
+            self.damage = why
+            gone = [p for p in self.plugged if p.end > inside.end]
+            lost = 0
+            for p in gone:
+                cut = Range(max(p.offset, inside.end), p.end - max(p.offset, inside.end))
+                self.plugged.remove(cut)
+                lost += cut.length
+        return lost
+
+    def allocated_outside_plugged(self, allocated: int | None = None) -> int:
+        """Bytes holders allocated outside the plugged blocks (0 where it is not memory)."""
+        if not self.backing.holders_allocate_memory:
+            return 0
+        if allocated is None:
+            allocated = self.backing.allocated_bytes()
+        with self.mutex:
+            counted = self.plugged.total + self.prebacked.total + self.reserved
+        return max(0, allocated - counted)
 
     def label_match(self, selector: Mapping[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in selector.items())
@@ -177,6 +223,8 @@ class Region:
         then describes the region as that call leaves it (not counting itself)."""
         with self.mutex:
             plugged = tuple(self.plugged)
+            damage = self.damage or ""
+        allocated = self.backing.allocated_bytes()
         return RegionInfo(
             name=self.name,
             size=self.size,
@@ -187,10 +235,12 @@ class Region:
             labels=dict(self.labels),
             plugged=plugged,
             plugged_bytes=sum(p.length for p in plugged),
-            allocated_bytes=self.backing.allocated_bytes(),
+            allocated_bytes=allocated,
             created_at=self.created_at,
             acl=self.acl,
             options=self.options,
             # Written under the engine's lock; a snapshot needs no lock to read it.
             operations_running=max(0, self.active - in_call),
+            allocated_outside_plugged=self.allocated_outside_plugged(allocated),
+            damage=damage,
         )

@@ -10,6 +10,8 @@ For each region the store remembers:
 3. check every block recorded as plugged is backed, allocating again what is
    not (fallocate is a no-op where memory is there); a block that cannot be
    backed is marked unplugged and reported, never silently assumed.
+A FILE region whose file was resized while the daemon was away comes back
+damaged (see Region.detect_damage), with why: it can be shown and deleted.
 A region whose memory cannot be found is marked gone in the store, with why.
 A record this daemon cannot use (malformed, as the store reports it, or of a
 backing it does not know, as after a downgrade) is reported lost and left as it
@@ -96,8 +98,10 @@ def _open_backing(
     if kind is BackingKind.FILE:
         owner = record.acl.owner_uid
         try:
+            # Whatever its size now: a file resized outside memplugd makes a
+            # damaged region, shown with why, not a region silently gone.
             return FileBacking.open(
-                record.path, record.size, allow_dirs, owner, create=False, mpol=mpol
+                record.path, record.size, allow_dirs, owner, create=False, mpol=mpol, any_size=True
             )
         except MemplugError as exc:
             # Only a vanished file is gone for good; a missing --allow-dir or a
@@ -205,9 +209,14 @@ def restore(
             for gap in region.plugged.gaps(Range(0, record.size)):
                 backing.release(gap.offset, gap.length)
         mine = [i for i in intents if i.region == record.name]
-        for intent in mine:
-            _replay(region, intent, report)
-        _ensure_backed(region, report)
+        region.detect_damage()  # forgets plugged blocks past a truncated end
+        if region.damage is not None:
+            # Nothing is replayed or allocated again: that would extend the file.
+            report.repaired.append(f"{region.name}: the region is damaged: {region.damage}")
+        else:
+            for intent in mine:
+                _replay(region, intent, report)
+            _ensure_backed(region, report)
         for intent in mine:
             store.finish(intent.id, region.name, tuple(region.plugged))
         store.finish(None, region.name, tuple(region.plugged))

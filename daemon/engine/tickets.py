@@ -35,6 +35,7 @@ class Handoff:
     backing: str
     access: Access
     seals: int
+    plugged_bytes: int  # at the hand-off: size means every block is plugged
 
 
 @dataclass(frozen=True)

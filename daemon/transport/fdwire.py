@@ -26,7 +26,7 @@ def ok_line(h: Handoff) -> bytes:
     return (
         f"OK region={h.region} size={h.size} page_size={h.page_size} "
         f"block_size={h.block_size} backing={h.backing} access={h.access.value} "
-        f"seals={h.seals}\n"
+        f"seals={h.seals} plugged_bytes={h.plugged_bytes}\n"
     ).encode()
 
 

@@ -45,7 +45,7 @@ def client(daemon: DaemonProcess) -> Iterator[Client]:
     with Client(daemon.socket) as c:
         c.create_region("vm0", 16 * MiB)
         c.plug("vm0", 0, 2 * MiB)
-        with c.attach("vm0") as att:
+        with c.attach("vm0", sparse=True) as att:
             assert att.view is not None
             att.view[: len(PATTERN)] = PATTERN
         yield c

@@ -227,7 +227,8 @@ def test_exec_passes_the_fds(daemon: DaemonProcess) -> None:
         f"readlink {{path:{ro}}}; "
         f"grep ^flags /proc/self/fdinfo/{{fd:{ro}}}"
     )
-    out = ok(sock, "exec", "-r", rw, "-r", f"{ro}:ro", "--", "sh", "-c", script).splitlines()
+    ok(sock, "plug", rw)
+    out = ok(sock, "exec", "-r", rw, "-r", f"{ro}:ro:sparse", "--", "sh", "-c", script).splitlines()
     assert len(out) == 6, out
     fd_env, fd_arg, path = out[0].split()
     assert fd_env == fd_arg and fd_arg.isdigit() and int(fd_arg) > 2

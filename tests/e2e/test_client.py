@@ -298,7 +298,9 @@ def test_attach_populate_write_on_partly_plugged_hugetlb(
         assert huge_free() == 1
         # Populating an unplugged block would take the one free page (or fail
         # for want of one); only the two plugged blocks may be faulted in.
-        with client.attach(name, populate="write") as att:
+        with client.attach(name, populate="write", sparse=True) as att:
+            assert att.plugged == [(0, 2 * MiB), (16 * MiB, 2 * MiB)]
+            assert att.populated_bytes == 4 * MiB
             assert att.mmap is not None and att.view is not None
             address = mapping_address(att.mmap)
             assert address is not None

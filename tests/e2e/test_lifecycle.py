@@ -225,7 +225,7 @@ def test_regions_survive_restart(
         for name, ranges in layout.items():
             for offset, length in ranges:
                 c.plug(name, offset, length)
-            held[name] = c.attach(name)
+            held[name] = c.attach(name, sparse=True)
             scribble(held[name], ranges)
         sums = {name: checksum(held[name], ranges) for name, ranges in layout.items()}
         before = c.list_regions()
@@ -248,7 +248,7 @@ def test_regions_survive_restart(
             )
             assert huge_free() == free_before, "the restart leaked or double-allocated pages"
             for name, ranges in layout.items():
-                with c.attach(name) as fresh:
+                with c.attach(name, sparse=True) as fresh:
                     assert checksum(fresh, ranges) == sums[name], f"{name}: contents changed"
                 # The mapping held across the restart is the same memory.
                 old = held[name]
@@ -256,7 +256,7 @@ def test_regions_survive_restart(
                 marker = os.urandom(4096)
                 at = ranges[-1][0] + 4096
                 old.view[at : at + 4096] = marker
-                with c.attach(name) as fresh:
+                with c.attach(name, sparse=True) as fresh:
                     assert fresh.view is not None
                     assert bytes(fresh.view[at : at + 4096]) == marker, name
             assert huge_free() == free_before
@@ -287,7 +287,7 @@ def test_without_systemd_files_survive_memfds_are_lost(
         c.create_region("huge", 8 * MiB, "hugetlb")
         for name in ("disk", "shm", "huge"):
             c.plug(name, 0, 4 * MiB)
-        with c.attach("disk") as att:
+        with c.attach("disk", sparse=True) as att:
             scribble(att, [(0, 4 * MiB)])
             disk_sum = checksum(att, [(0, 4 * MiB)])
         disk_before = c.get_region("disk")
@@ -301,7 +301,7 @@ def test_without_systemd_files_survive_memfds_are_lost(
     assert re.search(r"level=WARNING .*memfd regions .*will not outlive", d2.log())
     with Client(d2.socket) as c:
         assert c.get_region("disk") == disk_before
-        with c.attach("disk") as att:
+        with c.attach("disk", sparse=True) as att:
             assert checksum(att, [(0, 4 * MiB)]) == disk_sum
         assert [r.name for r in c.list_regions()] == ["disk"]
         for name in ("shm", "huge"):
@@ -339,7 +339,7 @@ def test_file_region_unreachable_for_one_start_comes_back(
     with Client(d.socket) as c:
         c.create_region("disk", 8 * MiB, "file", path="disk.img", labels={"vm": "a"})
         c.plug("disk", 0, 4 * MiB)
-        with c.attach("disk") as att:
+        with c.attach("disk", sparse=True) as att:
             scribble(att, [(0, 4 * MiB)])
             data_sum = checksum(att, [(0, 4 * MiB)])
         before = c.get_region("disk")
@@ -354,7 +354,7 @@ def test_file_region_unreachable_for_one_start_comes_back(
     d3 = plain("--allow-dir", str(files))
     with Client(d3.socket) as c:
         assert c.get_region("disk") == before, d3.log()
-        with c.attach("disk") as att:
+        with c.attach("disk", sparse=True) as att:
             assert checksum(att, [(0, 4 * MiB)]) == data_sum
 
 
@@ -367,7 +367,7 @@ def test_stop_mid_plug_rolls_it_back(systemd: Systemd, sig: int) -> None:
     with Client(d.socket) as c:
         c.create_region("big", 4 * GiB)
         c.plug("big", 0, 64 * MiB)
-        with c.attach("big") as att:
+        with c.attach("big", sparse=True) as att:
             scribble(att, [(0, 64 * MiB)])
             data_sum = checksum(att, [(0, 64 * MiB)])
         before = c.get_region("big")
@@ -401,7 +401,7 @@ def test_stop_mid_plug_rolls_it_back(systemd: Systemd, sig: int) -> None:
         assert region.plugged == before.plugged
         assert region.allocated_bytes == before.allocated_bytes
         assert c.status().plugged_bytes == 64 * MiB
-        with c.attach("big") as att:
+        with c.attach("big", sparse=True) as att:
             assert checksum(att, [(0, 64 * MiB)]) == data_sum
         assert intents(systemd.db) == []
         c.plug("big", 64 * MiB, 64 * MiB)  # the range is free to plug again

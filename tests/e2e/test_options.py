@@ -266,7 +266,7 @@ def test_pooled_region_survives_a_restart_without_its_extra_memory(tmp_path: Pat
         with client(d) as c:
             assert c.create_region("warm", 64 * MiB).from_warm_pool
             c.plug("warm", 0, 16 * MiB)
-            with c.attach("warm") as att:
+            with c.attach("warm", sparse=True) as att:
                 assert att.view is not None
                 att.view[0:4] = b"kept"
         d.proc.send_signal(signal.SIGKILL)
@@ -276,7 +276,7 @@ def test_pooled_region_survives_a_restart_without_its_extra_memory(tmp_path: Pat
             region = c.get_region("warm")
             assert region.plugged == [(0, 16 * MiB)]
             assert region.allocated_bytes == 16 * MiB  # the unplugged rest was given back
-            with c.attach("warm", "ro") as att:
+            with c.attach("warm", "ro", sparse=True) as att:
                 assert att.view is not None and bytes(att.view[0:4]) == b"kept"
     finally:
         assert d.stop() == 0

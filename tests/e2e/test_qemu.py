@@ -245,7 +245,7 @@ def test_qemu_as_the_owner(public_daemon: DaemonProcess, access: str) -> None:
     with Client(public_daemon.socket) as c:
         c.create_region(name, 256 * MiB, owner_uid=NOBODY)
         c.plug(name, 0, 4 * MiB)
-        with c.attach(name) as att:
+        with c.attach(name, sparse=True) as att:
             assert att.view is not None
             att.view[0x100000 : 0x100000 + 16] = struct.pack("<4I", *WORDS_1M)
         ticket = c.ticket(name, access)

@@ -151,7 +151,7 @@ def expected_digest(seed: int, ranges: Ranges) -> str:
 def fill(client: Client, name: str, ranges: Ranges, seed: int) -> str:
     """Write pattern(seed, ranges) through a read-write attach; the sha256 written."""
     h = hashlib.sha256()
-    with client.attach(name) as att:
+    with client.attach(name, sparse=True) as att:  # touches only the ranges given
         assert att.view is not None
         for pos, piece in pattern(seed, ranges):
             att.view[pos : pos + len(piece)] = piece
@@ -163,7 +163,7 @@ def digest(client: Client, name: str, ranges: Ranges) -> str:
     """sha256 of ranges read through a fresh read-only attach (the kernel's bytes)."""
     h = hashlib.sha256()
     total = 0
-    with client.attach(name, "ro") as att:
+    with client.attach(name, "ro", sparse=True) as att:  # reads only the ranges given
         assert att.view is not None
         for pos, n in _chunks(ranges):
             h.update(att.view[pos : pos + n])

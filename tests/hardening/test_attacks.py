@@ -169,6 +169,9 @@ elif mode in ("ro-attack", "rw-attack"):
             r["madvise_remove"] = attempt(lambda: checked(libc.madvise(addr, size, MADV_REMOVE)))
             r["punch_hole"] = attempt(lambda: checked(libc.fallocate(fd, 3, 0, size)))
             r["fallocate"] = attempt(lambda: checked(libc.fallocate(fd, 0, 0, size)))
+            # FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE: reshape a file
+            r["collapse_range"] = attempt(lambda: checked(libc.fallocate(fd, 0x08, 0, size // 2)))
+            r["insert_range"] = attempt(lambda: checked(libc.fallocate(fd, 0x20, 0, size // 2)))
         r["ftruncate_zero"] = attempt(lambda: os.ftruncate(fd, 0))
         r["ftruncate_shrink"] = attempt(lambda: os.ftruncate(fd, size // 2))
         r["ftruncate_grow"] = attempt(lambda: os.ftruncate(fd, size * 2))
@@ -432,16 +435,26 @@ def test_read_only_holder_cannot_write(
     c.delete_region(name)
 
 
-@pytest.mark.parametrize("backing", ["shmem", "hugetlb"])
+@pytest.mark.parametrize("backing", ["shmem", "hugetlb", "file"])
 def test_read_write_holder_cannot_seal_or_resize(
     public: Public, request: pytest.FixtureRequest, backing: str
 ) -> None:
     if backing == "hugetlb":
         request.getfixturevalue("pool")
     c = public.client
-    name, _ = make_region(public, backing, allowed_uids=[NOBODY])
+    name, data = make_region(public, backing, allowed_uids=[NOBODY])
     ticket = c.ticket(name, "rw").ticket
     report = run_nobody(ATTACKER, "rw-attack", str(public.d.fd_socket), ticket)
+    if backing == "file":
+        # A regular file cannot be sealed: no read-write fd for anyone but its
+        # owner and root, whose truncation the daemon reports (test_holders.py).
+        attack("read-write file fd for a uid other than the owner", report["fds"] == 0)
+        refused(report, "FAILED_PRECONDITION")
+        assert "cannot be sealed against truncation" in report["line"], report["line"]
+        assert c.get_region(name).plugged == [(0, 4 * MiB)]
+        assert digest(c, name, [(0, 4 * MiB)]) == data
+        c.delete_region(name)
+        return
     assert report["fds"] == 1 and report["accmode"] == os.O_RDWR, report
     attempts: dict[str, str] = report["attempts"]
     for what, result in attempts.items():
@@ -560,7 +573,7 @@ def test_symlink_swap_race(public: Public, evil: Path, target: str) -> None:
                 messages.setdefault(code, exc.message)
                 continue
             outcomes["OK"] = outcomes.get("OK", 0) + 1
-            with c.attach(name, "ro", map_memory=False) as att:
+            with c.attach(name, "ro", map_memory=False, sparse=True) as att:
                 st = os.fstat(att.fd)
                 made.append((name, region.path, (st.st_dev, st.st_ino)))
             c.delete_region(name)

@@ -373,7 +373,7 @@ def test_forced_fallback_without_madv_populate(
 
         # A client punches a plugged page and the pool loses it: touching it must SIGBUS
         # the helper, and the daemon must say so instead of dying.
-        with c.attach("huge") as att:
+        with c.attach("huge", sparse=True) as att:
             punch(att, 6 * MiB, 2 * MiB)
         pool = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
         total = int(pool.read_text())

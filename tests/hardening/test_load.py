@@ -260,7 +260,7 @@ class Worker(threading.Thread):
         if region is None:
             return
         if not region.plugged:
-            self.attempt("attach", lambda: self.client.attach(name, "ro").close())
+            self.attempt("attach", lambda: self.client.attach(name, "ro", sparse=True).close())
             return
         offset, length = self.rng.choice(region.plugged)
         page = region.page_size
@@ -268,12 +268,12 @@ class Worker(threading.Thread):
         data = self.rng.randbytes(4096)
 
         def write_read() -> None:
-            with self.client.attach(name) as att:
+            with self.client.attach(name, sparse=True) as att:
                 assert att.view is not None
                 att.view[at : at + len(data)] = data
                 if bytes(att.view[at : at + len(data)]) != data:
                     self.problems.append(f"{name}: read back other bytes than written at {at}")
-            with self.client.attach(name, "ro") as again:
+            with self.client.attach(name, "ro", sparse=True) as again:
                 assert again.view is not None
                 if bytes(again.view[at : at + len(data)]) != data:
                     self.problems.append(f"{name}: a second attach sees other bytes at {at}")
@@ -313,7 +313,9 @@ class Worker(threading.Thread):
 
             self.attempt("cross populate", populate_read)
         else:
-            self.attempt("cross attach", lambda: c.attach(name, "ro", map_memory=False).close())
+            self.attempt(
+                "cross attach", lambda: c.attach(name, "ro", map_memory=False, sparse=True).close()
+            )
 
     def look(self) -> None:
         if self.rng.random() < 0.5:

@@ -246,6 +246,8 @@ class Region(_message.Message):
     LOCK_FIELD_NUMBER: _builtins.int
     FROM_WARM_POOL_FIELD_NUMBER: _builtins.int
     OPERATIONS_RUNNING_FIELD_NUMBER: _builtins.int
+    DAMAGE_FIELD_NUMBER: _builtins.int
+    ALLOCATED_OUTSIDE_PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
     CHARGE_CGROUP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, 1-63 characters of [a-z0-9._-], starting with [a-z0-9]."""
@@ -295,6 +297,20 @@ class Region(_message.Message):
     A call counts until the daemon is done with it, its rollback included:
     after a cancel, 0 here means the daemon has finished undoing the call.
     """
+    damage: _builtins.str
+    """Why the region can no longer be used; empty while it can. Set when a FILE
+    region's file was resized outside memplugd (regular files cannot be sealed:
+    its owner or root truncated it, or collapsed or inserted a range): plugged
+    blocks past the file's new end are dropped from plugged, and Plug, Populate,
+    Discard and attaching the region fail with FAILED_PRECONDITION saying so.
+    Unplug and DeleteRegion still work. A restart keeps the region, damaged.
+    """
+    allocated_outside_plugged_bytes: _builtins.int
+    """SHMEM and HUGETLB: bytes allocated to the region outside its plugged blocks,
+    by holders of its fd (a read-only holder reading an unplugged block through
+    a shared mapping allocates it). The quota counts them like plugged bytes.
+    Unplug of those blocks frees them. 0 for FILE regions (disk blocks).
+    """
     charge_cgroup: _builtins.str
     """The memory cgroup the region's pages are charged to (a path as
     /proc/PID/cgroup prints it, e.g. /kubepods/pod1/ctr); empty: the daemon's
@@ -341,11 +357,13 @@ class Region(_message.Message):
         lock: _builtins.bool = ...,
         from_warm_pool: _builtins.bool = ...,
         operations_running: _builtins.int = ...,
+        damage: _builtins.str = ...,
+        allocated_outside_plugged_bytes: _builtins.int = ...,
         charge_cgroup: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "created_at", b"created_at", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "created_at", b"created_at", "damage", b"damage", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -927,11 +945,25 @@ class HugePagePool(_message.Message):
     FREE_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
     SURPLUS_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    ADDED_PAGES_FIELD_NUMBER: _builtins.int
+    BUDGET_PAGES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     total: _builtins.int
     free: _builtins.int
     reserved: _builtins.int
+    """Pages reserved by mappings but not yet faulted in; the kernel counts
+    them kernel-wide only, so a node's pool shows the kernel-wide figure.
+    """
     surplus: _builtins.int
+    node: _builtins.int
+    """The NUMA node of a per-node pool; absent for the kernel-wide pool."""
+    added_pages: _builtins.int
+    """Pages memplugd added to this pool for plugs (--hugetlb-budget) and has
+    not given back yet; the kernel-wide pool sums its nodes'.
+    """
+    budget_pages: _builtins.int
+    """The most pages memplugd may add to this pool (--hugetlb-budget); 0: none."""
     def __init__(
         self,
         *,
@@ -940,12 +972,17 @@ class HugePagePool(_message.Message):
         free: _builtins.int = ...,
         reserved: _builtins.int = ...,
         surplus: _builtins.int = ...,
+        node: _builtins.int | None = ...,
+        added_pages: _builtins.int = ...,
+        budget_pages: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_node", b"_node", "node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free", b"free", "page_size", b"page_size", "reserved", b"reserved", "surplus", b"surplus", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node", b"_node", "added_pages", b"added_pages", "budget_pages", b"budget_pages", "free", b"free", "node", b"node", "page_size", b"page_size", "reserved", b"reserved", "surplus", b"surplus", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__node: _TypeAlias = _typing.Literal["node"]  # noqa: Y015
+    _WhichOneofArgType__node: _TypeAlias = _typing.Literal["_node", b"_node"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__node) -> _WhichOneofReturnType__node | None: ...
 
 Global___HugePagePool: _TypeAlias = HugePagePool  # noqa: Y015
 
@@ -969,6 +1006,8 @@ class DaemonStatus(_message.Message):
     SHMEM_THP_HINT_FIELD_NUMBER: _builtins.int
     NUMA_NODES_FIELD_NUMBER: _builtins.int
     WARM_POOLS_FIELD_NUMBER: _builtins.int
+    ALLOCATED_OUTSIDE_PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
+    HUGETLB_NODE_POOLS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     regions: _builtins.int
@@ -989,6 +1028,10 @@ class DaemonStatus(_message.Message):
     """
     shmem_thp_allowed: _builtins.bool
     shmem_thp_hint: _builtins.str
+    allocated_outside_plugged_bytes: _builtins.int
+    """Sum of the regions' allocated_outside_plugged_bytes: memory the quota counts
+    besides plugged_bytes.
+    """
     @_builtins.property
     def hugetlb_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___HugePagePool]: ...
     @_builtins.property
@@ -997,6 +1040,10 @@ class DaemonStatus(_message.Message):
 
     @_builtins.property
     def warm_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___WarmPool]: ...
+    @_builtins.property
+    def hugetlb_node_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___HugePagePool]:
+        """The same pools per NUMA node (hugetlb_pools are kernel-wide)."""
+
     def __init__(
         self,
         *,
@@ -1016,10 +1063,12 @@ class DaemonStatus(_message.Message):
         shmem_thp_hint: _builtins.str = ...,
         numa_nodes: _abc.Iterable[_builtins.int] | None = ...,
         warm_pools: _abc.Iterable[Global___WarmPool] | None = ...,
+        allocated_outside_plugged_bytes: _builtins.int = ...,
+        hugetlb_node_pools: _abc.Iterable[Global___HugePagePool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "fd_socket", b"fd_socket", "hugetlb_pools", b"hugetlb_pools", "madv_populate", b"madv_populate", "numa_nodes", b"numa_nodes", "plugged_bytes", b"plugged_bytes", "quota_bytes", b"quota_bytes", "regions", b"regions", "shmem_thp", b"shmem_thp", "shmem_thp_allowed", b"shmem_thp_allowed", "shmem_thp_hint", b"shmem_thp_hint", "socket", b"socket", "threads", b"threads", "uptime_seconds", b"uptime_seconds", "version", b"version", "warm_pools", b"warm_pools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "fd_socket", b"fd_socket", "hugetlb_node_pools", b"hugetlb_node_pools", "hugetlb_pools", b"hugetlb_pools", "madv_populate", b"madv_populate", "numa_nodes", b"numa_nodes", "plugged_bytes", b"plugged_bytes", "quota_bytes", b"quota_bytes", "regions", b"regions", "shmem_thp", b"shmem_thp", "shmem_thp_allowed", b"shmem_thp_allowed", "shmem_thp_hint", b"shmem_thp_hint", "socket", b"socket", "threads", b"threads", "uptime_seconds", b"uptime_seconds", "version", b"version", "warm_pools", b"warm_pools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1065,3 +1114,109 @@ class WarmPool(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WarmPool: _TypeAlias = WarmPool  # noqa: Y015
+
+@_typing.final
+class RegionHold(_message.Message):
+    """A hold on a region (see HoldRegion)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    holder: _builtins.str
+    """Who holds it, as the holder named itself (e.g. "memplug vm-update pid 42")."""
+    reason: _builtins.str
+    """Why, for people (e.g. "live update of QEMU pid 41")."""
+    expires_at: _builtins.float
+    """When the hold ends by itself, seconds since the Unix epoch."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        expires_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "holder", b"holder", "reason", b"reason", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionHold: _TypeAlias = RegionHold  # noqa: Y015
+
+@_typing.final
+class HoldRegionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    holder: _builtins.str
+    """1-128 printable characters."""
+    reason: _builtins.str
+    """Up to 256 printable characters."""
+    ttl_seconds: _builtins.float
+    """How long the hold lasts unless released, in seconds: > 0, at most 86400."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        ttl_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "name", b"name", "reason", b"reason", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldRegionRequest: _TypeAlias = HoldRegionRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseRegionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    holder: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        holder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRegionRequest: _TypeAlias = ReleaseRegionRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseRegionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """Whether a hold of that holder was dropped."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRegionResponse: _TypeAlias = ReleaseRegionResponse  # noqa: Y015
