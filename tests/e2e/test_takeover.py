@@ -31,6 +31,7 @@ from memplug.common.errors import MemplugError
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 Ranges = list[tuple[int, int]]
+# Partly plugged regions: attached sparse, touched only in their plugged ranges.
 LAYOUT: dict[str, Ranges] = {
     "vm-shm": [(0, 8 * MiB), (16 * MiB, 4 * MiB)],
     "vm-huge": [(0, 4 * MiB), (8 * MiB, 2 * MiB)],
@@ -112,7 +113,7 @@ def populated(d: DaemonProcess, tmp_path: Path, hugetlb_pool: Callable[[int], No
 def sums(c: Client) -> dict[str, str]:
     out = {}
     for name, ranges in LAYOUT.items():
-        with c.attach(name) as att:
+        with c.attach(name, sparse=True) as att:
             out[name] = checksum(att, ranges)
     return out
 
@@ -136,7 +137,7 @@ def test_takeover_keeps_every_region_and_its_data(old: DaemonProcess) -> None:
     held: dict[str, Attachment] = {}
     with Client(old.socket) as c:
         for name, ranges in LAYOUT.items():
-            held[name] = c.attach(name)
+            held[name] = c.attach(name, sparse=True)
             scribble(held[name], ranges)
         before = c.list_regions()
         checksums = sums(c)
@@ -158,7 +159,7 @@ def test_takeover_keeps_every_region_and_its_data(old: DaemonProcess) -> None:
                 marker = os.urandom(4096)
                 at = ranges[0][0]
                 view[at : at + 4096] = marker
-                with c.attach(name) as fresh:
+                with c.attach(name, sparse=True) as fresh:
                     assert fresh.view is not None
                     assert bytes(fresh.view[at : at + 4096]) == marker, name
             c.plug("vm-shm", 24 * MiB, 2 * MiB)  # and it serves writes
