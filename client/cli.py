@@ -816,27 +816,31 @@ def exec_cmd(regions: tuple[str, ...], command: tuple[str, ...]) -> None:
     env = dict(os.environ)
     subst: dict[str, str] = {}
     given: dict[str, str] = {}  # environment variable -> the region that set it
+    wanted: list[tuple[str, str, bool, str]] = []  # (name, access, sparse, variable)
     try:
+        # Every spec is checked before the first region is attached.
+        for spec in regions:
+            match = REGION_SPEC.fullmatch(spec)
+            if match is None:
+                raise InvalidArgument(
+                    f"--region {spec!r}: use NAME, NAME:ro, NAME:sparse or NAME:ro:sparse"
+                )
+            name, modifiers = match.group(1), match.group(2).split(":")[1:]
+            variable = env_name(name)
+            if name == given.get(variable):
+                raise InvalidArgument(f"--region {name} is given twice")
+            if variable in given:
+                raise InvalidArgument(
+                    f"--region {given[variable]} and --region {name} both map to the "
+                    f"environment variable {variable} (every character other than a "
+                    f"letter or digit becomes _): attach one of them at a time"
+                )
+            given[variable] = name
+            access = "ro" if "ro" in modifiers else "rw"
+            wanted.append((name, access, "sparse" in modifiers, variable))
         with client() as c:
-            for spec in regions:
-                match = REGION_SPEC.fullmatch(spec)
-                if match is None:
-                    raise InvalidArgument(
-                        f"--region {spec!r}: use NAME, NAME:ro, NAME:sparse or NAME:ro:sparse"
-                    )
-                name, modifiers = match.group(1), match.group(2).split(":")[1:]
-                access = "ro" if "ro" in modifiers else "rw"
-                variable = env_name(name)
-                if name == given.get(variable):
-                    raise InvalidArgument(f"--region {name} is given twice")
-                if variable in given:
-                    raise InvalidArgument(
-                        f"--region {given[variable]} and --region {name} both map to the "
-                        f"environment variable {variable} (every character other than a "
-                        f"letter or digit becomes _): attach one of them at a time"
-                    )
-                given[variable] = name
-                attached = c.attach(name, access, map_memory=False, sparse="sparse" in modifiers)
+            for name, access, sparse, variable in wanted:
+                attached = c.attach(name, access, map_memory=False, sparse=sparse)
                 fd = attached.detach_fd()
                 os.set_inheritable(fd, True)
                 env[variable] = str(fd)

@@ -594,6 +594,7 @@ def test_exec_names_the_variable_two_regions_share(daemon: DaemonProcess) -> Non
     dotted, dashed = "ab.x", "ab-x"
     ok(sock, "create", dotted, "16M")
     ok(sock, "create", dashed, "16M")
+    ok(sock, "plug", dotted)
     line = fails(sock, 2, "exec", "-r", dotted, "-r", dashed, "--", "true")
     assert f"{dotted} and --region {dashed}" in line and "MEMPLUG_FD_AB_X" in line, line
     line = fails(sock, 2, "exec", "-r", dotted, "-r", f"{dotted}:ro", "--", "true")

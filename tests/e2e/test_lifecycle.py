@@ -414,7 +414,7 @@ def test_interrupted_unplug_and_discard_are_rolled_forward(systemd: Systemd) -> 
         for name in ("u", "z"):
             c.create_region(name, 64 * MiB)
             c.plug(name, 0, 32 * MiB)
-            with c.attach(name) as att:
+            with c.attach(name, sparse=True) as att:
                 assert att.view is not None
                 att.view[0 : 32 * MiB] = b"\xa5" * (32 * MiB)
     assert d.stop() == 0
@@ -433,11 +433,11 @@ def test_interrupted_unplug_and_discard_are_rolled_forward(systemd: Systemd) -> 
         z = c.get_region("z")
         assert z.plugged == [(0, 32 * MiB)]
         assert z.allocated_bytes == 32 * MiB, "discarded blocks must stay backed"
-        with c.attach("z") as att:
+        with c.attach("z", sparse=True) as att:
             assert att.view is not None
             assert bytes(att.view[0 : 8 * MiB]) == bytes(8 * MiB)
             assert bytes(att.view[8 * MiB : 32 * MiB]) == b"\xa5" * (24 * MiB)
-        with c.attach("u") as att:
+        with c.attach("u", sparse=True) as att:
             assert att.view is not None
             assert bytes(att.view[0 : 8 * MiB]) == b"\xa5" * (8 * MiB)
             assert bytes(att.view[16 * MiB : 32 * MiB]) == b"\xa5" * (16 * MiB)
@@ -450,7 +450,7 @@ def test_block_punched_while_down_is_backed_again(systemd: Systemd) -> None:
     with Client(d.socket) as c:
         c.create_region("vm0", 32 * MiB)
         c.plug("vm0", 0, 16 * MiB)
-        att = c.attach("vm0")
+        att = c.attach("vm0", sparse=True)
     try:
         scribble(att, [(0, 2 * MiB), (4 * MiB, 12 * MiB)])
         kept = checksum(att, [(0, 2 * MiB), (4 * MiB, 12 * MiB)])
@@ -463,7 +463,7 @@ def test_block_punched_while_down_is_backed_again(systemd: Systemd) -> None:
             region = c.get_region("vm0")
             assert region.plugged == [(0, 16 * MiB)]
             assert region.allocated_bytes == 16 * MiB, "the punched block was not backed again"
-            with c.attach("vm0") as fresh:
+            with c.attach("vm0", sparse=True) as fresh:
                 assert checksum(fresh, [(0, 2 * MiB), (4 * MiB, 12 * MiB)]) == kept
         assert allocated(att.fd) == 16 * MiB
     finally:
@@ -499,7 +499,7 @@ def test_hugetlb_block_that_cannot_be_backed_is_unplugged(
             assert region.plugged == good
             assert region.allocated_bytes == 14 * MiB
             assert c.status().plugged_bytes == 14 * MiB
-            with c.attach("hp") as fresh:
+            with c.attach("hp", sparse=True) as fresh:
                 assert checksum(fresh, good) == kept
             set_free_huge_pages(1)
             c.plug("hp", 4 * MiB, 2 * MiB)  # plugging it again works once pages exist
@@ -787,13 +787,13 @@ def test_activated_socket_and_fd_store_across_restart(systemd: Systemd) -> None:
         with Client(d.socket) as c:
             c.create_region("vm0", 8 * MiB)
             c.plug("vm0", 0, 4 * MiB)
-            with c.attach("vm0") as att:
+            with c.attach("vm0", sparse=True) as att:
                 assert att.view is not None
                 att.view[0:6] = b"hello!"
         d2 = systemd.restart(d, signal.SIGKILL)
         with Client(d2.socket) as c:
             assert c.get_region("vm0").plugged == [(0, 4 * MiB)]
-            with c.attach("vm0") as att:
+            with c.attach("vm0", sparse=True) as att:
                 assert att.view is not None
                 assert bytes(att.view[0:6]) == b"hello!"
         assert d2.stop() == 0
