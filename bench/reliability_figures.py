@@ -30,7 +30,7 @@ DESCRIPTIONS: Final[dict[str, tuple[str, str]]] = {
     "state_full_retried": ("full state dir: the same RPCs served once space is back", "count"),
     "refused_plug_seconds": ("refused plug: latency", "seconds"),
     "refused_plug_rss_growth": ("refused plug: daemon RSS growth", "bytes"),
-    "holder_outcome": ("holder check held", "count"),
+    "holder_check": ("holder check held (1: yes, 0: no)", "count"),
     "holder_allocated_outside_plugged": ("memory a holder allocated, counted", "bytes"),
     "charge_consumer_bytes": ("plugged bytes charged to the consumer's cgroup", "bytes"),
     "charge_daemon_bytes": ("daemon's own cgroup growth meanwhile", "bytes"),
