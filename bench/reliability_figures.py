@@ -39,7 +39,7 @@ DESCRIPTIONS: Final[dict[str, tuple[str, str]]] = {
 }
 # Figures the generic tables leave to sections of their own.
 SHOWN_ELSEWHERE: Final = frozenset(
-    {"attack", "fault", "leak", "daemon_usage", "load_ops", "ticket_guesses"}
+    {"attack", "fault", "leak", "daemon_usage", "load_ops", "ticket_guesses", "bytes_checked"}
 )
 LABEL_BYTES: Final = frozenset({"size"})
 
