@@ -45,7 +45,7 @@ class Table:
 
 @dataclass(frozen=True)
 class Target:
-    """One target of the issue, as measured: passed is None when this run did not measure it."""
+    """One performance target, as measured: passed is None when this run did not measure it."""
 
     name: str
     measured: str

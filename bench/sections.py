@@ -22,6 +22,8 @@ from pathlib import Path
 from bench import echo, memplugd
 from bench import qemu as qemu_mod
 from bench.context import Bench
+from bench.hugepool import hugepool_section
+from bench.liveupdate import live_update_section
 from bench.loadclient import BLOCK
 from bench.machine import HUGE_2M
 from bench.raw import Kind, RawMemory
@@ -38,6 +40,7 @@ from bench.report import (
     fmt_time,
 )
 from bench.stats import Result, Run, interleave, median, repeat
+from bench.takeover import takeover_section
 from bench.thp_pool import thp_section, warm_pool_section
 from memplug.client import Client
 from memplug.common import memory
@@ -759,4 +762,7 @@ SECTIONS: dict[str, SectionFn] = {
     "rss": rss_section,
     "thp": thp_section,
     "warmpool": warm_pool_section,
+    "hugepool": hugepool_section,
+    "liveupdate": live_update_section,
+    "takeover": takeover_section,
 }

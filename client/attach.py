@@ -9,6 +9,7 @@ import mmap
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -36,19 +37,43 @@ class AttachInfo:
     plugged_bytes: int | None = None  # at the hand-off; None from a daemon that does not say
 
 
-def redeem(fd_socket: str, ticket: str, *, timeout: float = 10.0) -> tuple[int, AttachInfo]:
-    """Redeem a ticket for the region's fd on the daemon's fd socket (MEMPLUG/1 ATTACH)."""
-    return _exchange(fd_socket, f"{PROTOCOL} ATTACH {ticket}\n", timeout)
+def redeem(
+    fd_socket: str, ticket: str, *, timeout: float = 10.0, retry: float = 0.0
+) -> tuple[int, AttachInfo]:
+    """Redeem a ticket for the region's fd on the daemon's fd socket (MEMPLUG/1 ATTACH).
+
+    retry: seconds for which a socket that is not there or refuses (a daemon
+    restarting) is tried again; nothing was sent, so nothing is repeated.
+    """
+    return _exchange(fd_socket, f"{PROTOCOL} ATTACH {ticket}\n", timeout, retry)
 
 
 def open_region(
-    fd_socket: str, name: str, access: str, *, timeout: float = 10.0
+    fd_socket: str, name: str, access: str, *, timeout: float = 10.0, retry: float = 0.0
 ) -> tuple[int, AttachInfo]:
     """Open the region on the fd socket, no ticket (MEMPLUG/1 OPEN); the region's ACL decides."""
-    return _exchange(fd_socket, f"{PROTOCOL} OPEN {name} {access}\n", timeout)
+    return _exchange(fd_socket, f"{PROTOCOL} OPEN {name} {access}\n", timeout, retry)
 
 
-def _exchange(fd_socket: str, request: str, timeout: float) -> tuple[int, AttachInfo]:
+def _connect(sock: socket.socket, fd_socket: str, retry: float) -> None:
+    deadline = time.monotonic() + retry
+    while True:
+        try:
+            sock.connect(fd_socket)
+            return
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if time.monotonic() + 0.05 > deadline:
+                raise Unavailable(
+                    f"cannot reach the fd socket {fd_socket}: {exc.strerror}"
+                ) from exc
+            time.sleep(0.05)
+        except OSError as exc:
+            raise Unavailable(f"cannot reach the fd socket {fd_socket}: {exc.strerror}") from exc
+
+
+def _exchange(
+    fd_socket: str, request: str, timeout: float, retry: float = 0.0
+) -> tuple[int, AttachInfo]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # A blocking connect with a send timeout waits in the kernel for room in a
@@ -60,10 +85,7 @@ def _exchange(fd_socket: str, request: str, timeout: float) -> tuple[int, Attach
             socket.SO_SNDTIMEO,
             struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000)),
         )
-        try:
-            sock.connect(fd_socket)
-        except OSError as exc:
-            raise Unavailable(f"cannot reach the fd socket {fd_socket}: {exc.strerror}") from exc
+        _connect(sock, fd_socket, retry)
         sock.settimeout(timeout)
         try:
             sock.sendall(request.encode())

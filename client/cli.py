@@ -900,11 +900,21 @@ def show_status(st: Status) -> None:
             f"  warm pool {w.backing} {format_size(w.size)}: {w.ready} of {w.target} ready "
             f"({w.hits} hits, {w.misses} misses)"
         )
-    for p in st.hugetlb_pools:
-        click.echo(
-            f"  hugetlb {format_size(p.page_size):>7}: {p.free} free of {p.total} "
-            f"(reserved {p.reserved}, surplus {p.surplus})"
+    for p in [*st.hugetlb_pools, *st.hugetlb_node_pools]:
+        where = "" if p.node is None else f" node {p.node}"
+        grown = (
+            f", added by memplug {p.added_pages} of a budget of {p.budget_pages}"
+            if p.budget_pages or p.added_pages
+            else ""
         )
+        click.echo(
+            f"  hugetlb {format_size(p.page_size):>7}{where}: {p.free} free of {p.total} "
+            f"(reserved {p.reserved}, surplus {p.surplus}{grown})"
+        )
+
+
+# The VMM verbs (vm-update, hold, release) register themselves on the group.
+from memplug.client import cli_vm  # noqa: E402, F401
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,13 +15,21 @@ from grpc.experimental import ChannelOptions
 from memplug.client import convert
 from memplug.client.attach import AttachInfo, Attachment, open_region, redeem
 from memplug.client.errors import error_from_rpc
-from memplug.client.types import OperationResult, RangeResult, Region, Status, Ticket
+from memplug.client.types import (
+    OperationResult,
+    RangeResult,
+    Region,
+    RegionHold,
+    Status,
+    Ticket,
+)
 from memplug.common.errors import (
     Cancelled,
     FailedPrecondition,
     Internal,
     InvalidArgument,
     MemplugError,
+    Unavailable,
 )
 from memplug.common.paths import default_socket
 from memplug.common.ranges import Range, subtract
@@ -37,6 +46,14 @@ T = TypeVar("T")
 # is most of what a small plug costs beyond its unary floor. cancel() from
 # another thread still ends the call.
 _CHANNEL_OPTIONS = [(ChannelOptions.SingleThreadedUnaryStream, 1)]
+
+# A restart or take-over leaves the sockets unserved for a moment (a take-over:
+# the new daemon restoring its regions): calls that are safe to repeat are tried
+# again for this long. Plug, Populate, Unplug, Discard, CreateRegion and
+# DeleteRegion are not: UNAVAILABLE in the middle of one does not say whether it
+# ran, and the caller decides (GetRegion tells).
+RETRY_UNAVAILABLE = 3.0
+_RETRY_PAUSE = 0.05
 
 
 def _check_uint(value: int, bits: int, what: str) -> int:
@@ -56,7 +73,10 @@ class Client:
     socket: the daemon's gRPC socket; default $MEMPLUG_SOCKET, else
     /run/memplug/memplug.sock as root, $XDG_RUNTIME_DIR/memplug/memplug.sock
     otherwise. timeout: seconds for short calls (plug and populate take the
-    per-call timeout, default none). Errors are MemplugError subclasses with
+    per-call timeout, default none). retry_unavailable: seconds for which the
+    calls safe to repeat (GetRegion, ListRegions, GetStatus, Attach and the fd
+    socket's connect) are tried again while the daemon is unavailable, as in a
+    restart or take-over; 0 never. Errors are MemplugError subclasses with
     .code set to the gRPC status name.
     """
 
@@ -66,11 +86,13 @@ class Client:
         *,
         timeout: float = 30.0,
         fd_socket: str | os.PathLike[str] | None = None,
+        retry_unavailable: float = RETRY_UNAVAILABLE,
     ):
         self.socket = Path(socket) if socket is not None else default_socket()
         env_fd = os.environ.get("MEMPLUG_FD_SOCKET")
         self.fd_socket = Path(fd_socket) if fd_socket else Path(env_fd) if env_fd else None
         self.timeout = timeout
+        self.retry_unavailable = retry_unavailable
         self._channel = grpc.insecure_channel(f"unix:{self.socket}", options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.MemplugStub(self._channel)
 
@@ -88,6 +110,17 @@ class Client:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, target=str(self.socket)) from None
+
+    def _idempotent(self, method: Callable[..., T], request: Any) -> T:
+        """_unary, tried again while the daemon is unavailable (for calls safe to repeat)."""
+        deadline = time.monotonic() + self.retry_unavailable
+        while True:
+            try:
+                return self._unary(method, request)
+            except Unavailable:
+                if time.monotonic() + _RETRY_PAUSE > deadline:
+                    raise
+                time.sleep(_RETRY_PAUSE)
 
     # ------------------------------------------------------------------ regions
 
@@ -136,14 +169,31 @@ class Client:
         return convert.region(self._unary(self._stub.CreateRegion, request))
 
     def get_region(self, name: str) -> Region:
-        return convert.region(self._unary(self._stub.GetRegion, pb.GetRegionRequest(name=name)))
+        return convert.region(
+            self._idempotent(self._stub.GetRegion, pb.GetRegionRequest(name=name))
+        )
 
     def list_regions(self, labels: Mapping[str, str] | None = None) -> list[Region]:
         request = pb.ListRegionsRequest(label_selector=dict(labels or {}))
-        return [convert.region(r) for r in self._unary(self._stub.ListRegions, request).regions]
+        return [
+            convert.region(r) for r in self._idempotent(self._stub.ListRegions, request).regions
+        ]
 
     def delete_region(self, name: str) -> None:
         self._unary(self._stub.DeleteRegion, pb.DeleteRegionRequest(name=name))
+
+    def hold_region(
+        self, name: str, holder: str, reason: str = "", ttl: float = 300.0
+    ) -> RegionHold:
+        """Refuse Unplug, Discard and Delete of the region until released or ttl seconds pass."""
+        request = pb.HoldRegionRequest(name=name, holder=holder, reason=reason, ttl_seconds=ttl)
+        h = self._unary(self._stub.HoldRegion, request)
+        return RegionHold(h.region, h.holder, h.reason, h.expires_at)
+
+    def release_region(self, name: str, holder: str) -> bool:
+        """Drop holder's hold on the region; False if it held none."""
+        request = pb.ReleaseRegionRequest(name=name, holder=holder)
+        return bool(self._unary(self._stub.ReleaseRegion, request).released)
 
     def health(self, service: str = "memplug.v1.Memplug") -> str:
         """The grpc.health.v1 status of the daemon: "SERVING", "NOT_SERVING", ..."""
@@ -154,7 +204,7 @@ class Client:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def status(self) -> Status:
-        return convert.status(self._unary(self._stub.GetStatus, pb.GetStatusRequest()))
+        return convert.status(self._idempotent(self._stub.GetStatus, pb.GetStatusRequest()))
 
     # ------------------------------------------------------------------ ranges
     # length None (or 0) means "to the end of the region": the request carries
@@ -304,7 +354,7 @@ class Client:
             name=name,
             access=convert.pick(convert.ACCESS, access, "access"),
         )
-        return convert.ticket(self._unary(self._stub.Attach, request))
+        return convert.ticket(self._idempotent(self._stub.Attach, request))
 
     def attach(
         self,
@@ -340,10 +390,10 @@ class Client:
         direct = self._direct_fd_socket()
         known: list[tuple[int, int]] | None = None
         if direct is not None:
-            fd, info = open_region(str(direct), name, access)
+            fd, info = open_region(str(direct), name, access, retry=self.retry_unavailable)
         else:
             ticket = self.ticket(name, access)
-            fd, info = redeem(ticket.fd_socket, ticket.ticket)
+            fd, info = redeem(ticket.fd_socket, ticket.ticket, retry=self.retry_unavailable)
             known = ticket.region.plugged
         try:
             plugged = self._plugged_at_handoff(name, info, known, sparse=sparse)

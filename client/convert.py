@@ -92,6 +92,19 @@ def range_result(m: pb.RangeResult) -> RangeResult:
     return RangeResult(m.bytes, m.seconds, region(m.region))
 
 
+def huge_pool(p: pb.HugePagePool) -> HugePool:
+    return HugePool(
+        p.page_size,
+        p.total,
+        p.free,
+        p.reserved,
+        p.surplus,
+        node=p.node if p.HasField("node") else None,
+        added_pages=p.added_pages,
+        budget_pages=p.budget_pages,
+    )
+
+
 def status(m: pb.DaemonStatus) -> Status:
     return Status(
         version=m.version,
@@ -102,8 +115,8 @@ def status(m: pb.DaemonStatus) -> Status:
         allocated_outside_plugged_bytes=m.allocated_outside_plugged_bytes,
         quota_bytes=m.quota_bytes or None,
         threads=m.threads,
-        hugetlb_pools=[HugePool(p.page_size, p.total, p.free, p.reserved, p.surplus)
-                       for p in m.hugetlb_pools],
+        hugetlb_pools=[huge_pool(p) for p in m.hugetlb_pools],
+        hugetlb_node_pools=[huge_pool(p) for p in m.hugetlb_node_pools],
         madv_populate=m.madv_populate,
         socket=m.socket,
         fd_socket=m.fd_socket,

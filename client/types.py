@@ -72,8 +72,11 @@ class HugePool:
     page_size: int
     total: int
     free: int
-    reserved: int
+    reserved: int  # kernel-wide, also on a node's pool
     surplus: int
+    node: int | None = None  # None: the kernel-wide pool
+    added_pages: int = 0  # added by memplugd for plugs (--hugetlb-budget), not given back yet
+    budget_pages: int = 0  # the most memplugd may add (0: none)
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,14 @@ class Status:
     warm_pools: list[WarmPool] = field(default_factory=list)
     # memory holders allocated outside plugged blocks (counted by the quota)
     allocated_outside_plugged_bytes: int = 0
+    hugetlb_node_pools: list[HugePool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RegionHold:
+    """A hold on a region: Unplug, Discard and Delete fail until it ends."""
+
+    region: str
+    holder: str
+    reason: str
+    expires_at: float  # seconds since the epoch

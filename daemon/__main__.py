@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memplugd: {message}", file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
     setup_logging(config.log_level, config.log_format)
-    daemon = Daemon(config, reload_config=lambda: load(argv)[0])
+    daemon = Daemon(config, reload_config=lambda: load(argv)[0], takeover=args.takeover)
     stop = threading.Event()
     reload = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}memplugd: cannot start: {exc}", file=sys.stderr)
         return 1
     while not stop.wait(0.2):
+        if daemon.handed_over.is_set():
+            return 0  # a new memplugd serves every region now
         if reload.is_set():
             reload.clear()
             daemon.reload()

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from memplug.common.errors import InvalidArgument
+from memplug.common.errors import InvalidArgument, StartupError
 from memplug.common.paths import FD_SOCKET_NAME, SOCKET_NAME, runtime_dir
 from memplug.common.sizes import parse_size
+from memplug.daemon.engine.hugegrowth import Budget
 from memplug.daemon.engine.warmpool import PoolSpec
+from memplug.daemon.kernel import hugepools
 
 
 def default_state_dir() -> Path:
@@ -35,12 +37,26 @@ class Switches:
     # MEMPLUG_MEMCG_CHECK=0: skip the memory cgroup headroom check before a plug
     # (the OOM-safe helper processes still keep the daemon alive).
     memcg_check: bool = True
+    # MEMPLUG_TAKEOVER_TIMEOUT=SECONDS: how long a daemon handing over waits for the
+    # new one at each step before it serves again (default 30).
+    takeover_timeout: float = 30.0
+    # MEMPLUG_TAKEOVER_EXIT_AFTER_FDS=1: `memplugd --takeover` exits (status 3) once
+    # every fd has come, before it restores: the new daemon dying mid-way.
+    takeover_exit_after_fds: bool = False
 
 
 def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
+    try:
+        takeover_timeout = float(environ.get("MEMPLUG_TAKEOVER_TIMEOUT", "30"))
+    except ValueError:
+        raise StartupError(
+            f"MEMPLUG_TAKEOVER_TIMEOUT={environ['MEMPLUG_TAKEOVER_TIMEOUT']!r} is not a number"
+        ) from None
     return Switches(
         madv_populate=environ.get("MEMPLUG_DISABLE_MADV_POPULATE") != "1",
         memcg_check=environ.get("MEMPLUG_MEMCG_CHECK", "1") != "0",
+        takeover_timeout=takeover_timeout,
+        takeover_exit_after_fds=environ.get("MEMPLUG_TAKEOVER_EXIT_AFTER_FDS") == "1",
     )
 
 
@@ -81,6 +97,8 @@ class Config:
     fd_socket_mode: int = 0o666  # the consumer plane: identity is checked per region
     ticket_ttl: float = 10.0
     hugetlb_pools: tuple[tuple[int, int], ...] = ()  # (page size, pages) set at start and reload
+    hugetlb_budgets: tuple[Budget, ...] = ()  # pools a plug may grow, and by how much
+    hugetlb_keep: bool = False  # keep the pages added for plugs instead of giving them back
     log_level: str = "info"
     log_format: str = "text"  # "text" (key=value) or "json"
     warm_pools: tuple[PoolSpec, ...] = ()
@@ -109,6 +127,14 @@ class Config:
         for d in self.allow_dirs:
             if not d.is_dir():
                 raise InvalidArgument(f"allow-dir {d} is not a directory")
+        for budget in self.hugetlb_budgets:
+            if not hugepools.pool_dir(budget.page_size, budget.node).is_dir():
+                where = "" if budget.node is None else f" on NUMA node {budget.node}"
+                raise InvalidArgument(
+                    f"hugetlb-budget: the kernel offers no pool of {budget.page_size // 1024} KiB "
+                    f"pages{where} (see /sys/kernel/mm/hugepages and "
+                    "/sys/devices/system/node/node*/hugepages)"
+                )
         if self.log_format not in ("text", "json"):
             raise InvalidArgument(f"log-format {self.log_format!r}: use text or json")
         if self.metrics is not None:
@@ -151,6 +177,13 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "hugetlb_pools":
         values = [value] if isinstance(value, str) else list(value)
         return tuple(_pool(v) for v in values)
+    if key == "hugetlb_budgets":
+        values = [value] if isinstance(value, str) else list(value)
+        return tuple(Budget.parse(str(v)) for v in values)
+    if key == "hugetlb_keep":
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"hugetlb-keep {value!r}: use true or false")
+        return value
     if key == "ticket_ttl":
         return float(value)
     if key in ("socket_mode", "fd_socket_mode"):
@@ -245,6 +278,21 @@ def parser() -> argparse.ArgumentParser:
         "(repeatable)",
     )
     p.add_argument(
+        "--hugetlb-budget",
+        dest="hugetlb_budgets",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="PAGESIZE:MAX[@NODE], e.g. 2M:8G or 1G:16G@0: a hugetlb plug may grow that pool "
+        "by the pages it lacks, up to MAX in all; they are given back once free (repeatable)",
+    )
+    p.add_argument(
+        "--hugetlb-keep",
+        dest="hugetlb_keep",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="keep the huge pages added under --hugetlb-budget in the pool once free",
+    )
+    p.add_argument(
         "--metrics",
         default=argparse.SUPPRESS,
         help="serve Prometheus metrics on [HOST:]PORT (default off; host 127.0.0.1)",
@@ -273,6 +321,13 @@ def parser() -> argparse.ArgumentParser:
         help="ask the running memplugd PID (same --state-dir) to reload its configuration, "
         "wait for its answer and exit 0 if it was applied, 1 if not (for ExecReload=)",
     )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take every region over from the memplugd running on this --state-dir (an "
+        "upgrade or restart without systemd): it hands over and exits, this one serves on "
+        "the same sockets",
+    )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -292,6 +347,7 @@ def load(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
             norm = {
                 "allow_dir": "allow_dirs",
                 "hugetlb_pool": "hugetlb_pools",
+                "hugetlb_budget": "hugetlb_budgets",
                 "warm_pool": "warm_pools",
             }.get(norm, norm)
             if norm not in names:

@@ -14,8 +14,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from memplug.common import memory
-
 if TYPE_CHECKING:
     from memplug.daemon.engine.engine import RegionEngine
 
@@ -104,10 +102,22 @@ class EngineCollector(Collector):
         yield used
         pages = GaugeMetricFamily(
             "memplug_hugetlb_pages",
-            "The kernel's hugetlb pools, by page size and state (total, free, reserved, surplus)",
+            "The kernel's hugetlb pools, by page size and state (total, free, reserved, surplus; "
+            "added: pages memplug added for plugs, budget: the most it may add)",
             labels=["page_size", "state"],
         )
-        for pool in memory.huge_pools():
-            for state in ("total", "free", "reserved", "surplus"):
-                pages.add_metric([str(pool.page_size), state], getattr(pool, state))
+        node_pages = GaugeMetricFamily(
+            "memplug_hugetlb_node_pages",
+            "The kernel's hugetlb pools per NUMA node, by page size and state (as "
+            "memplug_hugetlb_pages; reserved is kernel-wide)",
+            labels=["page_size", "node", "state"],
+        )
+        for report in self.engine.hugetlb_pools():
+            for state in ("total", "free", "reserved", "surplus", "added", "budget"):
+                value = getattr(report, "budget_pages" if state == "budget" else state)
+                if report.node is None:
+                    pages.add_metric([str(report.page_size), state], value)
+                else:
+                    node_pages.add_metric([str(report.page_size), str(report.node), state], value)
         yield pages
+        yield node_pages

@@ -3,6 +3,8 @@
 Start: fds systemd handed back -> lock the state dir -> state store -> engine
 restores regions -> fd socket -> gRPC socket -> metrics -> READY=1. Stop: refuse
 new calls -> cancel running operations (they roll back) -> close sockets.
+With --takeover the fds and the lock come from the running daemon instead
+(takeover.py), and the sockets are claimed once it has let go.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.strategy import CHUNK_BYTES
 from memplug.daemon.metrics_http import MetricsServer
 from memplug.daemon.state.lock import StateDirBusy, StateDirLock
-from memplug.daemon.state.sqlite import SqliteStore
+from memplug.daemon.state.sqlite import SCHEMA_VERSION, SqliteStore
 from memplug.daemon.systemd import (
     Notifier,
     listen_fds,
     watchdog_interval,
     write_reload_result,
 )
+from memplug.daemon.takeover import Taken, TakeoverListener, socket_path, take_over
 from memplug.daemon.transport.fdlimits import FdLimits
 from memplug.daemon.transport.fdserver import FdServer
 from memplug.daemon.transport.interceptors import MetricsInterceptor
@@ -69,11 +72,17 @@ RESTART_ONLY = (
     "state_dir",
     "threads",
     "warm_pools",
+    "hugetlb_budgets",
+    "hugetlb_keep",
     "socket_mode",
     "socket_group",
     "fd_socket_mode",
     "metrics",
 )
+# Seconds a daemon handing over gives running calls to finish or roll back.
+HANDOVER_GRACE = 10.0
+# `memplugd --takeover` with MEMPLUG_TAKEOVER_EXIT_AFTER_FDS=1 exits with this.
+EXIT_AFTER_FDS = 3
 
 
 class FdStore:
@@ -171,8 +180,19 @@ def split_inherited(fds: list[tuple[int, str]]) -> tuple[int | None, dict[str, i
 
 
 class Daemon:
-    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reload_config: Callable[[], Config] | None = None,
+        *,
+        takeover: bool = False,
+    ) -> None:
         self.config = config
+        self._takeover = takeover
+        self._takeover_listener: TakeoverListener | None = None
+        self._handing_over = threading.Event()
+        self.handed_over = threading.Event()  # the process may exit 0: a new one serves
+        self._nofile = 0
         self._reload_config = reload_config
         self.notifier = Notifier(service_environment())
         self._server: grpc.Server | None = None
@@ -191,16 +211,26 @@ class Daemon:
         config = self.config
         # First, before anything opens an fd: 3.. are systemd's.
         listen_fd, adopted = split_inherited(listen_fds(service_environment()))
-        nofile = raise_nofile_limit()
+        nofile = self._nofile = raise_nofile_limit()
         make_own_dir(config.state_dir, 0o700, "--state-dir DIR (or set XDG_STATE_HOME)")
-        # Before anything else is touched: a second daemon on this state must
-        # change nothing (no socket, no pool, no store write), only refuse.
-        try:
-            self._state_lock = StateDirLock(config.state_dir)
-        except StateDirBusy as exc:
-            raise StartupError(str(exc)) from None
-        make_own_dir(config.socket.parent, 0o755, "--socket PATH (or set XDG_RUNTIME_DIR)")
-        claim_socket_path(config.socket)
+        switches = environment_switches()
+        taken: Taken | None = None
+        if self._takeover:
+            taken = self._take_over(
+                adopted,
+                nofile,
+                switches.takeover_timeout,
+                exit_after_fds=switches.takeover_exit_after_fds,
+            )
+        else:
+            # Before anything else is touched: a second daemon on this state must
+            # change nothing (no socket, no pool, no store write), only refuse.
+            try:
+                self._state_lock = StateDirLock(config.state_dir)
+            except StateDirBusy as exc:
+                raise StartupError(str(exc)) from None
+            make_own_dir(config.socket.parent, 0o755, "--socket PATH (or set XDG_RUNTIME_DIR)")
+            claim_socket_path(config.socket)
         apply_hugetlb_pools(config.hugetlb_pools)
         try:
             self._store = SqliteStore(config.state_dir / "memplug.db")
@@ -210,7 +240,6 @@ class Daemon:
                 f"{pwd_name(os.geteuid())}); give a directory this user may write with "
                 "--state-dir DIR"
             ) from exc
-        switches = environment_switches()
         self.engine = RegionEngine(
             threads=config.threads,
             max_bytes=config.max_bytes,
@@ -221,6 +250,8 @@ class Daemon:
             warm_pools=list(config.warm_pools),
             madv_populate=switches.madv_populate,
             memcg_check=switches.memcg_check,
+            hugetlb_budgets=list(config.hugetlb_budgets),
+            hugetlb_keep=config.hugetlb_keep,
         )
         metrics.REGISTRY.register(metrics.EngineCollector(self.engine))
         try:
@@ -230,18 +261,27 @@ class Daemon:
         for name in report.stray_fds:
             log.warning("systemd kept an fd named %s that matches no region: dropped", name)
             self.notifier.remove_fd(name)
-        self.fd_server = FdServer(
-            config.fd_socket,
-            self.engine,
-            mode=config.fd_socket_mode,
-            listen_fd=listen_fd,
-            limits=FdLimits.for_nofile(nofile),
+        if taken is not None:
+            # Every region is ours now: the old daemon closes its copies and exits.
+            taken.confirm(switches.takeover_timeout)
+            assert self._state_lock is not None
+            self._state_lock.claim()
+            make_own_dir(config.socket.parent, 0o755, "--socket PATH (or set XDG_RUNTIME_DIR)")
+            claim_socket_path(config.socket)
+        self._start_fd_server(listen_fd)
+        self._start_grpc()
+        self._start_metrics()
+        self._takeover_listener = TakeoverListener(
+            socket_path(config.state_dir),
+            self,
+            schema=SCHEMA_VERSION,
+            version=__version__,
+            timeout=switches.takeover_timeout,
         )
         try:
-            self.fd_server.start()
+            self._takeover_listener.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on {config.fd_socket}: {exc}") from exc
-        self._start_grpc()
+            raise StartupError(f"cannot listen on {self._takeover_listener.path}: {exc}") from exc
         if self.notifier.enabled:
             log.info(
                 "memfd regions are kept in systemd's fd store across restarts; systemd "
@@ -251,13 +291,53 @@ class Daemon:
         else:
             log.warning(
                 "no systemd (NOTIFY_SOCKET unset): memfd regions (shmem, hugetlb) will not "
-                "outlive this process; file regions will"
+                "outlive this process, except by a take-over (memplugd --takeover); file "
+                "regions will"
             )
         self.notifier.ready(self.status_line())
         self._health = threading.Thread(
             target=self._health_loop, name="memplug-health", daemon=True
         )
         self._health.start()
+
+    def _take_over(
+        self, adopted: dict[str, int], nofile: int, timeout: float, *, exit_after_fds: bool
+    ) -> Taken:
+        """Take the running daemon's lock and region fds (into adopted)."""
+        taken = take_over(
+            self.config.state_dir,
+            schema=SCHEMA_VERSION,
+            version=__version__,
+            nofile=nofile,
+            timeout=timeout,
+            after_fds=(lambda: os._exit(EXIT_AFTER_FDS)) if exit_after_fds else None,
+        )
+        for name, fd in taken.regions.items():
+            stale = adopted.pop(name, None)
+            if stale is not None:  # the running daemon's fd is the region's memory now
+                os.close(stale)
+            adopted[name] = fd
+        taken.regions = {}  # restore() owns (and closes) them from here
+        try:
+            self._state_lock = StateDirLock.adopt(taken.lock_fd, self.config.state_dir)
+        except (StateDirBusy, OSError) as exc:
+            taken.conn.close()
+            raise StartupError(f"cannot take the state dir's lock over: {exc}") from exc
+        return taken
+
+    def _start_fd_server(self, listen_fd: int | None) -> None:
+        config = self.config
+        self.fd_server = FdServer(
+            config.fd_socket,
+            self.engine,
+            mode=config.fd_socket_mode,
+            listen_fd=listen_fd,
+            limits=FdLimits.for_nofile(self._nofile),
+        )
+        try:
+            self.fd_server.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.fd_socket}: {exc}") from exc
 
     def _start_grpc(self) -> None:
         config, path = self.config, self.config.socket
@@ -296,14 +376,6 @@ class Daemon:
         self._server = server
         for service in ("", services[0]):
             self._health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        if config.metrics is not None:
-            host, port = metrics_address(config.metrics)
-            try:
-                self._metrics_server = MetricsServer(host, port, metrics.REGISTRY)
-            except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {config.metrics}: {exc}") from exc
-            self._metrics_server.start()
-            log.info("metrics on http://%s:%d/metrics", host, port)
         quota = format_size(config.max_bytes) if config.max_bytes is not None else "none"
         log.info(
             "memplugd %s serving on unix:%s, fd socket %s (threads=%d quota=%s allow_dirs=%s)",
@@ -314,6 +386,70 @@ class Daemon:
             quota,
             ",".join(map(str, config.allow_dirs)) or "-",
         )
+
+    def _start_metrics(self) -> None:
+        config = self.config
+        if config.metrics is not None:
+            host, port = metrics_address(config.metrics)
+            try:
+                self._metrics_server = MetricsServer(host, port, metrics.REGISTRY)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {config.metrics}: {exc}") from exc
+            self._metrics_server.start()
+            log.info("metrics on http://%s:%d/metrics", host, port)
+
+    # ------------------------------------------------------------------ take-over given
+
+    def region_count(self) -> int:
+        return sum(1 for r in self.engine.list_regions() if r.backing is not BackingKind.FILE)
+
+    def quiesce(self) -> tuple[int, dict[str, int]]:
+        """Stop serving as stop() does, but keep the regions, the store and the lock."""
+        assert self._state_lock is not None and self._state_lock.fd is not None
+        self._handing_over.set()
+        if self._health_servicer is not None:
+            self._health_servicer.enter_graceful_shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
+        stopped = self._server.stop(HANDOVER_GRACE) if self._server else None
+        self._server = None
+        try:
+            regions = self.engine.quiesce(HANDOVER_GRACE)
+        finally:
+            if stopped is not None:
+                stopped.wait(HANDOVER_GRACE)
+            self.fd_server.stop()
+            del self.fd_server  # stopped for good: stop() must not stop it again
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket)
+        return self._state_lock.fd, regions
+
+    def resume(self, why: str) -> None:
+        """The take-over failed: serve again on fresh sockets, with every region."""
+        self.engine.resume()
+        try:
+            self._start_fd_server(None)
+            claim_socket_path(self.config.socket)
+            self._start_grpc()
+            self._start_metrics()
+        except (StartupError, OSError) as exc:
+            log.critical("cannot serve again after a failed take-over: %s; exiting", exc)
+            self.notifier.stopping()
+            os._exit(1)  # a daemon that serves nothing must not look alive
+        self._handing_over.clear()
+        log.warning("serving again: the take-over failed (%s)", why)
+
+    def commit(self) -> None:
+        """A new daemon serves every region now: close our copies, let the process exit."""
+        self._stopped.set()
+        self.engine.shutdown(timeout=HANDOVER_GRACE)
+        if self._store is not None:
+            self._store.close()
+        if self._state_lock is not None:
+            self._state_lock.release()  # the new daemon's copy of the lock stays held
+        log.info("handed over: exiting")
+        self.handed_over.set()
 
     # ------------------------------------------------------------------ running
 
@@ -339,7 +475,8 @@ class Daemon:
                 if not self._serving():
                     continue  # no ping: systemd restarts us when the watchdog runs out
                 self.notifier.watchdog()
-            self.engine.record_pending()
+            if not self._handing_over.is_set():  # the store may be another daemon's now
+                self.engine.record_pending()
             self.notifier.status(self.status_line())
 
     def reload(self) -> tuple[bool, str]:
@@ -391,6 +528,8 @@ class Daemon:
             return  # refused before touching anything: nothing to stop
         self.notifier.stopping()
         log.info("stopping: refusing new calls, cancelling running operations")
+        if self._takeover_listener is not None:
+            self._takeover_listener.stop()
         if self._health_servicer is not None:
             self._health_servicer.enter_graceful_shutdown()
         if self._metrics_server is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +30,8 @@ from memplug.common.ranges import Range
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking
 from memplug.daemon.engine.creation import creation_error, make_backing
+from memplug.daemon.engine.holds import Holds
+from memplug.daemon.engine.hugegrowth import Budget, HugePoolGrower, PoolReport
 from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.operations import Operations, OpResult, RangeOutcome
 from memplug.daemon.engine.placement import apply_region_options, release_region
@@ -49,7 +51,7 @@ from memplug.daemon.engine.strategy import Strategy
 from memplug.daemon.engine.table import RegionTable
 from memplug.daemon.engine.tickets import Handoff, Peer, Ticket, TicketBook
 from memplug.daemon.engine.warmpool import PoolSpec, WarmPool
-from memplug.daemon.state.store import MemoryStore, StateStore
+from memplug.daemon.state.store import HoldRecord, MemoryStore, StateStore
 
 __all__ = ["EngineStatus", "OpResult", "RangeOutcome", "RegionEngine", "RegionListener"]
 
@@ -67,6 +69,8 @@ class EngineStatus:
     allocated_outside_plugged_bytes: int
     madv_populate: bool
     warm_pools: list[tuple[PoolSpec, int, int, int]]  # (spec, ready, hits, misses)
+    # kernel-wide, then per node, with the pages memplug added (--hugetlb-budget)
+    hugetlb_pools: list[PoolReport] = field(default_factory=list)
 
 
 class RegionListener(Protocol):
@@ -90,10 +94,13 @@ class RegionEngine:
         warm_pools: list[PoolSpec] | None = None,
         madv_populate: bool = True,
         memcg_check: bool = True,
+        hugetlb_budgets: list[Budget] | None = None,
+        hugetlb_keep: bool = False,
     ) -> None:
         """madv_populate=False plugs and populates as on a kernel without
         MADV_POPULATE_* (the fallback paths); memcg_check=False skips the cgroup
-        headroom check before a plug."""
+        headroom check before a plug. hugetlb_budgets: pools a plug may grow
+        (hugegrowth.py); hugetlb_keep: never give the pages back."""
         self.threads = threads
         self.madv_populate = madv_populate and memory.has_madv_populate()
         self.memcg_check = memcg_check
@@ -114,6 +121,10 @@ class RegionEngine:
             release=self._release_quota,
         )
         self._journal = Journal(self._store)
+        self._hugepages = HugePoolGrower(
+            list(hugetlb_budgets or []), keep=hugetlb_keep, store=self._store
+        )
+        self._holds = Holds(self._store)
         self._ops = Operations(
             runner=self._runner,
             journal=self._journal,
@@ -124,6 +135,7 @@ class RegionEngine:
             threads=threads,
             madv_populate=self.madv_populate,
             memcg_check=memcg_check,
+            hugepages=self._hugepages,
         )
 
     # ------------------------------------------------------------------ bookkeeping
@@ -177,7 +189,12 @@ class RegionEngine:
                 (spec, self._pool.ready(spec), self._pool.hits[spec], self._pool.misses[spec])
                 for spec in self._pool.specs
             ],
+            hugetlb_pools=self._hugepages.report(),
         )
+
+    def hugetlb_pools(self) -> list[PoolReport]:
+        """The kernel's hugetlb pools, kernel-wide and per node, with what memplug added."""
+        return self._hugepages.report()
 
     def _release_quota(self, nbytes: int) -> None:
         self._quota.release(nbytes)
@@ -268,6 +285,7 @@ class RegionEngine:
     def delete_region(self, name: str) -> None:
         region = self._table.remove_idle(name, before=self._record_deletion)
         self._journal.forget(name)
+        self._holds.forget(name)
         with region.mutex:
             self._quota.release(region.plugged.total + region.prebacked.total)
         self._tickets.revoke_region(name)
@@ -276,10 +294,13 @@ class RegionEngine:
             self._listener.region_deleted(name, region.backing)
         region.backing.close()
         log.info("deleted region %s", name)
+        # Free now unless a client still holds the memory (record_pending retries).
+        self._hugepages.settle()
 
     def _record_deletion(self, name: str) -> None:
         # Recorded first, under the table's lock: a delete the store refuses
         # leaves the region served, counted and restorable, as the error says.
+        self._holds.check(name, "delete")
         try:
             self._store.delete_region(name)
         except MemplugError as exc:
@@ -347,6 +368,21 @@ class RegionEngine:
             plugged_bytes=plugged_bytes,
         )
 
+    def hold_region(self, name: str, holder: str, reason: str, ttl: float) -> HoldRecord:
+        """Refuse Unplug, Discard and Delete of the region until released or expired."""
+        # Counted as an operation: a delete cannot slip between the lookup and the hold.
+        with self._table.operation(name, CancelToken()) as region:
+            hold = self._holds.hold(region.name, holder, reason, ttl)
+        log.info("region %s held by %r (%s) for %.0f s", name, hold.holder, hold.reason, ttl)
+        return hold
+
+    def release_region(self, name: str, holder: str) -> bool:
+        """Drop holder's hold; False if it held none (or it had expired)."""
+        region = self._get(name)
+        released = self._holds.release(region.name, holder)
+        log.info("region %s released by %r (%s)", name, holder, "held" if released else "not held")
+        return released
+
     # ------------------------------------------------------------------ operations
 
     def plug(
@@ -404,6 +440,7 @@ class RegionEngine:
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             self._inspect(region)  # a damaged region may still give memory back
+            self._holds.check(region.name, "unplug")
             return self._ops.unplug(region, offset, length, token)
 
     def discard(
@@ -412,11 +449,14 @@ class RegionEngine:
         """Zero plugged blocks and keep them backed."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
+            self._holds.check(region.name, "discard")
             return self._ops.discard(self._usable(region, "discard"), offset, length, token)
 
     def record_pending(self) -> None:
         """Retry closing the intents whose closing write failed (called periodically)."""
         self._journal.record_pending(self._table.regions())
+        # and give back huge pages added for memory freed since (a client's last fd closed)
+        self._hugepages.settle()
 
     # ------------------------------------------------------------------ start-up
 
@@ -424,6 +464,8 @@ class RegionEngine:
         """Bring back the regions the store remembers (see restore.py); call once, first."""
         regions, report = restore_regions(self._store, adopted, self.allow_dirs)
         self._table.restored(regions, report.lost)
+        self._hugepages.restore()
+        self._holds.load()
         for region in regions:
             self._quota.add(region.plugged.total)
         self._pool.start()
@@ -442,6 +484,18 @@ class RegionEngine:
         self.allow_dirs = [Path(d).resolve() for d in allow_dirs]
 
     # ------------------------------------------------------------------ shutdown
+
+    def quiesce(self, timeout: float) -> dict[str, int]:
+        """For a take-over: cancel every running operation and wait for its
+        rollback, refuse new ones, and return the memfd regions' fds by name
+        (FILE regions are reopened from their path). Nothing is closed: resume()
+        serves again, shutdown() ends."""
+        regions = self._table.pause(timeout, "memplugd is handing over to a new one")
+        return {r.name: r.backing.fd for r in regions if r.backing.kind is not BackingKind.FILE}
+
+    def resume(self) -> None:
+        """Serve again after quiesce(): the take-over did not happen."""
+        self._table.resume()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel every running operation, wait for their rollbacks, release everything."""

@@ -22,6 +22,7 @@ from memplug.common.ranges import Range, subtract
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine import charging, rollback
+from memplug.daemon.engine.hugegrowth import HugePoolGrower
 from memplug.daemon.engine.journal import Journal
 from memplug.daemon.engine.placement import lock_ranges, placed, unlock_ranges
 from memplug.daemon.engine.quota import Quota
@@ -75,10 +76,12 @@ class Operations:
         threads: int,
         madv_populate: bool,
         memcg_check: bool,
+        hugepages: HugePoolGrower,
     ) -> None:
         """make_room(n) sheds warm-pool memory for a plug; release_quota(n) gives quota back;
         allocated_outside_plugged() is what holders allocated outside plugged blocks, all
-        regions (the quota counts it)."""
+        regions (the quota counts it); hugepages grows a hugetlb region's pool for a plug
+        (--hugetlb-budget)."""
         self._runner = runner
         self._journal = journal
         self._quota = quota
@@ -88,6 +91,7 @@ class Operations:
         self._threads = threads
         self._madv_populate = madv_populate
         self._memcg_check = memcg_check
+        self._hugepages = hugepages
 
     # ------------------------------------------------------------------ plug
 
@@ -142,7 +146,9 @@ class Operations:
             )
             with region.mutex:
                 region.reserved += fresh
+            growth = None
             try:
+                growth = self._hugepages.grow_for(region, fresh)
                 plan = make_plan(
                     strategy, gaps, max_threads=self._thread_count(threads), align=region.block_size
                 )
@@ -152,6 +158,8 @@ class Operations:
                 ]
                 intent = self._journal.begin(region, "plug", r, tuple(keep))
             except BaseException:
+                if growth is not None:
+                    growth.end(failed=True)
                 self._unreserve(region, fresh)
                 raise
             started = time.monotonic()
@@ -171,10 +179,12 @@ class Operations:
                 got = max(0, backing.allocated_bytes() - before)
                 unlock_ranges(region, gaps)
                 rollback.release_ranges(region, subtract(gaps, keep))
+                growth.end(failed=True)
                 self._unreserve(region, fresh)
                 self._journal.finish(region, intent, quiet=True)
                 raise rollback.failure(region, "plug", r, exc, missing=fresh - got) from exc
             seconds = time.monotonic() - started
+            growth.end()
             with region.mutex:  # one hold: the bytes are never counted twice, nor missed
                 for g in gaps:
                     region.plugged.add(g)
@@ -189,6 +199,7 @@ class Operations:
                         region.plugged.remove(g)
                 unlock_ranges(region, gaps)
                 rollback.release_ranges(region, subtract(gaps, keep))
+                growth.end(failed=True)
                 self._release_quota(fresh)  # reserved went with plugged, above
                 raise type(exc)(
                     f"region {region.name!r}: plug of {r} could not be recorded: "
@@ -391,6 +402,7 @@ class Operations:
                 self._journal.finish(region, intent, quiet=True)
                 raise
             self._journal.finish_done(region, intent, "unplug", r)
+            self._hugepages.settle()  # pages memplug added for this region, if free now
             seconds = time.monotonic() - started
         return RangeOutcome(released, seconds, region.info(in_call=True))
 
@@ -417,7 +429,11 @@ class Operations:
             started = time.monotonic()
             intent = self._journal.begin(region, "discard", r)
             try:
-                with charging.allocator(region, "discard", r) as allocate:
+                # Each punched block is refilled at once: not a page to give back.
+                with (
+                    charging.allocator(region, "discard", r) as allocate,
+                    self._hugepages.holding(region, region.block_size),
+                ):
                     lost, cause = self._zero_blocks(region, r, allocate)
                 if region.lock_map is not None:
                     with region.mutex:

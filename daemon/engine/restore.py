@@ -44,8 +44,9 @@ NO_FD_STORE = (
     "a memfd region's memory lives only in its fds; systemd's fd store keeps them across "
     "restarts (systemctl restart, a crash, the watchdog) but empties it at `systemctl stop` "
     "and at reboot, unless the unit sets FileDescriptorStorePreserve=yes (systemd >= 254); "
-    "without systemd they end with the daemon process. Use `systemctl restart memplugd`, "
-    "not stop and start, or a file region (--allow-dir) for memory that must outlive a stop"
+    "without systemd they end with the daemon process unless a new one takes them over "
+    "(memplugd --takeover). Use `systemctl restart memplugd`, not stop and start, or a file "
+    "region (--allow-dir) for memory that must outlive a stop"
 )
 
 

@@ -84,6 +84,7 @@ class RegionTable:
         finally:
             with self._lock:
                 self._creating.discard(name)
+                self._lock.notify_all()  # pause() waits for creations too
 
     def check_file_unused(self, backing: FileBacking) -> None:
         with self._lock:
@@ -124,6 +125,28 @@ class RegionTable:
             for region in regions:
                 self._regions[region.name] = region
             self._lost.update(lost)
+
+    def pause(self, timeout: float, why: str) -> list[Region]:
+        """Refuse new calls, cancel the running ones and wait for them (they roll
+        back); every region is kept, for resume() or close()."""
+        with self._lock:
+            self._closing = True
+            for token in self._running:
+                token.cancel(f"cancelled: {why}")
+            deadline = time.monotonic() + timeout
+            while any(r.active for r in self._regions.values()) or self._creating:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FailedPrecondition(
+                        f"operations still running after {timeout:.0f}s; try again"
+                    )
+                self._lock.wait(left)
+            return sorted(self._regions.values(), key=lambda r: r.name)
+
+    def resume(self) -> None:
+        """Accept calls again after pause()."""
+        with self._lock:
+            self._closing = False
 
     def close(self, timeout: float) -> list[Region]:
         """Refuse new calls, cancel the running ones, wait for them; returns every region."""

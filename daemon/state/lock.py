@@ -43,6 +43,39 @@ class StateDirLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd: int | None = fd
 
+    @classmethod
+    def adopt(cls, fd: int, state_dir: Path) -> StateDirLock:
+        """Share the lock of a daemon that handed its lock fd over (a take-over).
+
+        flock belongs to the open file description, which the fd passed over
+        SCM_RIGHTS shares: both processes hold the one lock until the last of
+        them closes it, so the state dir is never unlocked between them.
+        """
+        lock = cls.__new__(cls)
+        lock.path = state_dir / LOCK_NAME
+        try:
+            if os.fstat(fd).st_ino != os.stat(lock.path).st_ino:
+                raise StateDirBusy(f"the lock handed over is not {lock.path}")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: succeeds at once
+        except BlockingIOError:
+            os.close(fd)
+            raise StateDirBusy(f"the lock handed over is not held on {lock.path}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        lock._fd = fd
+        return lock
+
+    def claim(self) -> None:
+        """Write our pid into the lock file (after a take-over: it named the old daemon)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

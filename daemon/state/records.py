@@ -115,6 +115,16 @@ class RegionRecord:
     options: RegionOptions = field(default_factory=RegionOptions)
 
 
+@dataclass(frozen=True)
+class HoldRecord:
+    """A hold on a region: Unplug, Discard and Delete are refused until expires_at."""
+
+    region: str
+    holder: str
+    reason: str
+    expires_at: float  # seconds since the epoch: a restart keeps the deadline
+
+
 # --------------------------------------------------------------------------- JSON
 
 

@@ -1,6 +1,6 @@
 """SQLite state store (stdlib sqlite3, WAL, synchronous=NORMAL).
 
-Schema, version 2:
+Schema, version 3:
 
     meta(key TEXT PRIMARY KEY, value TEXT)             schema_version
     regions(name TEXT PRIMARY KEY, size INTEGER, backing TEXT, page_size INTEGER,
@@ -13,6 +13,10 @@ Schema, version 2:
     intents(id INTEGER PRIMARY KEY, region TEXT, op TEXT, offset INTEGER,
             length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL)
     trigger finish_intent (v2): setting regions.finished_intent deletes that intent
+    hugetlb_added(page_size INTEGER, node INTEGER (-1: the kernel-wide pool),
+            pages INTEGER) (v3): huge pages the daemon added to a pool (--hugetlb-budget)
+    holds(region TEXT, holder TEXT, reason TEXT, expires_at REAL (epoch seconds),
+          PRIMARY KEY (region, holder))                   (v4)
 
 Every write is one transaction. In WAL mode with synchronous=NORMAL a commit is
 durable against a crash of the daemon before the call returns, a crash rolls
@@ -43,14 +47,15 @@ from memplug.common.errors import FailedPrecondition, MemplugError, NoSpace
 from memplug.common.ranges import Range
 from memplug.daemon.state.records import (
     Acl,
+    HoldRecord,
     acl_from_json,
     acl_to_json,
     options_from_json,
     options_to_json,
 )
-from memplug.daemon.state.store import Intent, RegionRecord
+from memplug.daemon.state.store import Intent, PoolKey, RegionRecord
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 4
 SQLITE_FULL: Final = 13  # primary result code: "database or disk is full"
 
 
@@ -89,7 +94,34 @@ def _v2(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1, _v2]
+def _v3(db: sqlite3.Connection) -> None:
+    # Pages added to hugetlb pools on demand outlive the process that added
+    # them: the next daemon must still know they are its to give back.
+    db.executescript(
+        """
+        CREATE TABLE hugetlb_added (
+            page_size INTEGER NOT NULL, node INTEGER NOT NULL, pages INTEGER NOT NULL,
+            PRIMARY KEY (page_size, node)
+        );
+        """
+    )
+
+
+def _v4(db: sqlite3.Connection) -> None:
+    # Holds on regions (HoldRegion): a restart in the middle of a VMM hand-over
+    # must not let the region be unplugged or deleted under it.
+    db.executescript(
+        """
+        CREATE TABLE holds (
+            region TEXT NOT NULL, holder TEXT NOT NULL, reason TEXT NOT NULL,
+            expires_at REAL NOT NULL, PRIMARY KEY (region, holder)
+        );
+        """
+    )
+
+
+MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1, _v2, _v3, _v4]
+KERNEL_WIDE_NODE: Final = -1  # hugetlb_added.node of the kernel-wide pool
 
 
 def _ranges(text: str) -> tuple[Range, ...]:
@@ -277,6 +309,7 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM regions WHERE name = ?", (name,))
             self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
+            self._db.execute("DELETE FROM holds WHERE region = ?", (name,))
             self._db.execute("COMMIT")
 
     def mark_gone(self, name: str, reason: str) -> None:
@@ -305,6 +338,58 @@ class SqliteStore:
             )
             if not cur.rowcount and intent is not None:  # no such region: no trigger either
                 self._db.execute("DELETE FROM intents WHERE id = ?", (intent,))
+
+    def load_hugetlb_added(self) -> dict[PoolKey, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT page_size, node, pages FROM hugetlb_added").fetchall()
+        added: dict[PoolKey, int] = {}
+        for page_size, node, pages in rows:
+            if isinstance(page_size, int) and isinstance(node, int) and isinstance(pages, int):
+                added[(page_size, None if node == KERNEL_WIDE_NODE else node)] = pages
+        return added
+
+    def put_hugetlb_added(self, pool: PoolKey, pages: int) -> None:
+        page_size, node = pool
+        self._write(
+            "INSERT OR REPLACE INTO hugetlb_added (page_size, node, pages) VALUES (?, ?, ?)",
+            page_size,
+            KERNEL_WIDE_NODE if node is None else node,
+            pages,
+        )
+
+    def load_holds(self) -> list[HoldRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT region, holder, reason, expires_at FROM holds ORDER BY region, holder"
+            ).fetchall()
+        holds = []
+        for row in rows:
+            try:
+                holds.append(
+                    HoldRecord(
+                        _typed("region", row[0], str),
+                        _typed("holder", row[1], str),
+                        _typed("reason", row[2], str),
+                        _typed("expires_at", row[3], float),
+                    )
+                )
+            except (ValueError, TypeError):
+                # A hold that cannot be read is kept as one that never expires:
+                # dropping it could let a hand-over's memory be unplugged.
+                holds.append(HoldRecord(str(row[0]), str(row[1]), "unreadable hold", float("inf")))
+        return holds
+
+    def put_hold(self, hold: HoldRecord) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO holds (region, holder, reason, expires_at) VALUES (?, ?, ?, ?)",
+            hold.region,
+            hold.holder,
+            hold.reason,
+            hold.expires_at,
+        )
+
+    def delete_hold(self, region: str, holder: str) -> None:
+        self._write("DELETE FROM holds WHERE region = ? AND holder = ?", region, holder)
 
     def close(self) -> None:
         with self._lock:

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from memplug.common.ranges import Range
-from memplug.daemon.state.records import RegionRecord
+from memplug.daemon.state.records import HoldRecord, RegionRecord
 
-__all__ = ["Intent", "MemoryStore", "RegionRecord", "StateStore"]
+__all__ = ["HoldRecord", "Intent", "MemoryStore", "PoolKey", "RegionRecord", "StateStore"]
+
+# A hugetlb pool: (page size, NUMA node), node None for the kernel-wide pool.
+PoolKey = tuple[int, int | None]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,20 @@ class StateStore(Protocol):
         """Record a region's plugged set and drop the intent, in one transaction."""
         ...
 
+    def load_hugetlb_added(self) -> dict[PoolKey, int]:
+        """Pages the daemon added to each hugetlb pool and has not given back."""
+        ...
+
+    def put_hugetlb_added(self, pool: PoolKey, pages: int) -> None: ...
+
+    def load_holds(self) -> list[HoldRecord]: ...
+
+    def put_hold(self, hold: HoldRecord) -> None:
+        """Record a hold, replacing the same holder's hold on the region."""
+        ...
+
+    def delete_hold(self, region: str, holder: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -60,7 +77,9 @@ class MemoryStore:
     def __init__(self) -> None:
         self._regions: dict[str, RegionRecord] = {}
         self._intents: dict[int, Intent] = {}
+        self._holds: dict[tuple[str, str], HoldRecord] = {}
         self._next = 1
+        self._hugetlb_added: dict[PoolKey, int] = {}
 
     def load(self) -> tuple[list[RegionRecord], list[Intent]]:
         return list(self._regions.values()), list(self._intents.values())
@@ -70,6 +89,8 @@ class MemoryStore:
 
     def delete_region(self, name: str) -> None:
         self._regions.pop(name, None)
+        for key in [k for k in self._holds if k[0] == name]:
+            del self._holds[key]
         for i in [i for i, it in self._intents.items() if it.region == name]:
             del self._intents[i]
 
@@ -89,6 +110,21 @@ class MemoryStore:
             self._regions[region] = dataclasses.replace(self._regions[region], plugged=plugged)
         if intent is not None:
             self._intents.pop(intent, None)
+
+    def load_hugetlb_added(self) -> dict[PoolKey, int]:
+        return dict(self._hugetlb_added)
+
+    def put_hugetlb_added(self, pool: PoolKey, pages: int) -> None:
+        self._hugetlb_added[pool] = pages
+
+    def load_holds(self) -> list[HoldRecord]:
+        return list(self._holds.values())
+
+    def put_hold(self, hold: HoldRecord) -> None:
+        self._holds[(hold.region, hold.holder)] = hold
+
+    def delete_hold(self, region: str, holder: str) -> None:
+        self._holds.pop((region, holder), None)
 
     def close(self) -> None:
         pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from memplug.common import memory
 from memplug.common.errors import InvalidArgument
 from memplug.common.ranges import Range
 from memplug.daemon.backings import BackingKind
@@ -176,8 +175,11 @@ def status_to_proto(
             free=p.free,
             reserved=p.reserved,
             surplus=p.surplus,
+            node=p.node,
+            added_pages=p.added,
+            budget_pages=p.budget_pages,
         )
-        for p in memory.huge_pools()
+        for p in status.hugetlb_pools
     ]
     thp_allowed = probe.shmem_thp_allowed()
     return pb.DaemonStatus(
@@ -189,7 +191,8 @@ def status_to_proto(
         quota_bytes=status.quota_bytes or 0,
         allocated_outside_plugged_bytes=status.allocated_outside_plugged_bytes,
         threads=status.threads,
-        hugetlb_pools=pools,
+        hugetlb_pools=[p for p in pools if not p.HasField("node")],
+        hugetlb_node_pools=[p for p in pools if p.HasField("node")],
         madv_populate=status.madv_populate,
         socket=socket,
         fd_socket=fd_socket,

@@ -83,6 +83,24 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         self._engine.delete_region(request.name)
         return pb.DeleteRegionResponse()
 
+    @translate("HoldRegion")
+    def HoldRegion(
+        self, request: pb.HoldRegionRequest, context: grpc.ServicerContext
+    ) -> pb.RegionHold:
+        hold = self._engine.hold_region(
+            request.name, request.holder, request.reason, request.ttl_seconds
+        )
+        return pb.RegionHold(
+            region=hold.region, holder=hold.holder, reason=hold.reason, expires_at=hold.expires_at
+        )
+
+    @translate("ReleaseRegion")
+    def ReleaseRegion(
+        self, request: pb.ReleaseRegionRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseRegionResponse:
+        released = self._engine.release_region(request.name, request.holder)
+        return pb.ReleaseRegionResponse(released=released)
+
     @translate("Plug", streaming=True)
     def Plug(self, request: pb.PlugRequest, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         requested = convert.strategy_from_proto(request.strategy)

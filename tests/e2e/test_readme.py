@@ -1,6 +1,7 @@
 """The README's commands as a newcomer types them: every verb, flag and make target exists.
 
-The first shell block is followed literally, command by command; in the rest
+The first screen (the set-up block and the one after it) is followed literally,
+command by command; in the rest
 of the README every `memplug VERB`, `memplugd --flag` and `make TARGET` is
 checked against the real programs' --help and the Makefile.
 """
@@ -106,10 +107,12 @@ def check(argv: list[str]) -> None:
 
 
 def test_first_screen_goes_from_clone_to_memplug_ls() -> None:
-    """The first block: the daemon, memplug on PATH before its first use, then `memplug ls`."""
-    first = commands(shell_blocks()[0])
+    """The first block is the two set-up commands, make run and make test; with the
+    second, memplug goes on PATH before its first use, then `memplug ls`."""
+    blocks = shell_blocks()
+    assert commands(blocks[0]) == [["make", "run"], ["make", "test"]], blocks[0]
+    first = commands(blocks[0]) + commands(blocks[1])
     programs = [argv[0] for argv in first]
-    assert ["make", "run"] in first, first
     on_path = next(
         (
             i

@@ -17,7 +17,7 @@ from memplug.common.errors import FailedPrecondition
 from memplug.common.ranges import Range
 from memplug.common.sizes import MiB
 from memplug.daemon.state import sqlite as store_mod
-from memplug.daemon.state.records import Acl, Placement, RegionOptions
+from memplug.daemon.state.records import Acl, HoldRecord, Placement, RegionOptions
 from memplug.daemon.state.sqlite import SCHEMA_VERSION, SqliteStore
 from memplug.daemon.state.store import MemoryStore, RegionRecord, StateStore
 
@@ -291,3 +291,50 @@ def test_a_malformed_intent_makes_its_region_lost(tmp_path: Path) -> None:
     assert by_name["good"] == record("good")
     assert "an interrupted operation's record" in by_name["bad"].gone
     assert [i.id for i in intents] == [good]
+
+
+def test_the_pages_added_to_hugetlb_pools_survive_a_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    store = SqliteStore(db)
+    store.put_hugetlb_added((2 * MiB, None), 64)
+    store.put_hugetlb_added((2 * MiB, 0), 3)
+    store.put_hugetlb_added((2 * MiB, None), 60)
+    store.close()
+    assert SqliteStore(db).load_hugetlb_added() == {(2 * MiB, None): 60, (2 * MiB, 0): 3}
+    memory_store = MemoryStore()
+    memory_store.put_hugetlb_added((1 << 30, 1), 2)
+    assert memory_store.load_hugetlb_added() == {(1 << 30, 1): 2}
+
+
+def test_a_version_2_store_is_migrated_with_no_pages_added(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db, isolation_level=None)
+    old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    store_mod._v1(old)
+    store_mod._v2(old)
+    old.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    old.close()
+    store = SqliteStore(db)
+    assert store.load_hugetlb_added() == {}
+    store.put_hugetlb_added((2 * MiB, None), 8)
+    assert store.load_hugetlb_added() == {(2 * MiB, None): 8}
+
+
+def test_a_version_3_store_is_migrated_with_no_holds(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db, isolation_level=None)
+    old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    store_mod._v1(old)
+    store_mod._v2(old)
+    store_mod._v3(old)
+    old.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    old.close()
+    store = SqliteStore(db)
+    assert store.load_holds() == []
+    hold = HoldRecord("vm0", "vm-update", "hand-over", 1e10)
+    store.put_hold(hold)
+    assert store.load_holds() == [hold]
+    check = sqlite3.connect(db)
+    version = check.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    check.close()
+    assert version == (str(SCHEMA_VERSION),)

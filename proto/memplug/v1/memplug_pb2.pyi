@@ -945,11 +945,25 @@ class HugePagePool(_message.Message):
     FREE_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
     SURPLUS_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    ADDED_PAGES_FIELD_NUMBER: _builtins.int
+    BUDGET_PAGES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     total: _builtins.int
     free: _builtins.int
     reserved: _builtins.int
+    """Pages reserved by mappings but not yet faulted in; the kernel counts
+    them kernel-wide only, so a node's pool shows the kernel-wide figure.
+    """
     surplus: _builtins.int
+    node: _builtins.int
+    """The NUMA node of a per-node pool; absent for the kernel-wide pool."""
+    added_pages: _builtins.int
+    """Pages memplugd added to this pool for plugs (--hugetlb-budget) and has
+    not given back yet; the kernel-wide pool sums its nodes'.
+    """
+    budget_pages: _builtins.int
+    """The most pages memplugd may add to this pool (--hugetlb-budget); 0: none."""
     def __init__(
         self,
         *,
@@ -958,12 +972,17 @@ class HugePagePool(_message.Message):
         free: _builtins.int = ...,
         reserved: _builtins.int = ...,
         surplus: _builtins.int = ...,
+        node: _builtins.int | None = ...,
+        added_pages: _builtins.int = ...,
+        budget_pages: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_node", b"_node", "node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free", b"free", "page_size", b"page_size", "reserved", b"reserved", "surplus", b"surplus", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node", b"_node", "added_pages", b"added_pages", "budget_pages", b"budget_pages", "free", b"free", "node", b"node", "page_size", b"page_size", "reserved", b"reserved", "surplus", b"surplus", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__node: _TypeAlias = _typing.Literal["node"]  # noqa: Y015
+    _WhichOneofArgType__node: _TypeAlias = _typing.Literal["_node", b"_node"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__node) -> _WhichOneofReturnType__node | None: ...
 
 Global___HugePagePool: _TypeAlias = HugePagePool  # noqa: Y015
 
@@ -988,6 +1007,7 @@ class DaemonStatus(_message.Message):
     NUMA_NODES_FIELD_NUMBER: _builtins.int
     WARM_POOLS_FIELD_NUMBER: _builtins.int
     ALLOCATED_OUTSIDE_PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
+    HUGETLB_NODE_POOLS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     regions: _builtins.int
@@ -1020,6 +1040,10 @@ class DaemonStatus(_message.Message):
 
     @_builtins.property
     def warm_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___WarmPool]: ...
+    @_builtins.property
+    def hugetlb_node_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___HugePagePool]:
+        """The same pools per NUMA node (hugetlb_pools are kernel-wide)."""
+
     def __init__(
         self,
         *,
@@ -1040,10 +1064,11 @@ class DaemonStatus(_message.Message):
         numa_nodes: _abc.Iterable[_builtins.int] | None = ...,
         warm_pools: _abc.Iterable[Global___WarmPool] | None = ...,
         allocated_outside_plugged_bytes: _builtins.int = ...,
+        hugetlb_node_pools: _abc.Iterable[Global___HugePagePool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "fd_socket", b"fd_socket", "hugetlb_pools", b"hugetlb_pools", "madv_populate", b"madv_populate", "numa_nodes", b"numa_nodes", "plugged_bytes", b"plugged_bytes", "quota_bytes", b"quota_bytes", "regions", b"regions", "shmem_thp", b"shmem_thp", "shmem_thp_allowed", b"shmem_thp_allowed", "shmem_thp_hint", b"shmem_thp_hint", "socket", b"socket", "threads", b"threads", "uptime_seconds", b"uptime_seconds", "version", b"version", "warm_pools", b"warm_pools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "fd_socket", b"fd_socket", "hugetlb_node_pools", b"hugetlb_node_pools", "hugetlb_pools", b"hugetlb_pools", "madv_populate", b"madv_populate", "numa_nodes", b"numa_nodes", "plugged_bytes", b"plugged_bytes", "quota_bytes", b"quota_bytes", "regions", b"regions", "shmem_thp", b"shmem_thp", "shmem_thp_allowed", b"shmem_thp_allowed", "shmem_thp_hint", b"shmem_thp_hint", "socket", b"socket", "threads", b"threads", "uptime_seconds", b"uptime_seconds", "version", b"version", "warm_pools", b"warm_pools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1089,3 +1114,109 @@ class WarmPool(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WarmPool: _TypeAlias = WarmPool  # noqa: Y015
+
+@_typing.final
+class RegionHold(_message.Message):
+    """A hold on a region (see HoldRegion)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    holder: _builtins.str
+    """Who holds it, as the holder named itself (e.g. "memplug vm-update pid 42")."""
+    reason: _builtins.str
+    """Why, for people (e.g. "live update of QEMU pid 41")."""
+    expires_at: _builtins.float
+    """When the hold ends by itself, seconds since the Unix epoch."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        expires_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "holder", b"holder", "reason", b"reason", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionHold: _TypeAlias = RegionHold  # noqa: Y015
+
+@_typing.final
+class HoldRegionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    holder: _builtins.str
+    """1-128 printable characters."""
+    reason: _builtins.str
+    """Up to 256 printable characters."""
+    ttl_seconds: _builtins.float
+    """How long the hold lasts unless released, in seconds: > 0, at most 86400."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        ttl_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "name", b"name", "reason", b"reason", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldRegionRequest: _TypeAlias = HoldRegionRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseRegionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    holder: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        holder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRegionRequest: _TypeAlias = ReleaseRegionRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseRegionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """Whether a hold of that holder was dropped."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRegionResponse: _TypeAlias = ReleaseRegionResponse  # noqa: Y015

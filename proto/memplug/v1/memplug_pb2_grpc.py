@@ -84,6 +84,16 @@ class MemplugStub:
                 request_serializer=memplug_dot_v1_dot_memplug__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=memplug_dot_v1_dot_memplug__pb2.DaemonStatus.FromString,
                 _registered_method=True)
+        self.HoldRegion = channel.unary_unary(
+                '/memplug.v1.Memplug/HoldRegion',
+                request_serializer=memplug_dot_v1_dot_memplug__pb2.HoldRegionRequest.SerializeToString,
+                response_deserializer=memplug_dot_v1_dot_memplug__pb2.RegionHold.FromString,
+                _registered_method=True)
+        self.ReleaseRegion = channel.unary_unary(
+                '/memplug.v1.Memplug/ReleaseRegion',
+                request_serializer=memplug_dot_v1_dot_memplug__pb2.ReleaseRegionRequest.SerializeToString,
+                response_deserializer=memplug_dot_v1_dot_memplug__pb2.ReleaseRegionResponse.FromString,
+                _registered_method=True)
 
 
 class MemplugServicer:
@@ -189,6 +199,28 @@ class MemplugServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HoldRegion(self, request, context):
+        """Holds a region for a while, as a VMM hand-over does: until the hold is
+        released or expires, Unplug, Discard and DeleteRegion of the region fail
+        with FAILED_PRECONDITION naming the holder. Calls already running are not
+        stopped. The hold is recorded in the state store, so a restart of the
+        daemon keeps it. Holding again under the same holder renews it (new
+        reason and expiry). NOT_FOUND without the region; INVALID_ARGUMENT for an
+        empty or too long holder or reason, or a ttl_seconds outside (0, 86400].
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseRegion(self, request, context):
+        """Drops the hold of one holder. Releasing a hold that is not there (never
+        taken, already released or expired) is not an error: released says
+        whether one was dropped. NOT_FOUND without the region.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemplugServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +273,16 @@ def add_MemplugServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=memplug_dot_v1_dot_memplug__pb2.GetStatusRequest.FromString,
                     response_serializer=memplug_dot_v1_dot_memplug__pb2.DaemonStatus.SerializeToString,
+            ),
+            'HoldRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldRegion,
+                    request_deserializer=memplug_dot_v1_dot_memplug__pb2.HoldRegionRequest.FromString,
+                    response_serializer=memplug_dot_v1_dot_memplug__pb2.RegionHold.SerializeToString,
+            ),
+            'ReleaseRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseRegion,
+                    request_deserializer=memplug_dot_v1_dot_memplug__pb2.ReleaseRegionRequest.FromString,
+                    response_serializer=memplug_dot_v1_dot_memplug__pb2.ReleaseRegionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -513,6 +555,60 @@ class Memplug:
             '/memplug.v1.Memplug/GetStatus',
             memplug_dot_v1_dot_memplug__pb2.GetStatusRequest.SerializeToString,
             memplug_dot_v1_dot_memplug__pb2.DaemonStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memplug.v1.Memplug/HoldRegion',
+            memplug_dot_v1_dot_memplug__pb2.HoldRegionRequest.SerializeToString,
+            memplug_dot_v1_dot_memplug__pb2.RegionHold.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memplug.v1.Memplug/ReleaseRegion',
+            memplug_dot_v1_dot_memplug__pb2.ReleaseRegionRequest.SerializeToString,
+            memplug_dot_v1_dot_memplug__pb2.ReleaseRegionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -110,6 +110,20 @@ class MemplugStub:
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_memplug_pb2.GetStatusRequest, _memplug_pb2.DaemonStatus]
     """The daemon at a glance: version, uptime, regions, quota, kernel features."""
+    HoldRegion: _grpc.UnaryUnaryMultiCallable[_memplug_pb2.HoldRegionRequest, _memplug_pb2.RegionHold]
+    """Holds a region for a while, as a VMM hand-over does: until the hold is
+    released or expires, Unplug, Discard and DeleteRegion of the region fail
+    with FAILED_PRECONDITION naming the holder. Calls already running are not
+    stopped. The hold is recorded in the state store, so a restart of the
+    daemon keeps it. Holding again under the same holder renews it (new
+    reason and expiry). NOT_FOUND without the region; INVALID_ARGUMENT for an
+    empty or too long holder or reason, or a ttl_seconds outside (0, 86400].
+    """
+    ReleaseRegion: _grpc.UnaryUnaryMultiCallable[_memplug_pb2.ReleaseRegionRequest, _memplug_pb2.ReleaseRegionResponse]
+    """Drops the hold of one holder. Releasing a hold that is not there (never
+    taken, already released or expired) is not an error: released says
+    whether one was dropped. NOT_FOUND without the region.
+    """
 
 @_typing.type_check_only
 class MemplugAsyncStub(MemplugStub):
@@ -171,6 +185,20 @@ class MemplugAsyncStub(MemplugStub):
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_memplug_pb2.GetStatusRequest, _memplug_pb2.DaemonStatus]  # type: ignore[assignment]
     """The daemon at a glance: version, uptime, regions, quota, kernel features."""
+    HoldRegion: _aio.UnaryUnaryMultiCallable[_memplug_pb2.HoldRegionRequest, _memplug_pb2.RegionHold]  # type: ignore[assignment]
+    """Holds a region for a while, as a VMM hand-over does: until the hold is
+    released or expires, Unplug, Discard and DeleteRegion of the region fail
+    with FAILED_PRECONDITION naming the holder. Calls already running are not
+    stopped. The hold is recorded in the state store, so a restart of the
+    daemon keeps it. Holding again under the same holder renews it (new
+    reason and expiry). NOT_FOUND without the region; INVALID_ARGUMENT for an
+    empty or too long holder or reason, or a ttl_seconds outside (0, 86400].
+    """
+    ReleaseRegion: _aio.UnaryUnaryMultiCallable[_memplug_pb2.ReleaseRegionRequest, _memplug_pb2.ReleaseRegionResponse]  # type: ignore[assignment]
+    """Drops the hold of one holder. Releasing a hold that is not there (never
+    taken, already released or expired) is not an error: released says
+    whether one was dropped. NOT_FOUND without the region.
+    """
 
 class MemplugServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -289,5 +317,31 @@ class MemplugServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_memplug_pb2.DaemonStatus, _abc.Awaitable[_memplug_pb2.DaemonStatus]]:
         """The daemon at a glance: version, uptime, regions, quota, kernel features."""
+
+    @_abc_1.abstractmethod
+    def HoldRegion(
+        self,
+        request: _memplug_pb2.HoldRegionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memplug_pb2.RegionHold, _abc.Awaitable[_memplug_pb2.RegionHold]]:
+        """Holds a region for a while, as a VMM hand-over does: until the hold is
+        released or expires, Unplug, Discard and DeleteRegion of the region fail
+        with FAILED_PRECONDITION naming the holder. Calls already running are not
+        stopped. The hold is recorded in the state store, so a restart of the
+        daemon keeps it. Holding again under the same holder renews it (new
+        reason and expiry). NOT_FOUND without the region; INVALID_ARGUMENT for an
+        empty or too long holder or reason, or a ttl_seconds outside (0, 86400].
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseRegion(
+        self,
+        request: _memplug_pb2.ReleaseRegionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memplug_pb2.ReleaseRegionResponse, _abc.Awaitable[_memplug_pb2.ReleaseRegionResponse]]:
+        """Drops the hold of one holder. Releasing a hold that is not there (never
+        taken, already released or expired) is not an error: released says
+        whether one was dropped. NOT_FOUND without the region.
+        """
 
 def add_MemplugServicer_to_server(servicer: MemplugServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
