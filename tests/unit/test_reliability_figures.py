@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from bench.reliability_figures import flatness, suite_rows, usage_summary
 
 
-def series(values: list[float], step: float = 5.0) -> list[list[float]]:
+def series(values: Sequence[float], step: float = 5.0) -> list[list[float]]:
     return [[i * step, v] for i, v in enumerate(values)]
 
 
