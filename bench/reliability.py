@@ -13,7 +13,13 @@ Every number in the report is computed from what the tests recorded; none is
 typed in. The exit status is pytest's, so a failing test fails `make reliability`
 (the report is written either way, failures included).
 
-    python -m bench.reliability [--out DIR] [--doc FILE] [--render-only] [-- PYTEST_ARGS...]
+    python -m bench.reliability [--out DIR] [--doc FILE] [--render-only] [--soak SECONDS]
+                                [-- PYTEST_ARGS...]
+
+--soak SECONDS runs only test_load's 16-client random load, for SECONDS, while the
+daemon's fds, threads and RSS are sampled every few seconds; the report says
+whether each stayed flat (bench/reliability_figures.py defines flat). Neither the
+default run nor `make test` soaks.
 """
 
 from __future__ import annotations
@@ -33,6 +39,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.reliability_figures import (
+    USAGE_HEADER,
+    WINDOW_SECONDS,
+    suite_rows,
+    usage_rows,
+    usage_summary,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = "tests/hardening"
 SUITES = {
@@ -40,19 +54,43 @@ SUITES = {
     "test_load": "Load",
     "test_fuzz": "Fuzzing",
     "test_attacks": "Attacks",
+    "test_fd_socket_abuse": "Fd socket abuse",
+    "test_state_and_metrics": "State dir and metrics port",
+    "test_request_cost": "Refused-request cost",
+    "test_holders": "Holders",
+    "test_charge_cgroup": "Charge cgroups",
 }
+# The suites whose figures get a table of their own (module, what it shows).
+FIGURE_SUITES = {
+    "test_fd_socket_abuse": "One uid floods the fd socket (uid 65534): what the daemon and "
+    "other uids see.",
+    "test_state_and_metrics": "Idle connections held on the metrics port; a full state dir.",
+    "test_request_cost": "Plugs of huge sparse regions refused by the quota, with extreme "
+    "thread counts: what refusing costs the daemon.",
+    "test_holders": "Holders of region fds: sparse attach, FILE regions, memory allocated by "
+    "holders.",
+    "test_charge_cgroup": "Plugged memory charged to a consumer's memory cgroup.",
+}
+SOAK_SAMPLE_SECONDS = 5
 
 
 # --------------------------------------------------------------------------- running
 
 
-def run_tests(out: Path, pytest_args: list[str]) -> tuple[int, float]:
+def run_tests(out: Path, pytest_args: list[str], soak: float = 0) -> tuple[int, float]:
     out.mkdir(parents=True, exist_ok=True)
     figures, junit = out / "figures.jsonl", out / "junit.xml"
     figures.unlink(missing_ok=True)
     junit.unlink(missing_ok=True)
     env = {**os.environ, "MEMPLUG_FIGURES": str(figures)}
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TESTS]
+    if soak:
+        env["MEMPLUG_LOAD_SECONDS"] = str(soak)
+        env["MEMPLUG_SAMPLE_SECONDS"] = str(SOAK_SAMPLE_SECONDS)
+        # The load runs for `soak` seconds; the default per-test timeout would cut it short.
+        argv += [f"--timeout={int(soak) + 600}"]
+        if not pytest_args:
+            pytest_args = ["-k", "test_sixteen_clients_at_random"]
     argv += [f"--junitxml={junit}", "-o", "junit_family=xunit1", *pytest_args]
     print("+", " ".join(argv), flush=True)
     t0 = time.monotonic()
@@ -144,11 +182,16 @@ def aggregate(figures: list[dict[str, Any]], tests: list[dict[str, Any]]) -> dic
     for f in figures:
         if f["name"] == "attack":
             a = attacks.setdefault(
-                f["labels"]["attack"], {"tried": 0, "blocked": 0, "tests": set()}
+                f["labels"]["attack"], {"tried": 0, "blocked": 0, "tests": set(), "by_daemon": {}}
             )
+            blocked = f["value"] if f["labels"]["outcome"] == "blocked" else 0
             a["tried"] += f["value"]
-            a["blocked"] += f["value"] if f["labels"]["outcome"] == "blocked" else 0
+            a["blocked"] += blocked
             a["tests"].add(f["test"])
+            # Which daemon was attacked: as root, or as the packaged non-root user.
+            per = a["by_daemon"].setdefault(f["labels"].get("daemon", "root"), [0, 0])
+            per[0] += f["value"]
+            per[1] += blocked
     load_ops = [f for f in figures if f["name"] == "load_ops"]
     load_by_outcome: dict[str, float] = collections.defaultdict(float)
     load_by_op: dict[str, float] = collections.defaultdict(float)
@@ -201,6 +244,7 @@ def aggregate(figures: list[dict[str, Any]], tests: list[dict[str, Any]]) -> dic
                 "blocked": v["blocked"],
                 "result": "blocked" if v["tried"] == v["blocked"] else "GOT THROUGH",
                 "tests": sorted(v["tests"]),
+                "by_daemon": v["by_daemon"],
             }
             for k, v in sorted(attacks.items())
         ],
@@ -211,6 +255,8 @@ def aggregate(figures: list[dict[str, Any]], tests: list[dict[str, Any]]) -> dic
             "outcomes": by_label(figures, "symlink_race_outcomes", "code"),
         },
         "memcg_oom_kills": total(figures, "memcg_oom_kills"),
+        "suite_figures": {module: suite_rows(figures, module) for module in FIGURE_SUITES},
+        "usage": usage_summary(figures),
         "failures": [t for t in tests if t["outcome"] in ("failed", "error")],
         "skips": [t for t in tests if t["outcome"] == "skipped"],
     }
@@ -261,6 +307,7 @@ def machine() -> dict[str, Any]:
         "huge_page_sizes": [f"{s >> 20} MiB" if s < 1 << 30 else f"{s >> 30} GiB" for s in sizes],
         "memory_cgroup": cgroup,
         "commit": commit,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -302,6 +349,7 @@ def render(report: dict[str, Any]) -> str:
         f"- **Huge page pools offered:** {', '.join(m['huge_page_sizes']) or 'none'}; "
         f"memory cgroup {m['memory_cgroup']}",
         f"- **Python:** {m['python']}; **memplug:** {m['commit']}",
+        *load_line(m),
         f"- **Result:** {t['total']} tests, {t['passed']} passed, {t['failed']} failed, "
         f"{t['skipped']} skipped in {report['seconds']:.0f} s: **{verdict}**",
         "",
@@ -356,14 +404,40 @@ def render(report: dict[str, Any]) -> str:
     out += ["## Load: outcomes", ""]
     out += table(["outcome", "operations"], [[k, num(v)] for k, v in load["by_outcome"].items()])
     out += table(["operation", "count"], [[k, num(v)] for k, v in load["by_op"].items()])
+    usage = a.get("usage", {})
+    if usage:
+        out += [
+            "## Daemon usage under load" + (" (soak)" if report.get("soak") else ""),
+            "",
+            "The daemon's fds, threads and RSS sampled every few seconds while the load ran.",
+            "**Flat** means: the last window's maximum is within max(5 %, 2 threads) (fds:",
+            "max(10 %, 8): each live region holds one)",
+            f"of the first window's (windows of {WINDOW_SECONDS:.0f} s, or a quarter of the",
+            "run when it is shorter), and the per-window maxima do not rise window after",
+            "window (monotonic growth).",
+            "",
+        ]
+        out += table(USAGE_HEADER, usage_rows(usage))
     out += ["## Fuzzing", ""]
     out += table(["target", "examples"], [[k, num(v)] for k, v in fuzz["by_target"].items()])
     out += table(["status code", "answers"], [[k, num(v)] for k, v in fuzz["codes"].items()])
-    out += ["## Attacks", "", "Each by a real process running as uid/gid 65534.", ""]
+    out += [
+        "## Attacks",
+        "",
+        "Each by a real process running as uid/gid 65534, against memplugd as root and",
+        "against memplugd as packaging/systemd/memplugd.service runs it (a system uid with",
+        "only the unit's capabilities; here RLIMIT_NOFILE 1024): tried / blocked.",
+        "",
+    ]
+
+    def against(x: dict[str, Any], daemon: str) -> str:
+        tried, blocked = x.get("by_daemon", {}).get(daemon, (0, 0))
+        return f"{num(tried)} / {num(blocked)}" if tried else "-"
+
     out += table(
-        ["attack", "tried", "blocked", "result"],
+        ["attack", "daemon as root", "daemon as the memplug user", "result"],
         [
-            [x["attack"], num(x["tried"]), num(x["blocked"]), mark(x["result"])]
+            [x["attack"], against(x, "root"), against(x, "packaged"), mark(x["result"])]
             for x in a["attacks"]
         ],
     )
@@ -371,6 +445,10 @@ def render(report: dict[str, Any]) -> str:
     if race["attempts"]:
         out += ["Symlink swap race, region creations by outcome:", ""]
         out += table(["outcome", "creations"], [[k, num(v)] for k, v in race["outcomes"].items()])
+    for module, about in FIGURE_SUITES.items():
+        rows = a.get("suite_figures", {}).get(module, [])
+        out += [f"## {SUITES[module]}", "", about, ""]
+        out += table(["figure", "labels", "value", "test"], rows)
     if leaks:
         out += ["## Leaks found", ""]
         out += table(
@@ -401,6 +479,15 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def load_line(m: dict[str, Any]) -> list[str]:
+    """The machine's load average before and after the run (it is shared)."""
+    before, after = m.get("loadavg"), m.get("loadavg_after")
+    if not before:
+        return []
+    text = f"- **Load average (1, 5, 15 min):** {' '.join(map(str, before))} before"
+    return [text + (f", {' '.join(map(str, after))} after" if after else "")]
+
+
 def mark(result: str) -> str:
     return {"passed": "pass", "blocked": "blocked"}.get(result, f"**{result.upper()}**")
 
@@ -413,23 +500,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "reliability")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
     parser.add_argument(
-        "--render-only", action="store_true", help="render the doc from an earlier run's JSON"
+        "--render-only",
+        action="store_true",
+        help="render the doc from an earlier run's JSON and recorded figures",
+    )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="run only the 16-client load for SECONDS, sampling the daemon's fds, threads, RSS",
     )
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
     data = args.out / "reliability.json"
     if args.render_only:
         report = json.loads(data.read_text())
+        figures_file = args.out / "figures.jsonl"
+        if figures_file.exists():  # the same figures, summed up by this version of the code
+            tests = read_junit(args.out / "junit.xml")
+            report["aggregate"] = aggregate(read_figures(figures_file), tests)
         rc = 0 if report["aggregate"]["tests"]["failed"] == 0 else 1
     else:
-        rc, seconds = run_tests(args.out, args.pytest_args)
+        before = machine()
+        rc, seconds = run_tests(args.out, args.pytest_args, args.soak)
         tests = read_junit(args.out / "junit.xml")
         figures = read_figures(args.out / "figures.jsonl")
+        before["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         report = {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": seconds,
             "pytest_exit": rc,
-            "machine": machine(),
+            "soak": args.soak,
+            "machine": before,
             "aggregate": aggregate(figures, tests),
             "tests": tests,
         }

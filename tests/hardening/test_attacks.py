@@ -17,6 +17,11 @@ it) and uses every syscall it has. The daemon must let no one in:
   absolute symlink, a relative symlink, a /proc magic link, or a symlink
   swapped in and out of a path component while regions are being created;
   no file outside is created, adopted or modified.
+
+Every attack runs twice: against memplugd as root, and against memplugd as the
+packaged unit runs it (packaging/systemd/memplugd.service: a system uid, only
+the unit's capabilities, here with RLIMIT_NOFILE 1024), its state dir and
+sockets in a directory that uid owns.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import packaged_user
 import pytest
 from conftest import HUGE_2M, DaemonProcess, MiB, hugetlb_pool_of, require_root, start_daemon
 from hardening_kit import (
@@ -232,9 +238,29 @@ class Public:
     outside: Path
 
 
-@pytest.fixture(scope="module")
-def public() -> Iterator[Public]:
+# Which daemon the running attacks hit, for the figures (set by the daemon_as fixture).
+_daemon_as = ["root"]
+
+
+@pytest.fixture(scope="module", params=["root", "packaged"], ids=["as-root", "as-memplug-user"])
+def daemon_as(request: pytest.FixtureRequest) -> str:
+    """root, or packaged: the unit's non-root uid and capabilities, RLIMIT_NOFILE 1024."""
     require_root("runs attackers as uid 65534")
+    who: str = request.param
+    _daemon_as[0] = who
+    return who
+
+
+def start_as(who: str, where: Path, *extra: str) -> DaemonProcess:
+    if who == "root":
+        return start_daemon(where, *extra)
+    d = start_daemon(packaged_user.owned_dir(where), *extra, wrapper=packaged_user.wrapper())
+    packaged_user.assert_runs_packaged(d.proc.pid)
+    return d
+
+
+@pytest.fixture(scope="module")
+def public(daemon_as: str) -> Iterator[Public]:
     with public_dir("memplug-attack-") as root:
         allow, outside = root / "allow", root / "outside"
         allow.mkdir(mode=0o755)
@@ -244,7 +270,7 @@ def public() -> Iterator[Public]:
         (outside / "passwd").write_bytes(b"root:x:0:0:outside sentinel\n".ljust(2 * MiB))
         # Both sockets in the 0755 dir: the fd socket (0666) for the attackers to reach,
         # the gRPC socket (0660, root) for them to be refused by.
-        d = start_daemon(root / "daemon", "--allow-dir", str(allow))
+        d = start_as(daemon_as, root / "daemon", "--allow-dir", str(allow))
         client = Client(d.socket, timeout=30)
         try:
             yield Public(d, client, root, allow, outside)
@@ -268,7 +294,8 @@ def refused(reply: dict[str, Any], status: str = "PERMISSION_DENIED") -> None:
 
 
 def attack(tag: str, blocked: bool) -> None:
-    record("attack", 1, attack=tag, outcome="blocked" if blocked else "succeeded")
+    outcome = "blocked" if blocked else "succeeded"
+    record("attack", 1, attack=tag, outcome=outcome, daemon=_daemon_as[0])
 
 
 def fingerprint(root: Path) -> dict[str, tuple[int, int, float, str]]:
@@ -332,10 +359,9 @@ def test_replayed_ticket(public: Public) -> None:
     refused(report["replies"][0])
 
 
-def test_expired_ticket() -> None:
-    require_root("runs attackers as uid 65534")
+def test_expired_ticket(daemon_as: str) -> None:
     with public_dir("memplug-ttl-") as root:
-        d = start_daemon(root / "d", "--ticket-ttl", "0.5")
+        d = start_as(daemon_as, root / "d", "--ticket-ttl", "0.5")
         try:
             with Client(d.socket) as c:
                 name = fresh()

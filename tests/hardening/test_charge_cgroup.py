@@ -17,7 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import DaemonProcess, MiB, create, error_class, get
-from hardening_kit import MemoryCgroup, cgroup_path, memory_cgroup, own_memory_cgroup_dir
+from hardening_kit import (
+    MemoryCgroup,
+    cgroup_path,
+    memory_cgroup,
+    own_memory_cgroup_dir,
+    record,
+)
 from test_state_and_metrics import free_port, scrape
 
 from memplug.v1 import memplug_pb2 as pb
@@ -77,6 +83,8 @@ def test_plugged_memory_is_charged_to_the_named_cgroup_not_the_daemons(
         charged = consumer.usage() - consumer_before
         daemon_grew = home.usage() - home_before
         print(f"plug of {SIZE}: consumer +{charged}, daemon +{daemon_grew}")
+        record("charge_consumer_bytes", charged, after="plug of 256 MiB")
+        record("charge_daemon_bytes", daemon_grew, after="plug of 256 MiB")
         assert abs(charged - SIZE) <= SIZE * 0.02, f"consumer cgroup +{charged}, plugged {SIZE}"
         assert daemon_grew < DAEMON_SLACK, f"the daemon's cgroup grew by {daemon_grew}"
 
@@ -86,6 +94,8 @@ def test_plugged_memory_is_charged_to_the_named_cgroup_not_the_daemons(
         charged = consumer.usage() - consumer_before
         daemon_grew = home.usage() - home_before
         print(f"after discard and populate: consumer +{charged}, daemon +{daemon_grew}")
+        record("charge_consumer_bytes", charged, after="discard and populate")
+        record("charge_daemon_bytes", daemon_grew, after="discard and populate")
         assert abs(charged - SIZE) <= SIZE * 0.02, f"consumer cgroup +{charged} after discard"
         assert daemon_grew < DAEMON_SLACK, f"the daemon's cgroup grew by {daemon_grew}"
 
@@ -122,6 +132,7 @@ def test_a_plug_beyond_the_cgroups_limit_is_refused_and_leaves_nothing(
         assert "bytes) missing" in message and "raise that cgroup's limit" in message, message
         region = get(d, "vm")
         assert region.plugged_bytes == 0 and region.allocated_bytes == 0, region
+        record("charge_refused_left_bytes", consumer.usage(), limit="64 MiB")
         assert consumer.usage() < 4 * MiB, f"the refused plug left {consumer.usage()} charged"
         assert get(d, "other").plugged_bytes == 64 * MiB
         d.plug("vm", 0, 32 * MiB)  # what fits is still served, and charged there
@@ -136,6 +147,7 @@ def test_the_helper_not_the_daemon_dies_when_the_limit_is_hit_unchecked(
         create(d, "vm", SIZE, charge_cgroup=path)
         kills = consumer.oom_kills()
         err = rpc_error(lambda: d.plug("vm", 0, 0))
+        record("charge_oom_kills", consumer.oom_kills() - kills, check="off")
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
         assert consumer.oom_kills() > kills, "the limit was never reached (no OOM kill)"
         assert d.alive()

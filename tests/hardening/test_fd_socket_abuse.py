@@ -233,6 +233,7 @@ def test_a_flooding_uid_leaves_other_uids_served(public: Path) -> None:
     try:
         with Client(d.socket) as c:
             c.create_region("shared", 4 * MiB)
+        fds_before, threads_before = fd_count(d.proc.pid), usage.threads()
         flood = Flood(d.fd_socket, 5000)
         try:
             cpu0, t0 = usage.cpu_seconds(), time.monotonic()
@@ -242,11 +243,17 @@ def test_a_flooding_uid_leaves_other_uids_served(public: Path) -> None:
             fds, threads = fd_count(d.proc.pid), usage.threads()
         finally:
             report = flood.stop()
+        fds_after, threads_after = fd_count(d.proc.pid), usage.threads()
         rate = ok / attempts
         record("fd_flood_success_rate", rate, flood="5000 connections by one uid")
         record("fd_flood_daemon_cpu", cpu, unit="cores")
-        record("fd_flood_daemon_fds", fds)
-        record("fd_flood_daemon_threads", threads)
+        for phase, n_fds, n_threads in (
+            ("before", fds_before, threads_before),
+            ("during", fds, threads),
+            ("after", fds_after, threads_after),
+        ):
+            record("fd_flood_daemon_fds", n_fds, phase=phase)
+            record("fd_flood_daemon_threads", n_threads, phase=phase)
         record("fd_flood_reconnects", report["connects"])
         print(f"flood: {ok}/{attempts} OPENs ok, daemon cpu {cpu:.2f} cores, {fds} fds, "
               f"{threads} threads; flooder {report}; failures {failures}")  # fmt: skip
@@ -264,6 +271,7 @@ def test_a_flood_at_a_low_nofile_limit_leaves_fds_for_regions(public: Path) -> N
     try:
         with Client(d.socket) as c:
             c.create_region("shared", 4 * MiB)
+            fds_before, threads_before = fd_count(d.proc.pid), usage.threads()
             flood = Flood(d.fd_socket, 1100)
             try:
                 # The flood alone: what it costs the daemon in CPU and log lines.
@@ -285,8 +293,10 @@ def test_a_flood_at_a_low_nofile_limit_leaves_fds_for_regions(public: Path) -> N
                 report = flood.stop()
         record("fd_flood_low_nofile_daemon_cpu", cpu, unit="cores")
         record("fd_flood_low_nofile_log_bytes", logged, seconds="3")
-        record("fd_flood_low_nofile_daemon_fds", fds)
-        record("fd_flood_low_nofile_daemon_threads", threads)
+        record("fd_flood_low_nofile_daemon_fds", fds_before, phase="before")
+        record("fd_flood_low_nofile_daemon_fds", fds, phase="during")
+        record("fd_flood_low_nofile_daemon_threads", threads_before, phase="before")
+        record("fd_flood_low_nofile_daemon_threads", threads, phase="during")
         record("fd_flood_low_nofile_success_rate", ok / 100)
         print(f"low nofile flood: daemon cpu {cpu:.2f} cores, {logged} log bytes in 3 s, "
               f"{fds} fds, {threads} threads, {ok}/100 OPENs ok; flooder {report}")  # fmt: skip

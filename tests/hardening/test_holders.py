@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from conftest import HUGE_2M, MiB, huge_free, require, require_root, start_daemon
-from hardening_kit import NOBODY, public_dir, run_nobody
+from hardening_kit import NOBODY, public_dir, record, run_nobody
 from test_attacks import ATTACKER
 from test_state_and_metrics import free_port
 
@@ -149,6 +149,9 @@ def test_readme_flow_on_an_empty_pool_fails_cleanly_not_sigbus(tmp_path: Path) -
         finally:
             assert d.alive(), d.log()
             assert d.stop() == 0
+    refused = "attach: FAILED_PRECONDITION region 'vm0' has unplugged blocks" in child.stdout
+    record("holder_check", int(child.returncode == 0 and refused),
+           check="attach after a failed plug refused, no SIGBUS")  # fmt: skip
     assert child.returncode == 0, (
         f"the client exited {child.returncode} (-7 is SIGBUS):\n{child.stdout}\n{child.stderr}"
     )
@@ -232,6 +235,7 @@ def test_file_region_read_write_only_for_its_owner(ext4: Ext4, tmp_path: Path) -
             c.create_region("shared", 4 * MiB, "file", path="shared.img", allowed_uids=[NOBODY])
             c.plug("shared")
             rw = hold(d.fd_socket, "shared", "rw", "truncate", 0)
+            record("holder_check", int(rw["fds"] == 0), check="no rw FILE fd for a non-owner")
             assert rw["fds"] == 0, f"a read-write fd went to a uid that is not the owner: {rw}"
             assert rw["line"].startswith("ERR FAILED_PRECONDITION "), rw["line"]
             assert "cannot be sealed against truncation" in rw["line"], rw["line"]
@@ -239,10 +243,11 @@ def test_file_region_read_write_only_for_its_owner(ext4: Ext4, tmp_path: Path) -
             by_ticket = run_nobody(ATTACKER, "redeem", ticket.fd_socket, ticket.ticket)
             assert by_ticket["replies"][0]["fds"] == 0, by_ticket
             assert "cannot be sealed" in by_ticket["replies"][0]["line"]
-            ro = hold(d.fd_socket, "shared", "ro", "collapse", 0, 2 * MiB)
-            assert ro["fds"] == 1 and ro["result"] == "EBADF", ro
-            ro = hold(d.fd_socket, "shared", "ro", "insert", 0, 2 * MiB)
-            assert ro["fds"] == 1 and ro["result"] == "EBADF", ro
+            for action in ("collapse", "insert"):
+                ro = hold(d.fd_socket, "shared", "ro", action, 0, 2 * MiB)
+                record("holder_check", int(ro["result"] == "EBADF"),
+                       check=f"read-only FILE fd cannot {action} a range")  # fmt: skip
+                assert ro["fds"] == 1 and ro["result"] == "EBADF", ro
             region = c.get_region("shared")
             assert region.damage == "" and region.plugged == [(0, 4 * MiB)]
     finally:
@@ -276,6 +281,8 @@ def test_owner_resizing_a_file_region_damages_it_visibly(
             assert held["fds"] == 1 and held["result"] == "ok", held
             assert held["size_after"] == size_after
             region = c.get_region(name)
+            record("holder_check", int(how in region.damage),
+                   check=f"owner's {action} marks the FILE region damaged")  # fmt: skip
             assert how in region.damage and "cannot be sealed" in region.damage, region.damage
             assert region.plugged == plugged_after, "status still claims lost blocks plugged"
             for call in (
@@ -326,6 +333,8 @@ def test_memory_a_read_only_holder_allocates_is_counted() -> None:
                 held = hold(d.fd_socket, "shared", "ro", "populate-read", 0, 6 * MiB)
                 assert held["fds"] == 1 and held["result"] == "ok", held
                 region = c.get_region("shared")
+                record("holder_allocated_outside_plugged", region.allocated_outside_plugged_bytes,
+                       holder="uid 65534, read-only, populated 6 MiB")  # fmt: skip
                 assert region.plugged_bytes == 0
                 assert region.allocated_outside_plugged_bytes == 6 * MiB == region.allocated_bytes
                 status = c.status()

@@ -16,7 +16,9 @@ hugetlb pool and the tmpfs back to empty, the store consistent with the
 kernel, ListRegions equal to what the clients believe exists, and every
 operation either succeeded or failed with a documented code.
 
-MEMPLUG_LOAD_SECONDS changes the measured round (default 60 s).
+MEMPLUG_LOAD_SECONDS changes the measured round (default 60 s); the daemon's
+fds, threads and RSS are sampled every MEMPLUG_SAMPLE_SECONDS (default 5 s)
+meanwhile, for the report (`make reliability RELIABILITY_ARGS="--soak 600"`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from hardening_kit import (
     rss_bytes,
     wait_until,
 )
+from usage_sampler import UsageSampler
 
 from memplug.client import Client, MemplugError, Region
 from memplug.common import memory
@@ -422,7 +425,8 @@ def test_sixteen_clients_at_random(
     base_rss = rss_bytes(pid)
     base_used = used_bytes(allow)
 
-    shared = run_round(d, allow, LOAD_SECONDS, seed=int(time.time()))
+    with UsageSampler(pid):  # the series the report checks for growth (--soak)
+        shared = run_round(d, allow, LOAD_SECONDS, seed=int(time.time()))
     alive(d)
     total = sum(shared.outcomes.values())
     for (op, outcome), n in sorted(shared.outcomes.items()):

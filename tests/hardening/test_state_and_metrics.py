@@ -225,6 +225,7 @@ def test_a_full_state_dir_changes_nothing_and_the_retry_works(
         for what, call in attempts:
             with pytest.raises(NoSpace) as caught:
                 call()
+            record("state_full_refused", 1, rpc=what, code=str(caught.value.code))
             assert caught.value.code == "RESOURCE_EXHAUSTED", what
             assert str(state) in str(caught.value), f"{what}: {caught.value}"
         with pytest.raises(NotFound):
@@ -240,6 +241,7 @@ def test_a_full_state_dir_changes_nothing_and_the_retry_works(
         assert c.plug("keep", 8 * MiB, 8 * MiB).bytes == 8 * MiB
         assert c.unplug("keep", 0, 2 * MiB).bytes == 2 * MiB
         assert c.discard("keep", 2 * MiB, 2 * MiB).bytes == 2 * MiB
+        record("state_full_retried", len(attempts), outcome="served")
         answered = {r.name: r.plugged for r in c.list_regions()}
         kept = digest(c, "keep", [(4 * MiB, 4 * MiB)])  # untouched by the unplug and discard
     assert answered == {"keep": [(2 * MiB, 14 * MiB)], "new": []}
