@@ -877,12 +877,18 @@ def status_cmd() -> None:
 
 def show_status(st: Status) -> None:
     counted = st.plugged_bytes + st.allocated_outside_plugged_bytes
-    quota = (
-        f"{format_size(st.plugged_bytes)}; the quota counts {format_size(counted)} of "
-        f"{format_size(st.quota_bytes)} ({100 * counted / st.quota_bytes:.0f}%)"
+    of_quota = (
+        f"of {format_size(st.quota_bytes)} ({100 * counted / st.quota_bytes:.0f}%)"
         if st.quota_bytes
-        else f"{format_size(st.plugged_bytes)} (no quota)"
+        else "(no quota)"
     )
+    if st.allocated_outside_plugged_bytes:
+        # Holders allocated memory outside plugged blocks: the quota counts it too.
+        quota = (
+            f"{format_size(st.plugged_bytes)}; the quota counts {format_size(counted)} {of_quota}"
+        )
+    else:
+        quota = f"{format_size(st.plugged_bytes)} {of_quota}"
     up = time.strftime("%H:%M:%S", time.gmtime(st.uptime_seconds))
     click.echo(f"memplugd {st.version}, up {up}, socket {st.socket}")
     click.echo(f"  regions:   {st.regions}")

@@ -8,6 +8,7 @@ need root skip when not root, except under MEMPLUG_REQUIRE_PRIVILEGED=1
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memplug.client.attach import Attachment
 from memplug.common import memory
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
@@ -327,3 +329,31 @@ def open_region_fd(daemon: DaemonProcess, name: str) -> int:
         if target == want:
             return os.open(entry, os.O_RDWR | os.O_CLOEXEC)
     raise LookupError(f"memplugd (pid {daemon.proc.pid}) holds no memfd of region {name!r}")
+
+
+# --------------------------------------------------------------------------- region contents
+
+Ranges = list[tuple[int, int]]
+
+
+def checksum(att: Attachment, ranges: Ranges) -> str:
+    """sha256 of the plugged bytes of an attachment, read through its mapping."""
+    assert att.view is not None
+    h = hashlib.sha256()
+    for offset, length in ranges:
+        h.update(att.view[offset : offset + length])
+    return h.hexdigest()
+
+
+def scribble(att: Attachment, ranges: Ranges) -> None:
+    """Random bytes at the start, middle and end of every plugged range."""
+    assert att.view is not None
+    piece = 64 * 1024
+    for offset, length in ranges:
+        for at in (offset, offset + length // 2, offset + length - piece):
+            att.view[at : at + piece] = os.urandom(piece)
+    if att.info.backing == "file":
+        # Written back now: a filesystem may spend a metadata block on it (ext4
+        # splitting an unwritten extent), which st_blocks counts, so allocated_bytes
+        # settles here rather than at some writeback during the test.
+        os.fsync(att.fd)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import os
 import re
 import shutil
@@ -26,7 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HUGE_2M, DaemonProcess, GiB, MiB, huge_free, require, start_daemon
+from conftest import (
+    HUGE_2M,
+    DaemonProcess,
+    GiB,
+    MiB,
+    Ranges,
+    checksum,
+    huge_free,
+    require,
+    scribble,
+    start_daemon,
+)
 from sdharness import FakeSystemd
 
 from memplug.client import Client
@@ -40,8 +50,6 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.fallocate.restype = ctypes.c_int
-
-Ranges = list[tuple[int, int]]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -63,29 +71,6 @@ def memfd(name: str, size: int) -> int:
 
 def allocated(fd: int) -> int:
     return int(os.fstat(fd).st_blocks) * 512
-
-
-def checksum(att: Attachment, ranges: Ranges) -> str:
-    """sha256 of the plugged bytes of an attachment, read through its mapping."""
-    assert att.view is not None
-    h = hashlib.sha256()
-    for offset, length in ranges:
-        h.update(att.view[offset : offset + length])
-    return h.hexdigest()
-
-
-def scribble(att: Attachment, ranges: Ranges) -> None:
-    """Random bytes at the start, middle and end of every plugged range."""
-    assert att.view is not None
-    piece = 64 * 1024
-    for offset, length in ranges:
-        for at in (offset, offset + length // 2, offset + length - piece):
-            att.view[at : at + piece] = os.urandom(piece)
-    if att.info.backing == "file":
-        # Written back now: a filesystem may spend a metadata block on it (ext4
-        # splitting an unwritten extent), which st_blocks counts, so allocated_bytes
-        # settles here rather than at some writeback during the test.
-        os.fsync(att.fd)
 
 
 def intents(db: Path) -> list[tuple[str, str, int, int]]:

@@ -7,7 +7,6 @@ MEMPLUG_TAKEOVER_EXIT_AFTER_FDS switch (it exits once every fd has come).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -21,7 +20,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import FAST_RECONNECT, HUGE_2M, DaemonProcess, MiB, huge_free, start_daemon
+from conftest import (
+    FAST_RECONNECT,
+    HUGE_2M,
+    DaemonProcess,
+    MiB,
+    Ranges,
+    checksum,
+    huge_free,
+    scribble,
+    start_daemon,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memplug.client import Client
@@ -30,28 +39,12 @@ from memplug.common import memory
 from memplug.common.errors import MemplugError
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
-Ranges = list[tuple[int, int]]
 # Partly plugged regions: attached sparse, touched only in their plugged ranges.
 LAYOUT: dict[str, Ranges] = {
     "vm-shm": [(0, 8 * MiB), (16 * MiB, 4 * MiB)],
     "vm-huge": [(0, 4 * MiB), (8 * MiB, 2 * MiB)],
     "vm-file": [(2 * MiB, 4 * MiB)],
 }
-
-
-def checksum(att: Attachment, ranges: Ranges) -> str:
-    assert att.view is not None
-    h = hashlib.sha256()
-    for offset, length in ranges:
-        h.update(att.view[offset : offset + length])
-    return h.hexdigest()
-
-
-def scribble(att: Attachment, ranges: Ranges) -> None:
-    assert att.view is not None
-    for offset, length in ranges:
-        for at in (offset, offset + length - 4096):
-            att.view[at : at + 4096] = os.urandom(4096)
 
 
 # Every taker a test starts, killed at the end of the test if it still runs.

@@ -349,6 +349,8 @@ def scalar(f: FieldDescriptor) -> st.SearchStrategy[Any]:
         return u32()
     if f.type in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32):
         return st.sampled_from(I32_EDGES)
+    if f.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return st.floats(allow_nan=True, allow_infinity=True, width=64)
     if f.type == FieldDescriptor.TYPE_MESSAGE:
         assert f.message_type is not None
         return messages(f.message_type)
