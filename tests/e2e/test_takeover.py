@@ -230,9 +230,12 @@ def test_two_takers_one_wins(old: DaemonProcess) -> None:
         assert time.monotonic() < deadline, [log.read_text() for _, log in takers]
         time.sleep(0.05)
     (winner, winner_log), (loser, loser_log) = sorted(takers, key=lambda t: t[0].poll() is not None)
-    # The other was refused, or came after the take-over and took over from the winner.
+    # The other was refused while the first took over, or found the old daemon's
+    # take-over socket already gone and the winner's not yet listening (refused
+    # too, and told so), or came after and took over from the winner.
     loser_said = loser_log.read_text()
-    assert (loser.returncode == 1 and "taking over already" in loser_said) or (
+    refused = ("taking over already", "no running memplugd to take over")
+    assert (loser.returncode == 1 and any(why in loser_said for why in refused)) or (
         loser.returncode == 0 and "handed 2 regions over" in loser_said
     ), (loser.returncode, loser_said)
     new = serving(winner, winner_log, old.socket)
