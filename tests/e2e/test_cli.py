@@ -246,19 +246,24 @@ def test_exec_passes_the_fds(daemon: DaemonProcess) -> None:
     ok(sock, "rm", rw, ro)
 
 
+def start_plug(sock: Path, name: str) -> subprocess.Popen[str]:
+    """`memplug plug NAME` in a process of its own, for a test to interrupt."""
+    return subprocess.Popen(
+        [str(MEMPLUG), "plug", name],
+        env=env_for(sock),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_ctrl_c_cancels_plug_and_rolls_back(daemon: DaemonProcess) -> None:
     sock = daemon.socket
     name = fresh()
     ok(sock, "create", name, "4G")
     with Client(sock) as c:
-        proc = subprocess.Popen(
-            [str(MEMPLUG), "plug", name],
-            env=env_for(sock),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_plug(sock, name)
         try:
             deadline = time.monotonic() + 20
             while c.get_region(name).allocated_bytes == 0:  # the plug is under way
@@ -374,14 +379,7 @@ def test_ctrl_c_says_rolled_back_only_once_it_is(daemon: DaemonProcess) -> None:
         before = c.get_region(name)
         rolled_back = 0
         for delay in (0.15, 0.3, 0.45, 0.6, 0.8, 1.0):
-            proc = subprocess.Popen(
-                [str(MEMPLUG), "plug", name],
-                env=env_for(sock),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            proc = start_plug(sock, name)
             try:
                 while c.get_region(name).allocated_bytes <= before.allocated_bytes:
                     assert proc.poll() is None, f"memplug plug ended early: {proc.communicate()}"

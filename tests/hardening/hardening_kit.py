@@ -314,6 +314,21 @@ def alive(d: DaemonProcess) -> None:
     assert d.alive(), f"memplugd died:\n{d.log()[-4000:]}"
 
 
+def connect(d: DaemonProcess) -> Client:
+    """A client with a long timeout: faults make some calls slow on purpose."""
+    return Client(d.socket, timeout=60)
+
+
+def stop(d: DaemonProcess, *, no_traceback: bool = False) -> None:
+    """SIGTERM a daemon that must still be alive; it must exit 0 (and log no
+    traceback, when asked)."""
+    alive(d)
+    code = d.stop()
+    assert code == 0, f"memplugd exited with {code} on SIGTERM:\n{d.log()[-4000:]}"
+    if no_traceback:
+        assert "Traceback" not in d.log(), f"memplugd logged a traceback:\n{d.log()}"
+
+
 def run_nobody(script: str, *args: str, timeout: float = 60) -> dict[str, Any]:
     """Run script with the system python as uid/gid 65534, no supplementary groups.
 

@@ -30,6 +30,7 @@ from hardening_kit import (
     alive,
     assert_consistent,
     assert_serving,
+    connect,
     digest,
     expected_digest,
     fault,
@@ -38,6 +39,7 @@ from hardening_kit import (
     leak_check,
     memory_cgroup,
     record,
+    stop,
     store_state,
     wait_until,
 )
@@ -45,7 +47,6 @@ from sdharness import FakeSystemd
 
 from memplug.client import (
     Cancelled,
-    Client,
     DeadlineExceeded,
     FailedPrecondition,
     NoSpace,
@@ -61,10 +62,6 @@ Factory = Callable[..., DaemonProcess]
 pytestmark = pytest.mark.privileged
 
 
-def connect(d: DaemonProcess) -> Client:
-    return Client(d.socket, timeout=60)
-
-
 @pytest.fixture
 def systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
     sd = FakeSystemd(tmp_path / "sd")
@@ -72,12 +69,6 @@ def systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
         yield sd
     finally:
         sd.close()
-
-
-def stop(d: DaemonProcess) -> None:
-    alive(d)
-    code = d.stop()
-    assert code == 0, f"memplugd exited with {code} on SIGTERM:\n{d.log()[-4000:]}"
 
 
 # --------------------------------------------------------------------------- hugetlb pools

@@ -31,6 +31,7 @@ from hardening_kit import (
     alive,
     assert_consistent,
     assert_serving,
+    connect,
     digest,
     fault,
     fd_count,
@@ -38,16 +39,13 @@ from hardening_kit import (
     record,
     wait_until,
 )
+from hardening_kit import stop as kit_stop
 from sdharness import FakeSystemd
 
-from memplug.client import Client, NoSpace, NotFound
+from memplug.client import NoSpace, NotFound
 from memplug.daemon.metrics_http import MAX_CONNECTIONS, TIMEOUT
 
 Factory = Callable[..., DaemonProcess]
-
-
-def connect(d: DaemonProcess) -> Client:
-    return Client(d.socket, timeout=60)
 
 
 @pytest.fixture
@@ -60,10 +58,7 @@ def systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
 
 
 def stop(d: DaemonProcess) -> None:
-    alive(d)
-    code = d.stop()
-    assert code == 0, f"memplugd exited with {code} on SIGTERM:\n{d.log()[-4000:]}"
-    assert "Traceback" not in d.log(), f"memplugd logged a traceback:\n{d.log()}"
+    kit_stop(d, no_traceback=True)
 
 
 # --------------------------------------------------------------------------- metrics
