@@ -51,6 +51,7 @@ from memplug.daemon.engine.strategy import Strategy
 from memplug.daemon.engine.table import RegionTable
 from memplug.daemon.engine.tickets import Handoff, Peer, Ticket, TicketBook
 from memplug.daemon.engine.warmpool import PoolSpec, WarmPool
+from memplug.daemon.kernel import probe
 from memplug.daemon.state.store import HoldRecord, MemoryStore, StateStore
 
 __all__ = ["EngineStatus", "OpResult", "RangeOutcome", "RegionEngine", "RegionListener"]
@@ -177,12 +178,15 @@ class RegionEngine:
         regions = self._table.regions()
         for region in regions:
             self._inspect(region)
+        allocated = [r.backing.allocated_bytes() for r in regions]  # one fstat each
         return EngineStatus(
             regions=len(regions),
             plugged_bytes=self._quota.used,
-            allocated_bytes=sum(r.backing.allocated_bytes() for r in regions),
+            allocated_bytes=sum(allocated),
             quota_bytes=self._quota.max_bytes,
-            allocated_outside_plugged_bytes=sum(r.allocated_outside_plugged() for r in regions),
+            allocated_outside_plugged_bytes=sum(
+                r.allocated_outside_plugged(a) for r, a in zip(regions, allocated, strict=True)
+            ),
             threads=self.threads,
             madv_populate=self.madv_populate,
             warm_pools=[
@@ -465,6 +469,10 @@ class RegionEngine:
         regions, report = restore_regions(self._store, adopted, self.allow_dirs)
         self._table.restored(regions, report.lost)
         self._hugepages.restore()
+        # Open the sysfs files GetStatus keeps open (kernel/sysfs.py) now, so that
+        # the daemon's set of open fds is settled before its first call.
+        self._hugepages.report()
+        probe.shmem_thp_mode()
         self._holds.load()
         for region in regions:
             self._quota.add(region.plugged.total)

@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from memplug.common import memory
 from memplug.common.errors import FailedPrecondition, InvalidArgument, MemplugError, PoolExhausted
 from memplug.common.sizes import format_size, parse_size
 from memplug.daemon.backings import BackingKind
@@ -345,27 +344,26 @@ class HugePoolGrower:
     def report(self) -> list[PoolReport]:
         """Every pool the kernel offers, kernel-wide then per node, with memplug's share."""
         reports = []
-        for page_size in memory.huge_page_sizes():
-            for node in [None, *hugepools.nodes(page_size)]:
-                try:
-                    pool = hugepools.read(page_size, node)
-                except OSError:
-                    continue
-                if node is None:
-                    added = sum(v for (s, _), v in self._added.items() if s == page_size)
-                else:
-                    added = self._added.get((page_size, node), 0)
-                budget = self._budgets.get((page_size, node))
-                reports.append(
-                    PoolReport(
-                        page_size=page_size,
-                        node=node,
-                        total=pool.total,
-                        free=pool.free,
-                        reserved=pool.reserved,
-                        surplus=pool.surplus,
-                        added=added,
-                        budget_pages=budget.pages() if budget is not None else 0,
-                    )
+        for page_size, node in hugepools.layout():
+            try:
+                pool = hugepools.read(page_size, node)
+            except OSError:
+                continue
+            if node is None:
+                added = sum(v for (s, _), v in self._added.items() if s == page_size)
+            else:
+                added = self._added.get((page_size, node), 0)
+            budget = self._budgets.get((page_size, node))
+            reports.append(
+                PoolReport(
+                    page_size=page_size,
+                    node=node,
+                    total=pool.total,
+                    free=pool.free,
+                    reserved=pool.reserved,
+                    surplus=pool.surplus,
+                    added=added,
+                    budget_pages=budget.pages() if budget is not None else 0,
                 )
+            )
         return reports

@@ -6,10 +6,15 @@ has no resv_hugepages: reservations are counted kernel-wide only, so the
 kernel-wide figure is reported for every node. Writing nr_hugepages makes the
 kernel allocate or free pages and leaves the count it reached: fewer than
 asked when memory is too fragmented for pages of that size.
+
+Which pools exist (the page sizes, the nodes) is fixed while the kernel runs
+and is looked up once (layout()); the counts are read anew every time, through
+files kept open (sysfs.py).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import Final
 
 from memplug.common import memory
 from memplug.common.sizes import format_size
+from memplug.daemon.kernel.sysfs import ATTRIBUTES
 
 NODE_SYSFS: Final = Path("/sys/devices/system/node")
 COMPACT_ALL: Final = Path("/proc/sys/vm/compact_memory")
@@ -51,7 +57,7 @@ def read(page_size: int, node: int | None) -> PoolCounts:
     base = pool_dir(page_size, node)
 
     def value(directory: Path, name: str) -> int:
-        return int((directory / name).read_text())
+        return ATTRIBUTES.read_int(directory / name)
 
     return PoolCounts(
         page_size=page_size,
@@ -74,6 +80,20 @@ def compact(node: int | None) -> None:
     """Ask the kernel to compact memory (of one node, or all) so huge pages can be found."""
     path = COMPACT_ALL if node is None else NODE_SYSFS / f"node{node}" / "compact"
     path.write_text("1")
+
+
+@functools.cache
+def layout() -> tuple[tuple[int, int | None], ...]:
+    """(page size, node) of every pool, kernel-wide (None) before per node, by page size.
+
+    Huge page sizes are registered at boot and nodes have their pools from the
+    start, so this is looked up once per process.
+    """
+    return tuple(
+        (page_size, node)
+        for page_size in memory.huge_page_sizes()
+        for node in (None, *nodes(page_size))
+    )
 
 
 def nodes(page_size: int) -> list[int]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from memplug.daemon.kernel import ops
+from memplug.daemon.kernel.sysfs import ATTRIBUTES
 
 
 @functools.cache
@@ -48,9 +49,9 @@ THP_SHMEM_MODES: Final = ("always", "within_size", "advise", "force")
 
 
 def _selected(path: Path) -> str | None:
-    """The [bracketed] choice of a sysfs multiple-choice file."""
+    """The [bracketed] choice of a sysfs multiple-choice file (read anew: root may change it)."""
     try:
-        match = re.search(r"\[(\w+)\]", path.read_text())
+        match = re.search(r"\[(\w+)\]", ATTRIBUTES.read(path))
     except OSError:
         return None
     return match.group(1) if match else None
@@ -64,8 +65,9 @@ def shmem_thp_mode() -> str:
     return _selected(THP_SYSFS / "shmem_enabled") or "unsupported"
 
 
-def shmem_thp_allowed() -> bool:
-    return shmem_thp_mode() in THP_SHMEM_MODES
+def shmem_thp_allowed(mode: str | None = None) -> bool:
+    """Whether shmem THP is allowed in `mode` (default: the mode now)."""
+    return (shmem_thp_mode() if mode is None else mode) in THP_SHMEM_MODES
 
 
 SHMEM_THP_HINT: Final = (
@@ -86,10 +88,17 @@ def _cpulist(text: str) -> list[int]:
 
 def numa_nodes() -> list[int]:
     """Online NUMA nodes ([0] where the kernel has no NUMA support)."""
+    return list(_online_nodes())
+
+
+@functools.cache
+def _online_nodes() -> tuple[int, ...]:
+    # Looked up once: the NUMA layout is fixed while the daemon runs (a node
+    # brought online by memory hot-plug shows after a restart).
     try:
-        return _cpulist(Path("/sys/devices/system/node/online").read_text())
+        return tuple(_cpulist(Path("/sys/devices/system/node/online").read_text()))
     except OSError:
-        return [0]
+        return (0,)
 
 
 def node_cpus(node: int) -> list[int]:

@@ -181,7 +181,8 @@ def status_to_proto(
         )
         for p in status.hugetlb_pools
     ]
-    thp_allowed = probe.shmem_thp_allowed()
+    thp_mode = probe.shmem_thp_mode()
+    thp_allowed = probe.shmem_thp_allowed(thp_mode)
     return pb.DaemonStatus(
         version=version,
         uptime_seconds=uptime,
@@ -196,7 +197,7 @@ def status_to_proto(
         madv_populate=status.madv_populate,
         socket=socket,
         fd_socket=fd_socket,
-        shmem_thp=probe.shmem_thp_mode(),
+        shmem_thp=thp_mode,
         shmem_thp_allowed=thp_allowed,
         shmem_thp_hint="" if thp_allowed else probe.SHMEM_THP_HINT,
         numa_nodes=probe.numa_nodes(),

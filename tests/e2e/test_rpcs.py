@@ -10,6 +10,10 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
+import shutil
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -29,6 +33,7 @@ from conftest import (
     get,
     huge_free,
     open_region_fd,
+    require,
     require_root,
     spans,
 )
@@ -398,6 +403,58 @@ def test_get_status_reports_pools(
     pools = {p.page_size: p for p in daemon.stub.GetStatus(pb.GetStatusRequest()).hugetlb_pools}
     assert pools[HUGE_2M].total == 6
     assert pools[HUGE_2M].free == 4
+
+
+@contextlib.contextmanager
+def files_opened_by(pid: int, log: Path) -> Iterator[list[str]]:
+    """The paths the process (all its threads) opens inside the block, by strace."""
+    require(shutil.which("strace") is not None, "strace is not installed")
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-e", "trace=open,openat,openat2", "-o", str(log), "-p", str(pid)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert tracer.stderr is not None
+    attached = 0
+    while attached < threads:  # "Process N attached [with M threads]"
+        line = tracer.stderr.readline()
+        assert line, f"strace could not attach to pid {pid}"
+        if "attached" in line:
+            found = re.search(r"with (\d+) threads", line)
+            attached += int(found.group(1)) if found else 1
+    opened: list[str] = []
+    try:
+        yield opened
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+        tracer.stderr.close()
+    opened += [line.split('"')[1] for line in log.read_text().splitlines() if '"' in line]
+
+
+def test_get_status_reads_pool_counts_anew_and_opens_no_file(
+    daemon: DaemonProcess, hugetlb_pool: Callable[[int], None], tmp_path: Path
+) -> None:
+    """What can change (a pool's size) shows at the next call; what cannot (page
+    sizes, nodes) is looked up once, and the counts are read from files kept open."""
+    pool_file = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_2M // 1024}kB/nr_hugepages")
+
+    def pool_total() -> int:
+        status = daemon.stub.GetStatus(pb.GetStatusRequest())
+        return {p.page_size: p.total for p in status.hugetlb_pools}[HUGE_2M]
+
+    before = int(pool_file.read_text())
+    assert pool_total() == before
+    hugetlb_pool(before + 1)
+    assert pool_total() == before + 1, "a change of nr_hugepages must show at the next call"
+    with files_opened_by(daemon.proc.pid, tmp_path / "strace.log") as opened:
+        for _ in range(5):
+            daemon.stub.GetStatus(pb.GetStatusRequest())
+    kernel_files = [f for f in opened if f.startswith(("/sys/", "/proc/"))]
+    assert not kernel_files, (
+        f"5 GetStatus calls opened {len(kernel_files)} files: {sorted(set(kernel_files))}"
+    )
 
 
 # --------------------------------------------------------------------------- INVALID_ARGUMENT
