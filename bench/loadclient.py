@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench import echo
 from bench.report import MiB
 from memplug.client import Client
-from memplug.client.attach import redeem
+from memplug.client.attach import open_region, redeem
 from memplug.daemon.kernel import ops
 
 BLOCK = 2 * MiB  # the small operations work on one 2 MiB block
@@ -44,7 +44,7 @@ WORKLOADS = (
     "status",
     "get",
     "plug",  # Plug then Unplug of one block
-    "attach",  # Client.attach: the fd socket's OPEN, no gRPC
+    "attach",  # the fd socket's OPEN alone, then Client.attach (OPEN and GetRegion)
     "ticket",  # gRPC Attach for a ticket, then its redeem on the fd socket
 )
 
@@ -116,8 +116,18 @@ class _Setup:
                 ("Unplug 2 MiB", lambda: c.unplug(region, 0, BLOCK)),
             ]
         if workload == "attach":
-            # The regions are partly plugged (the plug workload plugs block 0 only).
-            return [("Attach", lambda: c.attach(region, map_memory=False, sparse=True).close())]
+            fd_socket = str(socket.parent / "fd.sock")  # beside the gRPC socket (bench.memplugd)
+
+            def open_fd() -> None:
+                fd, _ = open_region(fd_socket, region, "rw")
+                os.close(fd)
+
+            # The regions are partly plugged (the plug workload plugs block 0 only):
+            # Client.attach asks GetRegion for the plugged ranges.
+            return [
+                ("fd socket OPEN", open_fd),
+                ("Attach", lambda: c.attach(region, map_memory=False, sparse=True).close()),
+            ]
         if workload == "ticket":
 
             def by_ticket() -> None:
