@@ -187,12 +187,7 @@ class FdServer:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 64)
                 else:
-                    conn = key.data
-                    try:
-                        self._readable(conn)
-                    except Exception:  # a bug must not take the hand-off down
-                        log.exception("fd socket: failed serving a connection")
-                        self._close(conn)
+                    self._try_readable(key.data)
             now = time.monotonic()
             self._expire(now)
             self._check_unread(now)
@@ -242,6 +237,18 @@ class FdServer:
             self._per_uid[uid] += 1
             self._reading.append(conn)
             self._sel.register(sock, selectors.EVENT_READ, conn)
+            # A client sends its request line right after connecting, so it is
+            # usually there already: serving it now saves a turn of the loop (a
+            # wake-up of this thread, an epoll_wait) per hand-off. If it is not,
+            # recv says EAGAIN and the selector reports the line when it comes.
+            self._try_readable(conn)
+
+    def _try_readable(self, conn: _Conn) -> None:
+        try:
+            self._readable(conn)
+        except Exception:  # a bug must not take the hand-off down
+            log.exception("fd socket: failed serving a connection")
+            self._close(conn)
 
     def _over_limit(self, uid: int) -> ResourceExhausted | None:
         limits = self.limits
