@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import grpc
+from prometheus_client import Counter, Histogram
 
 from memplug.daemon import metrics
 from memplug.daemon.transport.status import abandoned_code
@@ -62,6 +64,18 @@ def close_abandoned(stream: Generator[Any, None, None]) -> None:
     threading.Thread(target=close, name="memplug-abandoned", daemon=True).start()
 
 
+@functools.cache
+def _rpc_counter(rpc: str, code: str) -> Counter:
+    # A labelled child is looked up under the metric's lock, with its label
+    # values checked, on every labels(); it never changes, so keep it.
+    return metrics.RPC_TOTAL.labels(rpc, code)
+
+
+@functools.cache
+def _rpc_timer(rpc: str) -> Histogram:
+    return metrics.RPC_SECONDS.labels(rpc)
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Counts every RPC by method and final status code, and times it."""
 
@@ -83,8 +97,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             answered: bool = False,
         ) -> None:
             code = _code(context, abandoned=abandoned, answered=answered)
-            metrics.RPC_TOTAL.labels(rpc, code).inc()
-            metrics.RPC_SECONDS.labels(rpc).observe(time.monotonic() - started)
+            _rpc_counter(rpc, code).inc()
+            _rpc_timer(rpc).observe(time.monotonic() - started)
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
