@@ -694,7 +694,7 @@ def _small_table(
         apart = result.p50 / sum(p50[f] for f in op.apart) if op.apart else math.nan
         if op.margin is not None:
             judged[op.label].append((clients, result.p50, floor))
-        if op.load in ("attach", "ticket"):
+        if op.step in ("Attach", "Attach by ticket"):  # what a consumer waits for
             attach_p50[op.label.split(" (")[0]].append((clients, result.p50))
         table.add(
             op.label, op.trips, fmt_time(result.p50), fmt_time(result.p99),

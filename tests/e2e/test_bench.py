@@ -44,7 +44,8 @@ def test_quick_small_and_rss_sections(tmp_path: Path) -> None:
 
     # Every target of the two sections got a verdict from a measured figure.
     targets = [line for line in markdown.splitlines() if "**PASS**" in line or "**FAIL**" in line]
-    assert len(targets) == 9, markdown
+    # small: 5 operations judged at 1 and at 4 clients, 2 attaches ≤ 2 ms; rss: 3
+    assert len(targets) == 15, markdown
     # The tables carry numbers: latencies, ops/s and sizes.
     small = markdown.split("## Small operations", 1)[1].split("## Daemon footprint", 1)[0]
     rows = [
