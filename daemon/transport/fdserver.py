@@ -71,7 +71,7 @@ from memplug.daemon.transport.fdwire import (
     hidden_refusal,
     ok_line,
 )
-from memplug.daemon.transport.peercred import peer_of, peer_uid
+from memplug.daemon.transport.peercred import peer_cred, peer_of
 from memplug.daemon.transport.unixsock import claim_socket_path
 
 log = logging.getLogger("memplug.fdserver")
@@ -86,11 +86,15 @@ ACCEPT_BATCH: Final = 64  # accepts per turn of the loop, so connections already
 @dataclass(eq=False)
 class _Conn:
     sock: socket.socket
-    uid: int
+    cred: tuple[int, int, int]  # (pid, uid, gid) by SO_PEERCRED at accept
     deadline: float
     buf: bytearray = field(default_factory=bytearray)
     unread: bool = False  # a reply with an fd is sent; the peer has not read it yet
     recheck: float = UNREAD_RECHECK[0]
+
+    @property
+    def uid(self) -> int:
+        return self.cred[1]
 
 
 class FdServer:
@@ -219,7 +223,8 @@ class FdServer:
                 return
             self._accept_backoff = ACCEPT_BACKOFF[0]
             try:
-                uid = peer_uid(sock)
+                cred = peer_cred(sock)
+                uid = cred[1]
             except OSError:
                 sock.close()
                 continue
@@ -232,7 +237,7 @@ class FdServer:
                     return
                 continue
             sock.setblocking(False)
-            conn = _Conn(sock, uid, time.monotonic() + self._read_timeout)
+            conn = _Conn(sock, cred, time.monotonic() + self._read_timeout)
             self._conns[sock.fileno()] = conn
             self._per_uid[uid] += 1
             self._reading.append(conn)
@@ -332,7 +337,7 @@ class FdServer:
         self._serve(conn, line)
 
     def _serve(self, conn: _Conn, line: bytes) -> None:
-        peer = peer_of(conn.sock)
+        peer = peer_of(conn.sock, conn.cred)
         text = line.decode("ascii", errors="replace").rstrip("\r")
         attach, open_ = ATTACH_REQUEST.fullmatch(text), OPEN_REQUEST.fullmatch(text)
         if attach is None and open_ is None:

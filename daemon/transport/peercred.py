@@ -13,18 +13,21 @@ SO_PEERGROUPS: Final = 59  # Linux 4.13; not in Python's socket module
 _UCRED = struct.Struct("iII")  # pid_t pid; uid_t uid; gid_t gid
 
 
-def peer_of(sock: socket.socket) -> Peer:
-    """Credentials the kernel recorded when the peer connected; they cannot be forged."""
-    pid, uid, gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
+def peer_of(sock: socket.socket, cred: tuple[int, int, int] | None = None) -> Peer:
+    """Credentials the kernel recorded when the peer connected; they cannot be forged.
+
+    cred: (pid, uid, gid) as peer_cred() read them from this socket already.
+    """
+    pid, uid, gid = cred if cred is not None else peer_cred(sock)
     return Peer(pid=pid, uid=uid, gids=frozenset({gid, *_peer_groups(sock)}))
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """Only the uid (one getsockopt): enough to count a connection against its owner."""
-    _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return int(uid)
+def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid), one getsockopt: the uid counts a connection against its owner."""
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return int(pid), int(uid), int(gid)
 
 
 def _peer_groups(sock: socket.socket) -> list[int]:
