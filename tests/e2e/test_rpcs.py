@@ -417,12 +417,12 @@ def files_opened_by(pid: int, log: Path) -> Iterator[list[str]]:
     )
     assert tracer.stderr is not None
     attached = 0
-    while attached < threads:  # "Process N attached [with M threads]"
+    while attached < threads:  # "Process N attached with M threads", or a line per thread
         line = tracer.stderr.readline()
         assert line, f"strace could not attach to pid {pid}"
-        if "attached" in line:
-            found = re.search(r"with (\d+) threads", line)
-            attached += int(found.group(1)) if found else 1
+        if re.search(r"attached with \d+ threads", line):
+            break  # strace attaches every thread before it says so
+        attached += "attached" in line
     opened: list[str] = []
     try:
         yield opened
