@@ -337,6 +337,15 @@ def parser() -> argparse.ArgumentParser:
         "the same sockets; --takeover=auto takes over if one runs and starts normally if "
         "none does (a container or DaemonSet entrypoint)",
     )
+    p.add_argument(
+        "--after-handover",
+        dest="after_handover",
+        choices=["exit", "wait"],
+        default="exit",
+        help="what this daemon does once it has handed over to a new one: exit 0 (default), "
+        "or wait idle for SIGTERM (under a supervisor that restarts a container that exits, "
+        "such as a Kubernetes DaemonSet)",
+    )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 

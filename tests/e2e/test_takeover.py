@@ -428,3 +428,35 @@ def test_two_auto_starters_at_once_one_serves_the_other_refuses_cleanly(tmp_path
         assert not any("Traceback" in log.read_text() for log in logs)
     finally:
         kill_takers(*procs)
+
+
+def test_after_handover_wait_stays_idle_till_sigterm_and_touches_nothing(
+    tmp_path: Path,
+) -> None:
+    """--after-handover wait (a DaemonSet's old pod): the old process stays after the
+    hand-over, and its SIGTERM later leaves the new daemon's regions alone."""
+    d = start_daemon(tmp_path, "--after-handover", "wait")
+    try:
+        with Client(d.socket) as c:
+            c.create_region("vm", 8 * MiB)
+            c.plug("vm")
+            with c.attach("vm") as att:
+                scribble(att, [(0, 8 * MiB)])
+                before = checksum(att, [(0, 8 * MiB)])
+        proc, log_path = start_taker(d, "new", mode="auto")
+        new = serving(proc, log_path, d.socket)
+        deadline = time.monotonic() + 30
+        while "idle until SIGTERM" not in d.log():
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        assert d.alive()
+        assert d.stop() == 0
+        with Client(new.socket) as c:
+            assert c.get_region("vm").plugged_bytes == 8 * MiB
+            with c.attach("vm") as att:
+                assert checksum(att, [(0, 8 * MiB)]) == before
+            c.plug("vm")  # it still writes the store
+        assert "stopping" not in d.log().split("idle until SIGTERM")[1], d.log()
+        assert new.stop() == 0
+    finally:
+        kill_takers(d.proc)
