@@ -45,7 +45,8 @@ class Switches:
     takeover_exit_after_fds: bool = False
     # MEMPLUG_TAKEOVER_KILL_AFTER_COMMITTED=1: `memplugd --takeover` sends itself
     # SIGKILL right after the old daemon said `committed`, before it serves: the
-    # new daemon dying once the old one has let go of everything.
+    # new daemon dying once the old one has let go of everything (as PID 1 of a
+    # container, which its own SIGKILL spares, it exits 137 instead).
     takeover_kill_after_committed: bool = False
 
 

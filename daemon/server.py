@@ -328,6 +328,7 @@ class Daemon:
             taken.confirm(switches.takeover_timeout)
             if switches.takeover_kill_after_committed:
                 os.kill(os.getpid(), signal.SIGKILL)
+                os._exit(128 + signal.SIGKILL)  # PID 1 of a container ignores its own SIGKILL
             assert self._state_lock is not None
             self._state_lock.claim()
             make_own_dir(config.socket.parent, 0o755, "--socket PATH (or set XDG_RUNTIME_DIR)")
