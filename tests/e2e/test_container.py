@@ -503,6 +503,23 @@ def test_sidecar_upgrade_takes_the_regions_over(
                 map_and_check(c, sockdir, name)
             before = c.list_regions()
             sums = region_sums(c, sockdir, ["up-shm", "up-huge"])
+        # A taker that dies once the old daemon has let go: the old one, PID 1 of its
+        # container, re-executes itself on the fds it kept and serves every region.
+        killed = podman(
+            "run", "-d", "--network=none", "--health-interval=disable",
+            "--env", "MEMPLUG_TAKEOVER_KILL_AFTER_COMMITTED=1",
+            "-v", f"{sockdir}:/run/memplug", *run_args, image, *cmd,
+        ).stdout.strip()  # fmt: skip
+        try:
+            code = podman("wait", killed, timeout=60).stdout.strip()
+            assert code == "137", logs(podman, killed)
+        finally:
+            podman("rm", "-f", "-t", "0", killed, check=False, timeout=60)
+        wait_serving(podman, old, sockdir / "memplug.sock")
+        assert "ended before it served" in logs(podman, old), logs(podman, old)
+        with Client(sockdir / "memplug.sock") as c:
+            assert c.list_regions() == before
+            assert region_sums(c, sockdir, ["up-shm", "up-huge"]) == sums
         with daemon_container(podman, image, sockdir, run_args, cmd) as new:
             code = podman("wait", old, timeout=60).stdout.strip()
             assert code == "0", logs(podman, old)
