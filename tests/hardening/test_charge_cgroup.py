@@ -321,6 +321,49 @@ def test_a_region_charged_to_its_peer_bills_the_first_attachers_cgroup_not_the_d
         assert '"charge_to_peer": true' in made and '"charge_cgroup": ""' in made, made
 
 
+# Connects to the fd socket, forks, and exits: the connection's peer (the
+# process SO_PEERCRED and SO_PEERPIDFD name) is gone when the child, told to
+# on stdin once the test has reaped its parent, asks for the region on it.
+ORPHANED_CONNECTION = """
+import os, socket, sys
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.connect(sys.argv[1])
+if os.fork() == 0:
+    sys.stdin.readline()
+    conn.sendall(b"MEMPLUG/1 OPEN " + sys.argv[2].encode() + b" rw\\n")
+    print(conn.recv(4096).decode(errors="replace").splitlines()[0], flush=True)
+os._exit(0)
+"""
+
+
+def test_an_attacher_that_is_not_the_connected_process_any_more_is_refused(
+    daemon_factory: Factory,
+) -> None:
+    """Whoever holds the connection now, its peer exited (its pid free for reuse):
+    its cgroups cannot be known, so the attach is refused and the region waits."""
+    with daemon_and_consumer(daemon_factory) as (d, _, consumer, path):
+        create(d, "vm", SIZE, charge_to_peer=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ORPHANED_CONNECTION, str(d.fd_socket), "vm"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.wait(30) == 0  # reaped: the connecting process is gone for good
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+        answer = proc.stdout.readline().strip()
+        proc.stdout.close()
+        assert answer.startswith("ERR FAILED_PRECONDITION"), answer
+        assert "charge_to_peer" in answer and "exited" in answer, answer
+        assert get(d, "vm").charge_cgroup == ""
+
+        with consumer_process(d, [consumer.path], "open:vm") as answers:
+            assert answers == ["attached vm"], answers
+        assert get(d, "vm").charge_cgroup == path
+
+
 def test_the_first_attacher_by_ticket_is_charged_and_its_cgroup_survives_a_restart(
     daemon_factory: Factory, small_tmpfs: Callable[[str], Path]
 ) -> None:
