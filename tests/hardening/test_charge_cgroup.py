@@ -287,6 +287,8 @@ def test_a_region_charged_to_its_peer_bills_the_first_attachers_cgroup_not_the_d
         assert error_class(err) == "FailedPrecondition"
         d.stub.Unplug(pb.RangeRequest(name="vm"))  # nothing to allocate: allowed
         assert get(d, "vm").allocated_bytes == 0
+        waiting = 'memplug_region_awaiting_first_attacher{region="vm"} 1.0'
+        assert waiting in scrape(port)
 
         err = rpc_error(lambda: create(d, "both", SIZE, charge_cgroup=path, charge_to_peer=True))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
@@ -315,6 +317,7 @@ def test_a_region_charged_to_its_peer_bills_the_first_attachers_cgroup_not_the_d
 
         text = scrape(port)
         assert f'memplug_region_charge_cgroup{{cgroup="{path}",region="vm"}} 1.0' in text, text
+        assert waiting not in text, text
         show = memplug_cli(d, "show", "vm")
         assert f"memory cgroup {path} (its first attacher's)" in show, show
         made = memplug_cli(d, "create", "cli", "64M", "--charge-to-peer", "--json")
