@@ -17,6 +17,7 @@ the quota is returned.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class RegionEngine:
         self._runner = Runner(threads)
         self._table = RegionTable()
         self._tickets = TicketBook(ticket_ttl)
+        # One first attacher per charge_to_peer region, whoever serves the fd socket.
+        self._first_attach = threading.Lock()
         self._store: StateStore = store if store is not None else MemoryStore()
         self._listener = listener
         self._quota = Quota(max_bytes)
@@ -367,7 +370,9 @@ class RegionEngine:
                 )
             self._usable(region, "attach")
             if first_attacher is not None and region.options.awaiting_peer:
-                self._charge_first_attacher(region, first_attacher, peer)
+                with self._first_attach:
+                    if region.options.awaiting_peer:
+                        self._charge_first_attacher(region, first_attacher, peer)
             fd = backing.reopen(writable=access is Access.READ_WRITE)
             with region.mutex:
                 plugged_bytes = region.plugged.total

@@ -57,6 +57,8 @@ def peer_cgroups(sock: socket.socket) -> cgroup.ProcessCgroups:
             raise cgroup.ProcessGone(f"the peer (pid {pid}) exited: {gone}") from gone
     try:
         return cgroup.of_pidfd(pidfd)
+    except OSError as exc:  # /proc unreadable: the daemon's sandbox, not the peer
+        raise cgroup.CgroupError(f"cannot read the peer's cgroups: {exc}") from exc
     finally:
         os.close(pidfd)
 
