@@ -109,7 +109,7 @@ def target(region: Region, op: str, r: Range) -> ChargeTarget | None:
         raise FailedPrecondition(
             f"region {region.name!r}: {op} of {r} refused: the region is charged to the "
             "process that first attaches it (charge_to_peer), and none has attached it "
-            f"yet; attach it first (memplug exec -r {region.name} -- ..., or redeem a "
+            f"yet; attach it first (memplug exec -r {region.name}:sparse -- ..., or redeem a "
             f"ticket on the fd socket), then {op} it",
             region=region.name,
         )
