@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench import echo, memplugd
 from bench import qemu as qemu_mod
+from bench.charge import charge_section
 from bench.context import Bench
 from bench.hugepool import hugepool_section
 from bench.liveupdate import live_update_section
@@ -765,4 +766,5 @@ SECTIONS: dict[str, SectionFn] = {
     "hugepool": hugepool_section,
     "liveupdate": live_update_section,
     "takeover": takeover_section,
+    "charge": charge_section,
 }

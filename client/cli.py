@@ -314,6 +314,15 @@ def region_dict(r: Region) -> dict[str, Any]:
     return dataclasses.asdict(r)
 
 
+def charged_to(r: Region) -> str:
+    if r.charge_to_peer and not r.charge_cgroup:
+        return "its first attacher's cgroup (not attached yet: plug waits for it)"
+    if r.charge_cgroup:
+        whose = " (its first attacher's)" if r.charge_to_peer else ""
+        return f"memory cgroup {r.charge_cgroup}{whose}"
+    return "the daemon"
+
+
 def show_region(r: Region) -> None:
     rows = [
         ("name", r.name),
@@ -324,7 +333,7 @@ def show_region(r: Region) -> None:
         ("plugged", f"{format_size(r.plugged_bytes)} in {len(r.plugged)} range(s)"),
         ("allocated", format_size(r.allocated_bytes)),
         ("owner uid", str(r.owner_uid)),
-        ("charged to", f"memory cgroup {r.charge_cgroup}" if r.charge_cgroup else "the daemon"),
+        ("charged to", charged_to(r)),
     ]
     if r.allocated_outside_plugged_bytes:
         rows.insert(
@@ -428,6 +437,12 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
     metavar="PATH",
     help="charge the memory to this cgroup (as /proc/PID/cgroup prints it)",
 )
+@click.option(
+    "--charge-to-peer",
+    is_flag=True,
+    help="charge the memory to the cgroups of the process that first attaches the region "
+    "(plug is refused until then)",
+)
 def create_cmd(
     name: str,
     size: int | None,
@@ -446,6 +461,7 @@ def create_cmd(
     numa_node: tuple[int, ...],
     lock: bool,
     charge_cgroup: str,
+    charge_to_peer: bool,
 ) -> None:
     """Create region NAME of SIZE (512M, 2G, 0x40000000): nothing is allocated until plug.
 
@@ -477,6 +493,7 @@ def create_cmd(
             numa_nodes=list(numa_node),
             lock=lock,
             charge_cgroup=charge_cgroup,
+            charge_to_peer=charge_to_peer,
         )
     ctx = click.get_current_context()
     _emit(ctx, region_dict(region), lambda: show_region(region))

@@ -144,9 +144,11 @@ class Client:
         numa_nodes: list[int] | None = None,
         lock: bool = False,
         charge_cgroup: str = "",
+        charge_to_peer: bool = False,
     ) -> Region:
         """charge_cgroup: the memory cgroup billed for the region (a path as
-        /proc/PID/cgroup prints it); empty: the daemon's own."""
+        /proc/PID/cgroup prints it); empty: the daemon's own. charge_to_peer:
+        bill the cgroups of the process that first attaches it instead."""
         request = pb.CreateRegionRequest(
             name=name,
             size=_check_uint(size, 64, "size"),
@@ -165,6 +167,7 @@ class Client:
             numa_nodes=_check_uints(numa_nodes, 32, "NUMA node"),
             lock=lock,
             charge_cgroup=charge_cgroup,
+            charge_to_peer=charge_to_peer,
         )
         return convert.region(self._unary(self._stub.CreateRegion, request))
 

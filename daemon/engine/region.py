@@ -78,6 +78,7 @@ class RegionSpec:
     placement: Placement = field(default_factory=Placement)
     lock: bool = False
     charge_cgroup: str = ""  # "": the daemon's own memory cgroup
+    charge_to_peer: bool = False  # charged to the cgroups of its first attacher
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from memplug.common.ranges import Range
 from memplug.daemon.state.records import (
     Acl,
     HoldRecord,
+    RegionOptions,
     acl_from_json,
     acl_to_json,
     options_from_json,
@@ -303,6 +304,9 @@ class SqliteStore:
             record.gone,
             options_to_json(record.options),
         )
+
+    def put_options(self, name: str, options: RegionOptions) -> None:
+        self._write("UPDATE regions SET options = ? WHERE name = ?", options_to_json(options), name)
 
     def delete_region(self, name: str) -> None:
         with self._writing():

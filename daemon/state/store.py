@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from memplug.common.ranges import Range
-from memplug.daemon.state.records import HoldRecord, RegionRecord
+from memplug.daemon.state.records import HoldRecord, RegionOptions, RegionRecord
 
 __all__ = ["HoldRecord", "Intent", "MemoryStore", "PoolKey", "RegionRecord", "StateStore"]
 
@@ -41,6 +41,10 @@ class StateStore(Protocol):
     def put_region(self, record: RegionRecord) -> None: ...
 
     def delete_region(self, name: str) -> None: ...
+
+    def put_options(self, name: str, options: RegionOptions) -> None:
+        """Replace a region's options (charge_to_peer's cgroups, found at its first attach)."""
+        ...
 
     def mark_gone(self, name: str, reason: str) -> None:
         """Keep the record, flagged as lost, and drop its intents."""
@@ -86,6 +90,10 @@ class MemoryStore:
 
     def put_region(self, record: RegionRecord) -> None:
         self._regions[record.name] = record
+
+    def put_options(self, name: str, options: RegionOptions) -> None:
+        if name in self._regions:
+            self._regions[name] = dataclasses.replace(self._regions[name], options=options)
 
     def delete_region(self, name: str) -> None:
         self._regions.pop(name, None)

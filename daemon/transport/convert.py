@@ -83,6 +83,7 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         damage=info.damage,
         allocated_outside_plugged_bytes=info.allocated_outside_plugged,
         charge_cgroup=info.options.charge_cgroup,
+        charge_to_peer=info.options.charge_to_peer,
     )
 
 
@@ -113,6 +114,7 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
         placement=Placement(policy_from_proto(request.numa_policy), tuple(request.numa_nodes)),
         lock=request.lock,
         charge_cgroup=request.charge_cgroup,
+        charge_to_peer=request.charge_to_peer,
     )
 
 

@@ -203,8 +203,30 @@ def test_acl_and_options_are_stored_in_the_json_layout_every_memplugd_reads(
         "lock": True,
         "from_warm_pool": True,
         "charge_cgroup": "/kubepods/pod1/ctr",
+        "charge_to_peer": False,
+        "charge_hugetlb_cgroup": "",
     }
     assert SqliteStore(db).load()[0] == [full]
+
+
+def test_the_cgroups_of_a_first_attacher_are_recorded_and_survive_reopening(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    waiting = dataclasses.replace(record(), options=RegionOptions(charge_to_peer=True))
+    store = SqliteStore(db)
+    store.put_region(waiting)
+    intent = store.begin("vm0", "unplug", Range(0, 2 * MiB))
+    assert store.load()[0][0].options.awaiting_peer
+    bound = RegionOptions(
+        charge_to_peer=True, charge_cgroup="/pod1/vmm", charge_hugetlb_cgroup="/pod1"
+    )
+    store.put_options("vm0", bound)
+    store.close()
+    (loaded,), intents = SqliteStore(db).load()
+    assert loaded == dataclasses.replace(waiting, options=bound)
+    assert not loaded.options.awaiting_peer
+    assert [i.id for i in intents] == [intent]  # the plugged set and intents are untouched
 
 
 def test_options_written_before_charge_cgroup_existed_load_with_the_daemons_cgroup(
