@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from memplug.common.cancel import CancelToken
@@ -25,17 +25,29 @@ class RangeLock:
 
     @contextmanager
     def hold(self, r: Range, token: CancelToken) -> Iterator[None]:
+        with self.hold_all([r], token):
+            yield
+
+    @contextmanager
+    def hold_all(self, ranges: Iterable[Range], token: CancelToken) -> Iterator[None]:
+        """Hold several ranges, taken together once none is held by anyone else.
+
+        All or none at a time: a call never holds some of its ranges while it
+        waits for the others, so two calls with interleaved lists cannot deadlock.
+        """
+        wanted = list(ranges)
         with self._cond:
-            while any(r.overlaps(h) for h in self._held):
+            while any(r.overlaps(h) for r in wanted for h in self._held):
                 token.check()
                 self._cond.wait(_POLL)
             token.check()
-            self._held.append(r)
+            self._held.extend(wanted)
         try:
             yield
         finally:
             with self._cond:
-                self._held.remove(r)
+                for r in wanted:
+                    self._held.remove(r)
                 self._cond.notify_all()
 
     @property
