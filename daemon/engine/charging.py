@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Iterator
 
 from memplug.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from memplug.common.ranges import Range
+from memplug.common.ranges import Range, RangeList
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.engine.region import Region
@@ -40,7 +40,7 @@ def checked_path(path: str) -> str:
         raise FailedPrecondition(f"charge_cgroup: {exc}") from exc
 
 
-def target(region: Region, op: str, r: Range) -> ChargeTarget | None:
+def target(region: Region, op: str, r: Range | RangeList) -> ChargeTarget | None:
     """Where the region's memory is charged now; None: the daemon's own cgroup.
 
     The cgroup may have been removed since the region was made (its pod ended):
@@ -58,7 +58,9 @@ def target(region: Region, op: str, r: Range) -> ChargeTarget | None:
         ) from exc
 
 
-def plug_target(region: Region, r: Range, new: int, *, check: bool) -> ChargeTarget | None:
+def plug_target(
+    region: Region, r: Range | RangeList, new: int, *, check: bool
+) -> ChargeTarget | None:
     """target() for a plug of `new` bytes, refused when the cgroup has no room for them.
 
     shmem and file pages count against the memory controller; hugetlb pages
@@ -93,7 +95,7 @@ def helpers(backing: Backing, charge: ChargeTarget | None) -> HelperPool:
 
 
 @contextlib.contextmanager
-def allocator(region: Region, op: str, r: Range) -> Iterator[Work]:
+def allocator(region: Region, op: str, r: Range | RangeList) -> Iterator[Work]:
     """fallocate for the region's memory, charged where the region's pages belong."""
     charge = target(region, op, r)
     if charge is None:

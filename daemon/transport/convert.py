@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Final
 
 from memplug.common.errors import InvalidArgument
@@ -54,6 +55,11 @@ STRATEGY_FROM_PROTO: Final = {
 
 def range_to_proto(r: Range) -> pb.Range:
     return pb.Range(offset=r.offset, length=r.length)
+
+
+def ranges_from_proto(ranges: Iterable[pb.Range]) -> list[tuple[int, int]]:
+    """A request's list of ranges as (offset, length) pairs; the engine checks them."""
+    return [(r.offset, r.length) for r in ranges]
 
 
 def region_to_proto(info: RegionInfo) -> pb.Region:
