@@ -107,15 +107,27 @@ def test_plug_list_keeps_plugged_blocks_and_their_data(client: Client, region: s
 
 # Each: the list, the error class, what the message must name.
 INVALID: dict[str, tuple[list[tuple[int, int]], type[MemplugError], str]] = {
-    "overlap": ([(0, 2 * BLOCK), (8 * BLOCK, BLOCK), (BLOCK, 2 * BLOCK)], InvalidArgument, "ranges 0 and 2 overlap"),
-    "duplicate": ([(6 * BLOCK, BLOCK), (0, BLOCK), (6 * BLOCK, BLOCK)], InvalidArgument, "ranges 0 and 2 overlap"),
+    "overlap": (
+        [(0, 2 * BLOCK), (8 * BLOCK, BLOCK), (BLOCK, 2 * BLOCK)],
+        InvalidArgument,
+        "ranges 0 and 2 overlap",
+    ),
+    "duplicate": (
+        [(6 * BLOCK, BLOCK), (0, BLOCK), (6 * BLOCK, BLOCK)],
+        InvalidArgument,
+        "ranges 0 and 2 overlap",
+    ),
     "misaligned-offset": ([(0, BLOCK), (3 * BLOCK + 4096, BLOCK)], InvalidArgument, "range 1:"),
-    "misaligned-length": ([(0, BLOCK), (2 * BLOCK, BLOCK), (8 * BLOCK, BLOCK + 4096)], InvalidArgument, "range 2:"),
+    "misaligned-length": (
+        [(0, BLOCK), (2 * BLOCK, BLOCK), (8 * BLOCK, BLOCK + 4096)],
+        InvalidArgument,
+        "range 2:",
+    ),
     "empty-range": ([(0, BLOCK), (4 * BLOCK, 0)], InvalidArgument, "range 1: length must be > 0"),
     "out-of-bounds": ([(0, BLOCK), (SIZE - BLOCK, 2 * BLOCK)], OutOfRange, "range 1:"),
     "past-the-end": ([(SIZE, BLOCK), (0, BLOCK)], OutOfRange, "range 0:"),
     "too-many": ([(i * BLOCK, BLOCK) for i in range(4097)], InvalidArgument, "at most 4096"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(INVALID))

@@ -304,11 +304,14 @@ def test_interval_set_examples() -> None:
 
 # --------------------------------------------------------------------------- lists of ranges
 
-REGION = {"size": 64 * MiB, "align": 2 * MiB, "what": "plug of 'vm0'"}
+
+def in_region(pairs: list[tuple[int, int]], size: int = 64 * MiB) -> RangeList:
+    """check_ranges for a region of size with 2 MiB blocks."""
+    return check_ranges(pairs, size=size, align=2 * MiB, what="plug of 'vm0'")
 
 
 def test_check_ranges_sorts_the_list_and_lets_ranges_touch() -> None:
-    got = check_ranges([(8 * MiB, 2 * MiB), (0, 2 * MiB), (2 * MiB, 4 * MiB)], **REGION)
+    got = in_region([(8 * MiB, 2 * MiB), (0, 2 * MiB), (2 * MiB, 4 * MiB)])
     assert got == RangeList((Range(0, 2 * MiB), Range(2 * MiB, 4 * MiB), Range(8 * MiB, 2 * MiB)))
     assert got.total == 8 * MiB and got.span == Range(0, 10 * MiB)
     assert str(got) == "3 ranges of 8 MiB in [0x0, +10 MiB)"
@@ -330,15 +333,15 @@ def test_check_ranges_names_the_bad_range(
     pairs: list[tuple[int, int]], error: type[Exception], says: str
 ) -> None:
     with pytest.raises(error, match=says):
-        check_ranges(pairs, **REGION)
+        in_region(pairs)
 
 
 def test_check_ranges_caps_the_count() -> None:
     pairs = [(i * 2 * MiB, 2 * MiB) for i in range(MAX_RANGES + 1)]
-    region = {**REGION, "size": (MAX_RANGES + 1) * 2 * MiB}
-    assert len(check_ranges(pairs[:MAX_RANGES], **region)) == MAX_RANGES
+    size = (MAX_RANGES + 1) * 2 * MiB
+    assert len(in_region(pairs[:MAX_RANGES], size)) == MAX_RANGES
     with pytest.raises(InvalidArgument, match=f"at most {MAX_RANGES}"):
-        check_ranges(pairs, **region)
+        in_region(pairs, size)
 
 
 @settings(deadline=None)  # a loaded machine stalls single examples
@@ -351,7 +354,7 @@ def test_check_ranges_accepts_exactly_the_lists_of_disjoint_blocks(
     disjoint = len(covered) == len(set(covered))
     inside = all(start + n <= 32 for start, n in blocks)
     try:
-        got = check_ranges(pairs, **REGION)
+        got = in_region(pairs)
     except OutOfRange:
         assert not inside
         return
