@@ -26,6 +26,7 @@ from bench.hugepool import hugepool_section
 from bench.liveupdate import live_update_section
 from bench.loadclient import BLOCK
 from bench.machine import HUGE_2M
+from bench.multirange import multirange_section
 from bench.raw import Kind, RawMemory
 from bench.report import (
     NA,
@@ -765,4 +766,5 @@ SECTIONS: dict[str, SectionFn] = {
     "hugepool": hugepool_section,
     "liveupdate": live_update_section,
     "takeover": takeover_section,
+    "multirange": multirange_section,
 }
