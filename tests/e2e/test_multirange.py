@@ -11,14 +11,15 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import DaemonProcess, GiB, MiB, open_region_fd, start_daemon, stop_shared
 
-from memplug.client import Client, InvalidArgument, MemplugError, OutOfRange
+from memplug.client import Client, InvalidArgument, MemplugError, OutOfRange, QuotaExceeded
 from memplug.v1 import memplug_pb2 as pb
 
 MEMPLUG = Path(sys.executable).parent / "memplug"
@@ -238,3 +239,54 @@ def test_cli_plug_and_unplug_ranges(daemon: DaemonProcess, client: Client, regio
     bad = memplug("plug", region, "--range", "4M")
     assert bad.returncode != 0 and "OFFSET:LENGTH" in bad.stderr, bad.stderr
     assert client.get_region(region).plugged == [(0, BLOCK), (512 * MiB, BLOCK)]
+
+
+def test_quota_is_checked_for_the_list_total(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    d = daemon_factory("--max-bytes", "8M")
+    with Client(socket=d.socket, timeout=30) as c:
+        c.create_region("q", 64 * MiB)
+        c.plug("q", 0, BLOCK)
+        # Each range fits in the 6 MiB left, the four together (8 MiB) do not.
+        ranges = [(8 * BLOCK, BLOCK), (2 * BLOCK, BLOCK), (12 * BLOCK, BLOCK), (4 * BLOCK, BLOCK)]
+        with pytest.raises(QuotaExceeded) as info:
+            c.plug("q", ranges=ranges)
+        assert info.value.code == "RESOURCE_EXHAUSTED"
+        assert c.get_region("q").plugged == [(0, BLOCK)]
+        assert c.status().plugged_bytes == BLOCK
+        assert allocated(d, "q") == BLOCK
+        # Three fit; one of them already plugged counts nothing.
+        assert c.plug("q", ranges=[(0, BLOCK), *ranges[:3]]).bytes == 3 * BLOCK
+        assert c.status().plugged_bytes == 4 * BLOCK
+
+
+def test_concurrent_lists_over_the_same_blocks_neither_deadlock_nor_double_count(
+    daemon: DaemonProcess, client: Client, region: str
+) -> None:
+    """Four callers plug and unplug lists that share blocks, each in its own order:
+    each call holds all of its ranges or waits for all of them, so all finish."""
+    blocks = list(range(0, 48, 3))
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with Client(socket=daemon.socket, timeout=60) as c:
+                for _ in range(10):
+                    mine = rng.sample(blocks, 8)
+                    c.plug(region, ranges=[(b * BLOCK, BLOCK) for b in mine])
+                    c.unplug(region, ranges=[(b * BLOCK, BLOCK) for b in reversed(mine[:4])])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a caller is stuck (deadlock?)"
+    assert errors == []
+    info = client.get_region(region)
+    assert info.plugged_bytes == info.allocated_bytes == allocated(daemon, region)
+    assert client.status().plugged_bytes == info.plugged_bytes
