@@ -97,7 +97,7 @@ def check_ranges(
         (check_range(offset, length, size=size, align=align, what=f"{what}: range {i}"), i)
         for i, (offset, length) in enumerate(pairs)
     ]
-    checked.sort()
+    checked.sort(key=lambda pair: pair[0].offset)  # ints: a dataclass compare is slow
     for (a, i), (b, j) in itertools.pairwise(checked):
         if a.overlaps(b):
             first, second = sorted((i, j))
