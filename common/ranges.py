@@ -79,6 +79,15 @@ class RangeList:
         return f"{len(self.ranges)} ranges of {format_size(self.total)} in {self.span}"
 
 
+def check_count(count: int, *, what: str) -> None:
+    """Refuse a list of more than MAX_RANGES ranges, before looking at any of them."""
+    if count > MAX_RANGES:
+        raise InvalidArgument(
+            f"{what}: {count} ranges in one call, at most {MAX_RANGES}: split the list "
+            "into several calls"
+        )
+
+
 def check_ranges(
     pairs: Sequence[tuple[int, int]], *, size: int, align: int, what: str
 ) -> RangeList:
@@ -88,11 +97,7 @@ def check_ranges(
     """
     if not pairs:
         raise InvalidArgument(f"{what}: the list of ranges is empty")
-    if len(pairs) > MAX_RANGES:
-        raise InvalidArgument(
-            f"{what}: {len(pairs)} ranges in one call, at most {MAX_RANGES}: split the list "
-            "into several calls"
-        )
+    check_count(len(pairs), what=what)
     checked = [
         (check_range(offset, length, size=size, align=align, what=f"{what}: range {i}"), i)
         for i, (offset, length) in enumerate(pairs)

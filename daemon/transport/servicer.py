@@ -104,7 +104,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
     @translate("Plug", streaming=True)
     def Plug(self, request: pb.PlugRequest, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         requested = convert.strategy_from_proto(request.strategy)
-        ranges = convert.ranges_from_proto(request.ranges)
+        ranges = convert.ranges_from_proto(request.ranges, what=f"plug of {request.name!r}")
         yield from self._stream(
             "plug",
             context,
@@ -170,7 +170,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
             request.name,
             request.offset,
             request.length,
-            ranges=convert.ranges_from_proto(request.ranges),
+            ranges=convert.ranges_from_proto(request.ranges, what=f"unplug of {request.name!r}"),
             token=token_for(context),
         )
         return convert.outcome_to_proto(outcome)
@@ -181,7 +181,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
             request.name,
             request.offset,
             request.length,
-            ranges=convert.ranges_from_proto(request.ranges),
+            ranges=convert.ranges_from_proto(request.ranges, what=f"discard of {request.name!r}"),
             token=token_for(context),
         )
         return convert.outcome_to_proto(outcome)

@@ -157,6 +157,21 @@ def test_invalid_list_unplugs_nothing(
 
 
 @pytest.mark.parametrize("rpc", ["plug", "unplug", "discard"])
+def test_a_list_as_long_as_a_message_holds_is_refused_by_its_count(
+    daemon: DaemonProcess, client: Client, region: str, rpc: str
+) -> None:
+    ranges = [(0, 1)] * 60_000  # about 0.5 MiB of request, under gRPC's 1 MiB
+    with pytest.raises(InvalidArgument, match=f"{rpc} of '{region}': 60000 ranges in one call"):
+        if rpc == "plug":
+            client.plug(region, ranges=ranges)
+        elif rpc == "unplug":
+            client.unplug(region, ranges=ranges)
+        else:
+            client.discard(region, ranges=ranges)
+    assert client.get_region(region).plugged == []
+
+
+@pytest.mark.parametrize("rpc", ["plug", "unplug", "discard"])
 def test_offset_and_ranges_together_are_refused(
     daemon: DaemonProcess, client: Client, region: str, rpc: str
 ) -> None:
