@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -305,3 +307,42 @@ def test_concurrent_lists_over_the_same_blocks_neither_deadlock_nor_double_count
     info = client.get_region(region)
     assert info.plugged_bytes == info.allocated_bytes == allocated(daemon, region)
     assert client.status().plugged_bytes == info.plugged_bytes
+
+
+def test_cli_ctrl_c_rolls_back_a_list(daemon: DaemonProcess, client: Client) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMPLUG_")}
+    env["MEMPLUG_SOCKET"] = str(daemon.socket)
+    client.create_region("mr-ctrl-c", 4 * GiB)
+    try:
+        args = ["--range", "3G:1G", "--range", "0:1G", "--range", "1536M:1G"]
+        proc = subprocess.Popen(
+            [str(MEMPLUG), "plug", "mr-ctrl-c", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while client.get_region("mr-ctrl-c").allocated_bytes == 0:  # under way
+                assert proc.poll() is None, f"memplug plug ended early: {proc.communicate()}"
+                assert time.monotonic() < deadline, "the plug never started"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 130, f"exit {proc.returncode}, want 130\n{err}"
+        lines = err.splitlines()
+        assert len(lines) == 1 and "plug mr-ctrl-c: cancelled;" in lines[0], err
+        assert "too late" not in err, err
+        deadline = time.monotonic() + 10
+        while (region := client.get_region("mr-ctrl-c")).allocated_bytes:
+            assert time.monotonic() < deadline, f"no rollback after Ctrl-C: {region}"
+            time.sleep(0.05)
+        assert region.plugged == []
+    finally:
+        client.delete_region("mr-ctrl-c")
