@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import random
 import sys
 import threading
 import time
@@ -306,6 +307,28 @@ def test_range_lock_takes_a_list_whole_or_waits(
     _, got_gap, _ = holder(lock, Range(20, 10), CancelToken(), release_all())
     assert got_gap.wait(WAIT), "the gaps between a list's ranges were locked too"
     release_list.set()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_range_lock_admits_two_lists_exactly_when_they_share_no_byte(seed: int) -> None:
+    rng = random.Random(seed)
+    blocks = rng.sample(range(64), 24)
+    first = [Range(b * 10, 10) for b in blocks[:12]]
+    second = [Range(b * 10, 10) for b in blocks[12:]]
+    if seed % 2:  # make them share part of one block
+        second.append(Range(first[0].offset + 5, 10))
+    shared = any(a.overlaps(b) for a in first for b in second)
+    assert shared == bool(seed % 2)
+    lock = RangeLock()
+    token = CancelToken(deadline=time.monotonic() + 0.2)
+    with lock.hold_all(first, CancelToken()):
+        if shared:
+            with pytest.raises(DeadlineExceeded), lock.hold_all(second, token):
+                pass
+        else:
+            with lock.hold_all(reversed(second), token):
+                assert lock.busy
+    assert not lock.busy
 
 
 def test_range_lock_is_released_when_the_body_raises() -> None:
