@@ -27,6 +27,7 @@ from bench.hugepool import hugepool_section
 from bench.liveupdate import live_update_section
 from bench.loadclient import BLOCK
 from bench.machine import HUGE_2M
+from bench.multirange import multirange_section
 from bench.raw import Kind, RawMemory
 from bench.report import (
     NA,
@@ -767,4 +768,5 @@ SECTIONS: dict[str, SectionFn] = {
     "liveupdate": live_update_section,
     "takeover": takeover_section,
     "charge": charge_section,
+    "multirange": multirange_section,
 }

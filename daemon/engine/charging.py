@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 from memplug.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from memplug.common.ranges import Range
+from memplug.common.ranges import Range, RangeList
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.engine.region import Region, RegionOptions
@@ -96,7 +96,7 @@ def bind_first_attacher(region: Region, first_attacher: FirstAttacher) -> Region
     )
 
 
-def target(region: Region, op: str, r: Range) -> ChargeTarget | None:
+def target(region: Region, op: str, r: Range | RangeList) -> ChargeTarget | None:
     """Where the region's memory is charged now; None: the daemon's own cgroup.
 
     The cgroup may have been removed since the region was made (its pod ended):
@@ -125,7 +125,9 @@ def target(region: Region, op: str, r: Range) -> ChargeTarget | None:
         ) from exc
 
 
-def plug_target(region: Region, r: Range, new: int, *, check: bool) -> ChargeTarget | None:
+def plug_target(
+    region: Region, r: Range | RangeList, new: int, *, check: bool
+) -> ChargeTarget | None:
     """target() for a plug of `new` bytes, refused when the cgroup has no room for them.
 
     shmem and file pages count against the memory controller; hugetlb pages
@@ -164,7 +166,7 @@ def helpers(backing: Backing, charge: ChargeTarget | None) -> HelperPool:
 
 
 @contextlib.contextmanager
-def allocator(region: Region, op: str, r: Range) -> Iterator[Work]:
+def allocator(region: Region, op: str, r: Range | RangeList) -> Iterator[Work]:
     """fallocate for the region's memory, charged where the region's pages belong."""
     charge = target(region, op, r)
     if charge is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -431,18 +431,23 @@ class RegionEngine:
         offset: int,
         length: int,
         *,
+        ranges: Sequence[tuple[int, int]] = (),
         requested: Strategy = Strategy.AUTO,
         threads: int = 0,
         token: CancelToken | None = None,
         progress: ProgressCallback | None = None,
     ) -> OpResult:
-        """Back every byte of the range (see operations.py for the strategy's syscall)."""
+        """Back every byte of the range (see operations.py for the strategy's syscall).
+
+        ranges: (offset, length) pairs plugged as one (offset and length then 0).
+        """
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             return self._ops.plug(
                 self._usable(region, "plug"),
                 offset,
                 length,
+                ranges=ranges,
                 requested=requested,
                 threads=threads,
                 token=token,
@@ -474,23 +479,35 @@ class RegionEngine:
             )
 
     def unplug(
-        self, name: str, offset: int, length: int, *, token: CancelToken | None = None
+        self,
+        name: str,
+        offset: int,
+        length: int,
+        *,
+        ranges: Sequence[tuple[int, int]] = (),
+        token: CancelToken | None = None,
     ) -> RangeOutcome:
-        """Punch the range and mark it unplugged."""
+        """Punch the range (or the list of ranges) and mark it unplugged."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             self._inspect(region)  # a damaged region may still give memory back
             self._holds.check(region.name, "unplug")
-            return self._ops.unplug(region, offset, length, token)
+            return self._ops.unplug(region, offset, length, token, ranges)
 
     def discard(
-        self, name: str, offset: int, length: int, *, token: CancelToken | None = None
+        self,
+        name: str,
+        offset: int,
+        length: int,
+        *,
+        ranges: Sequence[tuple[int, int]] = (),
+        token: CancelToken | None = None,
     ) -> RangeOutcome:
-        """Zero plugged blocks and keep them backed."""
+        """Zero plugged blocks (of the range or the list of ranges) and keep them backed."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             self._holds.check(region.name, "discard")
-            return self._ops.discard(self._usable(region, "discard"), offset, length, token)
+            return self._ops.discard(self._usable(region, "discard"), offset, length, token, ranges)
 
     def record_pending(self) -> None:
         """Retry closing the intents whose closing write failed (called periodically)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import random
 import sys
 import threading
 import time
@@ -275,6 +276,59 @@ def test_range_lock_disjoint_ranges_are_held_together(
     _, got3, _ = holder(lock, Range(100, 10), CancelToken(), release_all())
     assert got2.wait(WAIT) and got3.wait(WAIT)
     assert lock.busy
+
+
+def test_range_lock_takes_a_list_whole_or_waits(
+    release_all: Callable[[], threading.Event],
+) -> None:
+    """A list is taken in one go once no range of it is held: never some of it while
+    waiting for the rest, so two holders of interleaved lists cannot deadlock."""
+    lock = RangeLock()
+    release1 = release_all()
+    t1, got1, _ = holder(lock, Range(50, 10), CancelToken(), release1)
+    assert got1.wait(WAIT)
+    got_list = threading.Event()
+    release_list = release_all()
+
+    def take_list() -> None:
+        with lock.hold_all([Range(0, 10), Range(55, 10), Range(100, 10)], CancelToken()):
+            got_list.set()
+            release_list.wait(WAIT)
+
+    threading.Thread(target=take_list, daemon=True).start()
+    assert not got_list.wait(0.2), "a list was taken while one of its ranges was held"
+    # Waiting, the list holds none of its ranges: the first one is free to others.
+    _, got_first, _ = holder(lock, Range(0, 10), CancelToken(), release_first := release_all())
+    assert got_first.wait(WAIT), "a waiting list held its other ranges"
+    release1.set()
+    t1.join(WAIT)
+    release_first.set()
+    assert got_list.wait(WAIT), "the list was not taken once all its ranges were free"
+    _, got_gap, _ = holder(lock, Range(20, 10), CancelToken(), release_all())
+    assert got_gap.wait(WAIT), "the gaps between a list's ranges were locked too"
+    release_list.set()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_range_lock_admits_two_lists_exactly_when_they_share_no_byte(seed: int) -> None:
+    rng = random.Random(seed)
+    blocks = rng.sample(range(64), 24)
+    first = [Range(b * 10, 10) for b in blocks[:12]]
+    second = [Range(b * 10, 10) for b in blocks[12:]]
+    if seed % 2:  # make them share part of one block
+        second.append(Range(first[0].offset + 5, 10))
+    shared = any(a.overlaps(b) for a in first for b in second)
+    assert shared == bool(seed % 2)
+    lock = RangeLock()
+    token = CancelToken(deadline=time.monotonic() + 0.2)
+    with lock.hold_all(first, CancelToken()):
+        if shared:
+            with pytest.raises(DeadlineExceeded), lock.hold_all(second, token):
+                pass
+        else:
+            with lock.hold_all(reversed(second), token):
+                assert lock.busy
+    assert not lock.busy
 
 
 def test_range_lock_is_released_when_the_body_raises() -> None:

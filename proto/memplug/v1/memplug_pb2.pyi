@@ -665,6 +665,7 @@ class PlugRequest(_message.Message):
     LENGTH_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The region's name."""
     offset: _builtins.int
@@ -679,6 +680,20 @@ class PlugRequest(_message.Message):
     """Most worker threads to use; default 0, the daemon's --threads; more than
     --threads is capped to it (the daemon has no more workers).
     """
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]:
+        """Several ranges plugged in one call, instead of offset and length (which
+        must then be 0, else INVALID_ARGUMENT). Each range follows the rules of a
+        single one (length > 0 here: no "to the end"; offset and length multiples
+        of the block size, else INVALID_ARGUMENT; inside the region, else
+        OUT_OF_RANGE), and the error names its index in this list. Ranges may come
+        in any order and may touch, but two that overlap (or one listed twice) are
+        INVALID_ARGUMENT; at most 4096 ranges (INVALID_ARGUMENT beyond). The call
+        is one plug of their union: one quota check for the total, all or nothing
+        (a failure in any range releases what the call allocated in all of them),
+        progress counted in bytes across all of them.
+        """
+
     def __init__(
         self,
         *,
@@ -687,10 +702,11 @@ class PlugRequest(_message.Message):
         length: _builtins.int = ...,
         strategy: Global___Strategy.ValueType = ...,
         threads: _builtins.int = ...,
+        ranges: _abc.Iterable[Global___Range] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset", "strategy", b"strategy", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset", "ranges", b"ranges", "strategy", b"strategy", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -705,22 +721,34 @@ class RangeRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The region's name."""
     offset: _builtins.int
     """First byte of the range; default 0, the start of the region."""
     length: _builtins.int
     """Bytes to unplug or discard; default 0, to the end of the region."""
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]:
+        """Several ranges in one call, instead of offset and length (which must then
+        be 0): the same rules as PlugRequest.ranges. Unplug punches them all; a
+        failure part-way (the kernel refusing a punch) says how much was
+        unplugged, and a restart after a crash completes the rest. Discard
+        requires every block of every range plugged (FAILED_PRECONDITION) before
+        it zeroes any.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
+        ranges: _abc.Iterable[Global___Range] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset", "ranges", b"ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
