@@ -554,3 +554,28 @@ def test_a_hugetlb_region_is_charged_to_the_hugetlb_cgroup_of_its_charge_cgroups
             if twin != huge.path:
                 with contextlib.suppress(OSError):
                     twin.rmdir()
+
+
+def test_a_list_of_ranges_is_charged_to_the_cgroup_and_refused_whole_at_its_limit(
+    daemon_factory: Factory,
+) -> None:
+    """A multi-range plug bills the named cgroup; past its limit, no range of the list stays."""
+    block = 2 * MiB
+    spread = [pb.Range(offset=i * 4 * block, length=block) for i in range(16)]  # 32 MiB
+    with daemon_and_consumer(daemon_factory, consumer_limit=48 * MiB) as (d, home, consumer, path):
+        create(d, "vm", SIZE, charge_cgroup=path)
+        consumer_before, home_before = consumer.usage(), home.usage()
+        for _ in d.stub.Plug(pb.PlugRequest(name="vm", ranges=spread)):
+            pass
+        charged = consumer.usage() - consumer_before
+        assert get(d, "vm").plugged_bytes == 16 * block
+        assert abs(charged - 16 * block) <= 16 * block * 0.02, f"consumer +{charged}"
+        assert home.usage() - home_before < DAEMON_SLACK
+
+        # 32 MiB more would pass the 48 MiB limit: the whole list is refused.
+        more = [pb.Range(offset=r.offset + block, length=block) for r in spread]
+        err = rpc_error(lambda: list(d.stub.Plug(pb.PlugRequest(name="vm", ranges=more))))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert path in (err.details() or ""), err.details()
+        assert get(d, "vm").plugged_bytes == 16 * block, "a refused list left ranges plugged"
+        assert consumer.usage() - consumer_before <= 16 * block * 1.02
