@@ -161,20 +161,26 @@ class HugePool:
         self.pages = 0
 
     def ensure(self, pages: int) -> None:
-        """Make at least `pages` pages free for us; RuntimeError if the kernel cannot."""
-        self.pages = max(self.pages, pages)
+        """Make at least `pages` pages free for us; RuntimeError if the kernel cannot.
+
+        A request the kernel refused is not kept: the next, smaller ones still work.
+        """
+        need = max(self.pages, pages)
         pool = memory.huge_pool(self.page_size)
-        if pool.free - pool.reserved >= self.pages:
+        if pool.free - pool.reserved >= need:
+            self.pages = need
             return
         in_use = pool.total - pool.free + pool.reserved
-        want = in_use + self.pages
-        self.path.write_text(str(want))
+        self.path.write_text(str(in_use + need))
         got = memory.huge_pool(self.page_size)
-        if got.free - got.reserved < self.pages:
+        if got.free - got.reserved < need:
+            if need > self.pages:  # give back what the refused request added
+                self.path.write_text(str(in_use + self.pages))
             raise RuntimeError(
                 f"the {fmt_size(self.page_size)} hugetlb pool gave {got.free - got.reserved} free "
-                f"pages of the {self.pages} needed (memory fragmented, or in use)"
+                f"pages of the {need} needed (memory fragmented, or in use)"
             )
+        self.pages = need
 
     def restore(self) -> None:
         self.path.write_text(str(self.original))
