@@ -191,14 +191,19 @@ class Bench:
             pages = self.options.hugetlb_pages
             try:
                 self.hugepages(pages)
-            except RuntimeError as exc:  # the cases that need that many say so themselves
+                self.log(f"warm-up: populating and discarding {pages} pages of the 2 MiB pool")
+                with raw.RawMemory("hugetlb", pages * HUGE_2M, page_size=HUGE_2M) as mem:
+                    threads = self.options.threads
+                    run = self.with_pages(
+                        "hugetlb",
+                        mem.size,
+                        lambda: self.raw.populate(mem, threads),
+                        undo=mem.discard,
+                    )
+                    run()
+                    mem.discard()
+            except (RuntimeError, OSError) as exc:  # the cases that need the pages say so
                 self.log(f"warm-up: the hugetlb pool skipped: {exc}")
-                return
-            self.log(f"warm-up: populating and discarding {pages} pages of the 2 MiB pool")
-            with raw.RawMemory("hugetlb", pages * HUGE_2M, page_size=HUGE_2M) as mem:
-                threads = self.options.threads
-                self.with_pages("hugetlb", mem.size, lambda: self.raw.populate(mem, threads))()
-                mem.discard()
 
     def cached(self, key: str, compute: Callable[[], T]) -> T:
         """compute() once per run: a figure two sections need (QEMU's prealloc) is shared."""

@@ -163,24 +163,23 @@ class HugePool:
     def ensure(self, pages: int) -> None:
         """Make at least `pages` pages free for us; RuntimeError if the kernel cannot.
 
-        A request the kernel refused is not kept: the next, smaller ones still work.
+        The pool is grown towards the largest request so far (no shrinking and
+        growing between cases of different sizes), but only `pages` must be
+        free: pages other processes took meanwhile fail only the runs that need them.
         """
-        need = max(self.pages, pages)
         pool = memory.huge_pool(self.page_size)
-        if pool.free - pool.reserved >= need:
-            self.pages = need
+        if pool.free - pool.reserved >= pages:
+            self.pages = max(self.pages, pages)
             return
         in_use = pool.total - pool.free + pool.reserved
-        self.path.write_text(str(in_use + need))
+        self.path.write_text(str(in_use + max(self.pages, pages)))
         got = memory.huge_pool(self.page_size)
-        if got.free - got.reserved < need:
-            if need > self.pages:  # give back what the refused request added
-                self.path.write_text(str(in_use + self.pages))
+        if got.free - got.reserved < pages:
             raise RuntimeError(
                 f"the {fmt_size(self.page_size)} hugetlb pool gave {got.free - got.reserved} free "
-                f"pages of the {need} needed (memory fragmented, or in use)"
+                f"pages of the {pages} needed (memory fragmented, or in use)"
             )
-        self.pages = need
+        self.pages = max(self.pages, pages)
 
     def restore(self) -> None:
         self.path.write_text(str(self.original))
