@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from memplug.common import memory
 from memplug.common.errors import Internal, PoolExhausted
 from memplug.common.ranges import Range
@@ -25,9 +23,18 @@ class HugetlbBacking(Backing):
 
     kind = BackingKind.HUGETLB
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._work_map: ops.Mapping | None = None
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        page_size: int,
+        path: str = "",
+        *,
+        huge: bool = False,
+        mpol: MemPolicy | None = None,
+    ) -> None:
+        super().__init__(fd, size, page_size, path, huge=huge, mpol=mpol)
+        self._work_map: ops.Mapping | None = None  # under _fd_lock
 
     def map_span(self, span: Range) -> SpanMapping:
         if self.size > MAX_SPAN:
