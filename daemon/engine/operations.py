@@ -226,8 +226,8 @@ class Operations:
     def _thread_count(self, requested: int) -> int:
         """Threads for one operation: as asked (0: all), at most the daemon's workers.
 
-        The plan holds one slice per thread, so an uncapped request (uint32) would
-        cost memory in proportion to the range instead of to the workers.
+        The runner queues one pull loop per thread of the plan, so an uncapped
+        request (uint32) would cost memory in proportion to it, not to the workers.
         """
         return min(requested or self._threads, self._threads)
 
