@@ -47,7 +47,6 @@ from memplug.client import Client
 from memplug.client.qmp import Qmp, QmpError
 
 MEMPLUG_MAIN = "from memplug.client.cli import main; main()"
-REGION = "lu"
 FILL_CHUNK = 2 * MiB
 MARK_AT = 0x4000000  # guest-physical 64 MiB: far from what SeaBIOS touches
 XP_WORD = re.compile(r"0x([0-9a-f]{8})\b")
@@ -61,11 +60,11 @@ SIZE_LIMIT = 1.2  # hand-over at 4 GiB ≤ 1.2x the 1 GiB one
 SPEEDUP_NEED = 20.0  # hand-over ≥ 20x faster than the plain migration at 4 GiB
 
 
-def _qemu_argv(binary: str, size: int, qmp: Path) -> list[str]:
+def _qemu_argv(binary: str, region: str, size: int, qmp: Path) -> list[str]:
     mib = size // MiB
     return [
         binary, "-machine", "pc,memory-backend=m", "-m", f"{mib}M",
-        "-object", f"memory-backend-file,id=m,size={mib}M,share=on,mem-path={{path:{REGION}}}",
+        "-object", f"memory-backend-file,id=m,size={mib}M,share=on,mem-path={{path:{region}}}",
         "-nodefaults", "-nographic", "-display", "none", "-S",
         "-qmp", f"unix:{qmp},server=on,wait=off",
     ]  # fmt: skip
@@ -91,6 +90,10 @@ class Case:
     handover: list[Turn] = field(default_factory=list)
     plain: list[Turn] = field(default_factory=list)
     fill_seconds: float = 0.0
+
+    @property
+    def region(self) -> str:
+        return f"lu-{self.kind}-{self.size // MiB}m"
 
 
 class Vms:
@@ -152,21 +155,22 @@ def _wait_exit(pid: int, timeout: float) -> None:
         time.sleep(0.01)
 
 
-def guest_ram_resident(pid: int) -> int:
+def guest_ram_resident(pid: int, region: str) -> int:
     """Bytes of the region mapped into pid's page tables (4 KiB pages and huge pages)."""
     total, inside = 0, False
+    name = f"/memfd:memplug:{region}"
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         head = line.split()
         if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
-            inside = f"memplug:{REGION}" in line
+            inside = name in head
         elif inside and head and head[0] in ("Rss:", "Shared_Hugetlb:", "Private_Hugetlb:"):
             total += int(head[1]) * 1024
     return total
 
 
-def _mark(c: Client, value: int) -> None:
+def _mark(c: Client, region: str, value: int) -> None:
     """Write value at MARK_AT through this process's mapping of the region."""
-    with c.attach(REGION) as att:
+    with c.attach(region) as att:
         assert att.view is not None
         att.view[MARK_AT : MARK_AT + 4] = struct.pack("<I", value)
 
@@ -179,11 +183,11 @@ def _check_mark(qmp: Qmp, value: int) -> None:
         raise RuntimeError(f"the new QEMU reads {out.strip()!r} at {MARK_AT:#x}, not {value:#x}")
 
 
-def _fill(c: Client, size: int) -> float:
+def _fill(c: Client, region: str, size: int) -> float:
     """Random bytes in every page of the region; seconds it took."""
     chunk = os.urandom(FILL_CHUNK)
     start = time.perf_counter()
-    with c.attach(REGION) as att:
+    with c.attach(region) as att:
         assert att.view is not None
         for offset in range(0, size, FILL_CHUNK):
             att.view[offset : offset + FILL_CHUNK] = chunk
@@ -214,15 +218,18 @@ class Runner:
     def __init__(self, b: Bench, c: Client, binary: str, case: Case, vms: Vms) -> None:
         self.b, self.c, self.binary, self.case, self.vms = b, c, binary, case, vms
         self.env = {**os.environ, "MEMPLUG_SOCKET": str(b.daemon().socket)}
-        self.exec_prefix = [sys.executable, "-c", MEMPLUG_MAIN, "exec", "-r", REGION, "--"]
+        self.exec_prefix = [sys.executable, "-c", MEMPLUG_MAIN, "exec", "-r", case.region, "--"]
         self.current_pid = 0
         self.current_qmp = Path()
         self.turns = 0
 
+    def _qemu(self, qmp: Path) -> list[str]:
+        return _qemu_argv(self.binary, self.case.region, self.case.size, qmp)
+
     def _start(self, *extra: str) -> tuple[subprocess.Popen[bytes], Path, float]:
         """A QEMU on the region through `memplug exec`; seconds until its monitor answered."""
         qmp = self.vms.qmp_path()
-        argv = [*self.exec_prefix, *_qemu_argv(self.binary, self.case.size, qmp), *extra]
+        argv = [*self.exec_prefix, *self._qemu(qmp), *extra]
         started = time.perf_counter()
         proc = self.vms.spawn(argv, self.env)
         deadline = time.monotonic() + START_TIMEOUT
@@ -249,7 +256,7 @@ class Runner:
     def _next_mark(self) -> int:
         self.turns += 1
         value = 0x5EED0000 + self.turns
-        _mark(self.c, value)
+        _mark(self.c, self.case.region, value)
         return value
 
     def hand_over(self) -> Turn:
@@ -258,10 +265,10 @@ class Runner:
         qmp = self.vms.qmp_path()
         argv = [
             sys.executable, "-c", MEMPLUG_MAIN, "vm-update", "--json",
-            "--qmp", str(self.current_qmp), "-r", REGION,
+            "--qmp", str(self.current_qmp), "-r", self.case.region,
             "--new-log", str(self.vms.work / f"q{self.vms.count}.log"),
             "--timeout", str(START_TIMEOUT), "--",
-            *_qemu_argv(self.binary, self.case.size, qmp),
+            *self._qemu(qmp),
         ]  # fmt: skip
         started = time.perf_counter()
         done = subprocess.run(
@@ -279,7 +286,8 @@ class Runner:
         if not result["was_running"]:
             raise RuntimeError("the VM was not running before the hand-over")
         new_pid = int(result["new_pid"])
-        resident = guest_ram_resident(new_pid)  # before anything else runs in the new QEMU
+        # Read before anything else runs in the new QEMU.
+        resident = guest_ram_resident(new_pid, self.case.region)
         with Qmp.connect(str(qmp), 30) as q:
             if q.status() != "running":
                 raise RuntimeError(f"the new QEMU's VM is {q.status()!r} after the hand-over")
@@ -298,7 +306,7 @@ class Runner:
     def migrate_to_file(self) -> Turn:
         """The old QEMU saves the VM to a file, the new one (already started) loads it."""
         mark = self._next_mark()
-        state = self.vms.work / "vm.state"
+        state = self.vms.work / f"{self.case.region}.state"
         proc, qmp, start = self._start("-incoming", "defer")
         try:
             with Qmp.connect(str(self.current_qmp), 30) as old, Qmp.connect(str(qmp), 30) as new:
@@ -314,7 +322,7 @@ class Runner:
                 _wait_status(new, "inmigrate", deadline)
                 new.execute("cont")
                 switch = time.perf_counter() - t0
-                resident = guest_ram_resident(proc.pid)
+                resident = guest_ram_resident(proc.pid, self.case.region)
                 if new.status() != "running":
                     raise RuntimeError(f"the loaded VM is {new.status()!r}")
                 _check_mark(new, mark)
@@ -329,44 +337,59 @@ class Runner:
 
 
 @contextlib.contextmanager
-def _region(c: Client, kind: Kind, size: int) -> Iterator[None]:
-    if kind == "hugetlb":
-        c.create_region(REGION, size, "hugetlb", page_size=HUGE_2M)
+def _region(c: Client, case: Case) -> Iterator[None]:
+    if case.kind == "hugetlb":
+        c.create_region(case.region, case.size, "hugetlb", page_size=HUGE_2M)
     else:
-        c.create_region(REGION, size)
+        c.create_region(case.region, case.size)
     try:
-        c.plug(REGION)
+        c.plug(case.region)
         yield
     finally:
-        c.delete_region(REGION)
+        c.delete_region(case.region)
 
 
-def _measure(b: Bench, c: Client, binary: str, kind: Kind, size: int) -> Case:
-    """Hand-overs and plain migrations of one VM, in turns, after one discarded pair."""
-    case = Case(kind, size)
-    work = b.workdir / f"liveupdate-{kind}-{size // MiB}M"
+def _measure(b: Bench, c: Client, binary: str, kind: Kind, sizes: tuple[int, ...]) -> list[Case]:
+    """One VM per size, all running at once; hand-overs and plain migrations in turns.
+
+    A round is a hand-over of every VM, then a migration to a file of every
+    VM; the order of the sizes is reversed every round, so that no size
+    always follows the heavy plain migration of the largest. The first round
+    is discarded.
+    """
+    cases = [Case(kind, size) for size in sizes]
+    work = b.workdir / f"liveupdate-{kind}"
     work.mkdir(exist_ok=True)
     vms = Vms(work)
     try:
-        with _region(c, kind, size):
-            case.fill_seconds = _fill(c, size)
-            run = Runner(b, c, binary, case, vms)
-            run.boot()
+        with contextlib.ExitStack() as regions:
+            runs = []
+            for case in cases:
+                regions.enter_context(_region(c, case))
+                case.fill_seconds = _fill(c, case.region, case.size)
+                runs.append(Runner(b, c, binary, case, vms))
+            for run in runs:
+                run.boot()
             for i in range(1 + b.options.reps):
-                handover, plain = run.hand_over(), run.migrate_to_file()
-                b.log(
-                    f"liveupdate {kind} {fmt_size(size)} #{i}: hand-over {handover}, "
-                    f"plain {plain}, load {load_average():.2f}"
-                )
+                order = runs if i % 2 == 0 else runs[::-1]
+                handovers = [(run, run.hand_over()) for run in order]
+                plains = [(run, run.migrate_to_file()) for run in order]
+                for run, turn in handovers + plains:
+                    b.log(
+                        f"liveupdate {kind} {fmt_size(run.case.size)} #{i}: {turn}, "
+                        f"load {load_average():.2f}"
+                    )
                 if i > 0:
-                    case.handover.append(handover)
-                    case.plain.append(plain)
-            vms.kill_all()  # before the region goes: its delete would wait for no one
+                    for run, turn in handovers:
+                        run.case.handover.append(turn)
+                    for run, turn in plains:
+                        run.case.plain.append(turn)
+            vms.kill_all()  # before the regions go: no QEMU left mapping them
     finally:
         vms.kill_all()
         for leftover in work.glob("*.state"):
             leftover.unlink()
-    return case
+    return cases
 
 
 def _med(turns: list[Turn], what: str) -> float:
@@ -382,6 +405,15 @@ def _results(case: Case) -> list[Result]:
         Result(f"{tag}.handover.command", [t.command for t in case.handover], meta=meta),
         Result(f"{tag}.handover.migrate", [t.migrate for t in case.handover], meta=meta),
         Result(f"{tag}.handover.tool-total", [t.tool_total for t in case.handover], meta=meta),
+        Result(
+            f"{tag}.handover.around-switch",
+            [t.tool_total - t.start - t.switch for t in case.handover],
+            meta={
+                **meta,
+                "what": "vm-update's total less the new QEMU's start and the switch: "
+                "old QEMU's monitor, hold, capabilities, the old QEMU's quit",
+            },
+        ),
         Result(
             f"{tag}.handover.resident",
             [float(t.resident) for t in case.handover],
@@ -444,13 +476,14 @@ def live_update_section(b: Bench) -> Section:
         if why is not None:
             s.notes.append(f"{kind}: skipped ({why})")
             continue
-        for size in sizes:
-            loads.append(load_average())
-            # _measure cleans up after itself: a retry (the pool taken meanwhile) starts afresh.
-            case = b.with_pages(kind, size, functools.partial(_measure, b, c, binary, kind, size))()
-            cases.append(case)
+        loads.append(load_average())
+        # _measure cleans up after itself: a retry (the pool taken meanwhile) starts afresh.
+        measure = functools.partial(_measure, b, c, binary, kind, sizes)
+        done = b.with_pages(kind, sum(sizes), measure)()
+        cases += done
+        for case in done:
             s.results += _results(case)
-            loads.append(load_average())
+        loads.append(load_average())
     table = Table(
         (
             "VM RAM",
@@ -493,10 +526,11 @@ def live_update_section(b: Bench) -> Section:
     )
     s.notes.append(
         "Guest RAM is filled with random bytes through the region before the first turn, so "
-        "every page is copied by the plain migration (`written to the file`). The VM runs "
-        f"(TCG, SeaBIOS, no OS) and moves QEMU to QEMU: {b.options.reps} hand-overs and "
-        f"{b.options.reps} migrations to a file in turns, after one discarded pair; each new "
-        "QEMU checks a value written into guest RAM just before."
+        "every page is copied by the plain migration (`written to the file`). One VM per size "
+        "runs at once (TCG, SeaBIOS, no OS) and moves from QEMU to QEMU: a round is a "
+        "hand-over of each VM, then a migration to a file of each, the order of the sizes "
+        f"reversed every round; {b.options.reps} rounds after a discarded one. Each new QEMU "
+        "reads back a value written into guest RAM just before its turn."
     )
     s.notes.append(
         "New QEMU start: spawning `memplug exec` until the QMP monitor answers, outside the "
