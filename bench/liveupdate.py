@@ -56,6 +56,7 @@ UNLIMITED_BANDWIDTH = 1 << 40
 POLL = 0.002
 START_TIMEOUT = 120.0  # a QEMU start, a hand-over
 SAVE_TIMEOUT = 600.0  # a plain migration of 4 GiB at a few hundred MB/s, with margin
+HANDOVERS_PER_ROUND = 3  # cheap next to a plain migration: more samples where noise matters
 SIZE_LIMIT = 1.2  # hand-over at 4 GiB ≤ 1.2x the 1 GiB one
 SPEEDUP_NEED = 20.0  # hand-over ≥ 20x faster than the plain migration at 4 GiB
 
@@ -81,6 +82,7 @@ class Turn:
     tool_total: float = float("nan")  # vm-update's own total (no Python start)
     moved: int = 0  # bytes the migration wrote (the state file's size; hand-over: 0)
     resident: int = 0  # guest RAM the new QEMU has mapped right after the switch
+    old_resident: int = 0  # guest RAM the old QEMU had mapped before it
 
 
 @dataclass
@@ -262,6 +264,7 @@ class Runner:
     def hand_over(self) -> Turn:
         """`memplug vm-update` as a command: its JSON gives the switch and the start."""
         mark = self._next_mark()
+        old_resident = guest_ram_resident(self.current_pid, self.case.region)
         qmp = self.vms.qmp_path()
         argv = [
             sys.executable, "-c", MEMPLUG_MAIN, "vm-update", "--json",
@@ -301,6 +304,7 @@ class Runner:
             migrate=float(result["migrate_seconds"]),
             tool_total=float(result["total_seconds"]),
             resident=resident,
+            old_resident=old_resident,
         )
 
     def migrate_to_file(self) -> Turn:
@@ -352,10 +356,10 @@ def _region(c: Client, case: Case) -> Iterator[None]:
 def _measure(b: Bench, c: Client, binary: str, kind: Kind, sizes: tuple[int, ...]) -> list[Case]:
     """One VM per size, all running at once; hand-overs and plain migrations in turns.
 
-    A round is a hand-over of every VM, then a migration to a file of every
-    VM; the order of the sizes is reversed every round, so that no size
-    always follows the heavy plain migration of the largest. The first round
-    is discarded.
+    A round is HANDOVERS_PER_ROUND hand-overs of every VM, then a migration
+    to a file of every VM; the order of the sizes is reversed every round, so
+    that no size always follows the heavy plain migration of the largest. The
+    first round is discarded.
     """
     cases = [Case(kind, size) for size in sizes]
     work = b.workdir / f"liveupdate-{kind}"
@@ -372,7 +376,9 @@ def _measure(b: Bench, c: Client, binary: str, kind: Kind, sizes: tuple[int, ...
                 run.boot()
             for i in range(1 + b.options.reps):
                 order = runs if i % 2 == 0 else runs[::-1]
-                handovers = [(run, run.hand_over()) for run in order]
+                handovers = [
+                    (run, run.hand_over()) for _ in range(HANDOVERS_PER_ROUND) for run in order
+                ]
                 plains = [(run, run.migrate_to_file()) for run in order]
                 for run, turn in handovers + plains:
                     b.log(
@@ -417,6 +423,12 @@ def _results(case: Case) -> list[Result]:
         Result(
             f"{tag}.handover.resident",
             [float(t.resident) for t in case.handover],
+            unit="B",
+            meta=meta,
+        ),
+        Result(
+            f"{tag}.handover.old-resident",
+            [float(t.old_resident) for t in case.handover],
             unit="B",
             meta=meta,
         ),
@@ -527,9 +539,11 @@ def live_update_section(b: Bench) -> Section:
     s.notes.append(
         "Guest RAM is filled with random bytes through the region before the first turn, so "
         "every page is copied by the plain migration (`written to the file`). One VM per size "
-        "runs at once (TCG, SeaBIOS, no OS) and moves from QEMU to QEMU: a round is a "
-        "hand-over of each VM, then a migration to a file of each, the order of the sizes "
-        f"reversed every round; {b.options.reps} rounds after a discarded one. Each new QEMU "
+        "runs at once (TCG, SeaBIOS, no OS) and moves from QEMU to QEMU: a round is "
+        f"{HANDOVERS_PER_ROUND} hand-overs of each VM, then a migration to a file of each, the "
+        f"order of the sizes reversed every round; {b.options.reps} rounds after a discarded "
+        "one. The first hand-over of a round starts from a QEMU that loaded the file (every "
+        "page of guest RAM mapped, as after a guest that used all its RAM). Each new QEMU "
         "reads back a value written into guest RAM just before its turn."
     )
     s.notes.append(
