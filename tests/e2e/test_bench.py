@@ -135,3 +135,17 @@ def _cmdline_mentions(proc_dir: Path, text: bytes) -> bool:
         return text in (proc_dir / "cmdline").read_bytes()
     except OSError:
         return False
+
+
+def test_liveupdate_without_qemu_says_so() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--sections", "liveupdate", "--output", "-"],
+        cwd=ROOT,
+        env={**os.environ, "PATH": "/nonexistent"},  # no qemu-system-x86_64 to find
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "**Not measured:** qemu-system-x86_64 is not on PATH" in proc.stdout, proc.stdout
