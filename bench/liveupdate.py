@@ -1,10 +1,11 @@
 """QEMU live update on a memplug region (`memplug vm-update`) beside a plain migration to a file.
 
-One VM per case (backing, size): guest RAM is a memplug region, plugged and
-then filled with random bytes through this process's own mapping of it, so
-that no page is a zero page (QEMU sends a zero page as a flag: it would
-flatter the plain migration). The VM runs (TCG, no guest OS: SeaBIOS finds no
-boot device and waits), and moves from QEMU to QEMU in turns:
+One VM per case (backing, size), the VMs of one backing running at once:
+guest RAM is a memplug region, plugged and then filled with random bytes
+through this process's own mapping of it, so that no page is a zero page
+(QEMU sends a zero page as a flag: it would flatter the plain migration). The
+VMs run (TCG, no guest OS: SeaBIOS finds no boot device and waits), and move
+from QEMU to QEMU in rounds (see _measure):
 
 - hand-over: `memplug vm-update --json` run as a command. It starts the new
   QEMU (through `memplug exec`, `-incoming defer`), then migrates with
