@@ -161,20 +161,25 @@ class HugePool:
         self.pages = 0
 
     def ensure(self, pages: int) -> None:
-        """Make at least `pages` pages free for us; RuntimeError if the kernel cannot."""
-        self.pages = max(self.pages, pages)
+        """Make at least `pages` pages free for us; RuntimeError if the kernel cannot.
+
+        The pool is grown towards the largest request so far (no shrinking and
+        growing between cases of different sizes), but only `pages` must be
+        free: pages other processes took meanwhile fail only the runs that need them.
+        """
         pool = memory.huge_pool(self.page_size)
-        if pool.free - pool.reserved >= self.pages:
+        if pool.free - pool.reserved >= pages:
+            self.pages = max(self.pages, pages)
             return
         in_use = pool.total - pool.free + pool.reserved
-        want = in_use + self.pages
-        self.path.write_text(str(want))
+        self.path.write_text(str(in_use + max(self.pages, pages)))
         got = memory.huge_pool(self.page_size)
-        if got.free - got.reserved < self.pages:
+        if got.free - got.reserved < pages:
             raise RuntimeError(
                 f"the {fmt_size(self.page_size)} hugetlb pool gave {got.free - got.reserved} free "
-                f"pages of the {self.pages} needed (memory fragmented, or in use)"
+                f"pages of the {pages} needed (memory fragmented, or in use)"
             )
+        self.pages = max(self.pages, pages)
 
     def restore(self) -> None:
         self.path.write_text(str(self.original))

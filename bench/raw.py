@@ -8,6 +8,7 @@ uses: a shmem memfd, a hugetlb memfd, or a file on the benchmark's tmpfs.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,10 @@ from typing import Literal
 
 from bench.stats import timed
 from memplug.common import memory
+from memplug.common.sizes import MiB
 from memplug.daemon.kernel import ops
+
+CHUNK = 64 * MiB  # the engine's chunk (memplug.daemon.engine.strategy.CHUNK_BYTES)
 
 Kind = Literal["shmem", "hugetlb", "file"]
 KINDS: tuple[Kind, ...] = ("shmem", "hugetlb", "file")
@@ -103,6 +107,17 @@ class RawPaths:
         finally:
             mapping.close()
 
+    def populate_chunks(self, mem: RawMemory, threads: int, chunk: int = CHUNK) -> float:
+        """map + MADV_POPULATE_WRITE of `chunk`-byte pieces, in address order, that
+        `threads` threads pull from one queue (as memplugd's workers do); unmap untimed."""
+        start = time.perf_counter()
+        mapping = ops.map_shared(mem.fd, 0, mem.size)
+        try:
+            self._populate_pulled(mapping.address, mem.size, threads, chunk)
+            return time.perf_counter() - start
+        finally:
+            mapping.close()
+
     def fallocate_then_populate(self, mem: RawMemory, threads: int) -> float:
         """fallocate on one thread, then MADV_POPULATE_WRITE (page tables) on `threads`."""
         start = time.perf_counter()
@@ -121,6 +136,22 @@ class RawPaths:
             self._pool.submit(memory.populate, address + offset, length, write=write)
             for offset, length in slices(size, threads, align)
         ]
+        for f in futures:
+            f.result()
+
+    def _populate_pulled(self, address: int, size: int, threads: int, chunk: int) -> None:
+        offsets = iter(range(0, size, chunk))
+        lock = threading.Lock()
+
+        def pull() -> None:
+            while True:
+                with lock:
+                    offset = next(offsets, None)
+                if offset is None:
+                    return
+                memory.populate(address + offset, min(chunk, size - offset), write=True)
+
+        futures = [self._pool.submit(pull) for _ in range(threads)]
         for f in futures:
             f.result()
 

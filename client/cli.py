@@ -251,6 +251,25 @@ class Size(click.ParamType[int, Any]):
 SIZE = Size()
 
 
+class RangeSpec(click.ParamType[tuple[int, int], Any]):
+    """OFFSET:LENGTH, each a size as SIZE takes it: 0:2M, 1G:512M, 0x200000:0x200000."""
+
+    name = "offset:length"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        offset, sep, length = str(value).partition(":")
+        if not sep or not offset or not length:
+            self.fail(f"{value!r} is not OFFSET:LENGTH (e.g. 1G:2M)", param, ctx)
+        return SIZE.convert(offset, param, ctx), SIZE.convert(length, param, ctx)
+
+
+RANGE = RangeSpec()
+
+
 def _emit(ctx: click.Context, data: Any, human: Callable[[], None]) -> None:
     if ctx.obj["json"]:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
@@ -314,6 +333,15 @@ def region_dict(r: Region) -> dict[str, Any]:
     return dataclasses.asdict(r)
 
 
+def charged_to(r: Region) -> str:
+    if r.charge_to_peer and not r.charge_cgroup:
+        return "its first attacher's cgroup (not attached yet: plug waits for it)"
+    if r.charge_cgroup:
+        whose = " (its first attacher's)" if r.charge_to_peer else ""
+        return f"memory cgroup {r.charge_cgroup}{whose}"
+    return "the daemon"
+
+
 def show_region(r: Region) -> None:
     rows = [
         ("name", r.name),
@@ -324,7 +352,7 @@ def show_region(r: Region) -> None:
         ("plugged", f"{format_size(r.plugged_bytes)} in {len(r.plugged)} range(s)"),
         ("allocated", format_size(r.allocated_bytes)),
         ("owner uid", str(r.owner_uid)),
-        ("charged to", f"memory cgroup {r.charge_cgroup}" if r.charge_cgroup else "the daemon"),
+        ("charged to", charged_to(r)),
     ]
     if r.allocated_outside_plugged_bytes:
         rows.insert(
@@ -428,6 +456,12 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
     metavar="PATH",
     help="charge the memory to this cgroup (as /proc/PID/cgroup prints it)",
 )
+@click.option(
+    "--charge-to-peer",
+    is_flag=True,
+    help="charge the memory to the cgroups of the process that first attaches the region "
+    "(plug is refused until then)",
+)
 def create_cmd(
     name: str,
     size: int | None,
@@ -446,6 +480,7 @@ def create_cmd(
     numa_node: tuple[int, ...],
     lock: bool,
     charge_cgroup: str,
+    charge_to_peer: bool,
 ) -> None:
     """Create region NAME of SIZE (512M, 2G, 0x40000000): nothing is allocated until plug.
 
@@ -477,6 +512,7 @@ def create_cmd(
             numa_nodes=list(numa_node),
             lock=lock,
             charge_cgroup=charge_cgroup,
+            charge_to_peer=charge_to_peer,
         )
     ctx = click.get_current_context()
     _emit(ctx, region_dict(region), lambda: show_region(region))
@@ -564,7 +600,9 @@ def rm_cmd(names: tuple[str, ...]) -> None:
 ROLLBACK_WAIT = 5.0  # seconds Ctrl-C waits for the daemon to confirm a plug's rollback
 
 
-def _cancelled_plug(c: Client, name: str, offset: int, length: int | None) -> Cancelled:
+def _cancelled_plug(
+    c: Client, name: str, offset: int, length: int | None, ranges: tuple[tuple[int, int], ...] = ()
+) -> Cancelled:
     """What a cancelled plug left, as the daemon shows it: wait (bounded) until it says.
 
     The client's cancel ends the call at once, but the daemon releases the
@@ -578,9 +616,13 @@ def _cancelled_plug(c: Client, name: str, offset: int, length: int | None) -> Ca
         while True:
             region = c.get_region(name)
             if region.operations_running == 0:
-                end = region.size if not length else offset + length
-                covered = sum(max(0, min(o + n, end) - max(o, offset)) for o, n in region.plugged)
-                if covered >= end - offset:
+                asked = ranges or ((offset, (length or region.size - offset)),)
+                covered = sum(
+                    max(0, min(o + n, start + size) - max(o, start))
+                    for start, size in asked
+                    for o, n in region.plugged
+                )
+                if covered >= sum(size for _, size in asked):
                     return Cancelled(
                         f"plug {name}: cancelled too late: the daemon had finished the plug "
                         f"(plugged {format_size(region.plugged_bytes)}); unplug gives it back"
@@ -684,8 +726,22 @@ def _with_range_help(fn: F) -> F:
     return fn
 
 
+def _ranges_option(fn: F) -> F:
+    return click.option(
+        "--range",
+        "ranges",
+        type=RANGE,
+        multiple=True,
+        metavar="OFFSET:LENGTH",
+        help="a range of the region (sizes as for OFFSET and LENGTH), instead of "
+        "OFFSET and LENGTH; repeat it to name several, done in one call, all or "
+        "nothing (e.g. --range 0:2M --range 1G:2M)",
+    )(fn)
+
+
 @command(cli, "plug")
 @_range_args
+@_ranges_option
 @click.option(
     "--strategy",
     type=click.Choice(["auto", "fallocate", "populate-write"]),
@@ -696,7 +752,14 @@ def _with_range_help(fn: F) -> F:
 )
 @click.option("--threads", type=U32, default=0, help="most worker threads (default: daemon's)")
 @_with_range_help
-def plug_cmd(name: str, offset: int, length: int | None, strategy: str, threads: int) -> None:
+def plug_cmd(
+    name: str,
+    offset: int,
+    length: int | None,
+    ranges: tuple[tuple[int, int], ...],
+    strategy: str,
+    threads: int,
+) -> None:
     """Allocate backing memory for NAME [OFFSET [LENGTH]] (default: all of it).
 
     All or nothing: if it cannot finish (pool empty, quota, Ctrl-C) what it
@@ -705,8 +768,10 @@ def plug_cmd(name: str, offset: int, length: int | None, strategy: str, threads:
         _run_streaming(
             "plug",
             name,
-            functools.partial(c.plug, name, offset, length, strategy=strategy, threads=threads),
-            on_cancel=lambda: _cancelled_plug(c, name, offset, length),
+            functools.partial(
+                c.plug, name, offset, length, ranges=ranges, strategy=strategy, threads=threads
+            ),
+            on_cancel=lambda: _cancelled_plug(c, name, offset, length, ranges),
         )
 
 
@@ -727,11 +792,14 @@ def populate_cmd(name: str, offset: int, length: int | None, mode: str, threads:
 
 @command(cli, "unplug")
 @_range_args
+@_ranges_option
 @_with_range_help
-def unplug_cmd(name: str, offset: int, length: int | None) -> None:
+def unplug_cmd(
+    name: str, offset: int, length: int | None, ranges: tuple[tuple[int, int], ...]
+) -> None:
     """Free NAME [OFFSET [LENGTH]] and mark it unplugged."""
     with client() as c:
-        res = c.unplug(name, offset, length)
+        res = c.unplug(name, offset, length, ranges=ranges)
     _emit(
         click.get_current_context(),
         dataclasses.asdict(res),
@@ -741,11 +809,14 @@ def unplug_cmd(name: str, offset: int, length: int | None) -> None:
 
 @command(cli, "discard")
 @_range_args
+@_ranges_option
 @_with_range_help
-def discard_cmd(name: str, offset: int, length: int | None) -> None:
+def discard_cmd(
+    name: str, offset: int, length: int | None, ranges: tuple[tuple[int, int], ...]
+) -> None:
     """Zero plugged memory of NAME [OFFSET [LENGTH]]; it stays plugged."""
     with client() as c:
-        res = c.discard(name, offset, length)
+        res = c.discard(name, offset, length, ranges=ranges)
     _emit(
         click.get_current_context(),
         dataclasses.asdict(res),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +65,17 @@ def _check_uint(value: int, bits: int, what: str) -> int:
 
 def _check_uints(values: list[int] | None, bits: int, what: str) -> list[int]:
     return [_check_uint(v, bits, what) for v in values or []]
+
+
+def _ranges_to_proto(ranges: Iterable[tuple[int, int]] | None) -> list[pb.Range]:
+    """A list of (offset, length) for a multi-range call; the daemon checks the rest."""
+    return [
+        pb.Range(
+            offset=_check_uint(offset, 64, f"offset of range {i}"),
+            length=_check_uint(length, 64, f"length of range {i}"),
+        )
+        for i, (offset, length) in enumerate(ranges or ())
+    ]
 
 
 class Client:
@@ -144,9 +155,11 @@ class Client:
         numa_nodes: list[int] | None = None,
         lock: bool = False,
         charge_cgroup: str = "",
+        charge_to_peer: bool = False,
     ) -> Region:
         """charge_cgroup: the memory cgroup billed for the region (a path as
-        /proc/PID/cgroup prints it); empty: the daemon's own."""
+        /proc/PID/cgroup prints it); empty: the daemon's own. charge_to_peer:
+        bill the cgroups of the process that first attaches it instead."""
         request = pb.CreateRegionRequest(
             name=name,
             size=_check_uint(size, 64, "size"),
@@ -165,6 +178,7 @@ class Client:
             numa_nodes=_check_uints(numa_nodes, 32, "NUMA node"),
             lock=lock,
             charge_cgroup=charge_cgroup,
+            charge_to_peer=charge_to_peer,
         )
         return convert.region(self._unary(self._stub.CreateRegion, request))
 
@@ -216,6 +230,7 @@ class Client:
         offset: int = 0,
         length: int | None = None,
         *,
+        ranges: Iterable[tuple[int, int]] | None = None,
         strategy: str = "auto",
         threads: int = 0,
         progress: Progress | None = None,
@@ -224,6 +239,8 @@ class Client:
     ) -> OperationResult:
         """Plug [offset, offset+length) (default: to the end); blocks until done.
 
+        ranges: [(offset, length), ...] plugged in one call, all or nothing,
+        instead of offset and length (leave those out).
         strategy: "auto", "fallocate" or "populate-write" (the proto's Strategy).
         Setting `cancel` (or Ctrl-C) cancels the call; the daemon then releases
         whatever it allocated and this raises Cancelled.
@@ -234,6 +251,7 @@ class Client:
             length=_check_uint(length or 0, 64, "length"),
             strategy=convert.pick(convert.STRATEGIES, strategy, "strategy"),
             threads=_check_uint(threads, 32, "threads"),
+            ranges=_ranges_to_proto(ranges),
         )
         return self._stream(self._stub.Plug, request, progress, cancel, timeout)
 
@@ -314,19 +332,39 @@ class Client:
         err.code = "INTERNAL"
         raise err
 
-    def unplug(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
+    def unplug(
+        self,
+        name: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        ranges: Iterable[tuple[int, int]] | None = None,
+    ) -> RangeResult:
+        """Unplug [offset, offset+length) (default: to the end), or every range of
+        `ranges` ([(offset, length), ...]) in one call."""
         request = pb.RangeRequest(
             name=name,
             offset=_check_uint(offset, 64, "offset"),
             length=_check_uint(length or 0, 64, "length"),
+            ranges=_ranges_to_proto(ranges),
         )
         return convert.range_result(self._unary(self._stub.Unplug, request))
 
-    def discard(self, name: str, offset: int = 0, length: int | None = None) -> RangeResult:
+    def discard(
+        self,
+        name: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        ranges: Iterable[tuple[int, int]] | None = None,
+    ) -> RangeResult:
+        """Zero [offset, offset+length) (default: to the end), or every range of
+        `ranges`, in one call; the blocks stay plugged."""
         request = pb.RangeRequest(
             name=name,
             offset=_check_uint(offset, 64, "offset"),
             length=_check_uint(length or 0, 64, "length"),
+            ranges=_ranges_to_proto(ranges),
         )
         return convert.range_result(self._unary(self._stub.Discard, request))
 

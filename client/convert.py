@@ -74,6 +74,7 @@ def region(m: pb.Region) -> Region:
         damage=m.damage,
         allocated_outside_plugged_bytes=m.allocated_outside_plugged_bytes,
         charge_cgroup=m.charge_cgroup,
+        charge_to_peer=m.charge_to_peer,
     )
 
 

@@ -33,6 +33,8 @@ class Region:
     # memory holders allocated outside plugged blocks (counted by the quota)
     allocated_outside_plugged_bytes: int = 0
     charge_cgroup: str = ""  # memory cgroup billed for its pages; "": the daemon's
+    # billed to its first attacher's cgroups (charge_cgroup "" until it attaches)
+    charge_to_peer: bool = False
 
 
 @dataclass(frozen=True)

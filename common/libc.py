@@ -8,10 +8,22 @@ parallel and a long call never stalls the gRPC threads.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Final
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    # glibc's soname first: ctypes.util.find_library runs `ldconfig -p` in a
+    # subprocess (5-40 ms), paid by every process that imports this, the
+    # allocation helpers of each charged plug included. Elsewhere (musl), ask it.
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c") or "libc.so", use_errno=True)
+
+
+_libc = _load_libc()
 
 c_void_p: Final = ctypes.c_void_p
 c_size_t: Final = ctypes.c_size_t

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from memplug.common.errors import InvalidArgument, OutOfRange
@@ -45,6 +46,70 @@ def check_range(offset: int, length: int, *, size: int, align: int, what: str) -
             f"size of {format_size(size)} ({size:#x})"
         )
     return Range(offset, length)
+
+
+MAX_RANGES = 4096  # ranges in one call: bounds the intent, the lock and the error scan
+
+
+@dataclass(frozen=True)
+class RangeList:
+    """The ranges of one call, ascending and disjoint (one, or a client's list)."""
+
+    ranges: tuple[Range, ...]
+
+    def __iter__(self) -> Iterator[Range]:
+        return iter(self.ranges)
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    @property
+    def span(self) -> Range:
+        """From the first byte of the first range to the end of the last."""
+        first, last = self.ranges[0], self.ranges[-1]
+        return Range(first.offset, last.end - first.offset)
+
+    @property
+    def total(self) -> int:
+        return sum(r.length for r in self.ranges)
+
+    def __str__(self) -> str:
+        if len(self.ranges) == 1:
+            return str(self.ranges[0])
+        return f"{len(self.ranges)} ranges of {format_size(self.total)} in {self.span}"
+
+
+def check_count(count: int, *, what: str) -> None:
+    """Refuse a list of more than MAX_RANGES ranges, before looking at any of them."""
+    if count > MAX_RANGES:
+        raise InvalidArgument(
+            f"{what}: {count} ranges in one call, at most {MAX_RANGES}: split the list "
+            "into several calls"
+        )
+
+
+def check_ranges(
+    pairs: Sequence[tuple[int, int]], *, size: int, align: int, what: str
+) -> RangeList:
+    """Validate a list of (offset, length), each as check_range does, none overlapping.
+
+    Errors name the index of the range at fault in the list as given.
+    """
+    if not pairs:
+        raise InvalidArgument(f"{what}: the list of ranges is empty")
+    check_count(len(pairs), what=what)
+    checked = [
+        (check_range(offset, length, size=size, align=align, what=f"{what}: range {i}"), i)
+        for i, (offset, length) in enumerate(pairs)
+    ]
+    checked.sort(key=lambda pair: pair[0].offset)  # ints: a dataclass compare is slow
+    for (a, i), (b, j) in itertools.pairwise(checked):
+        if a.overlaps(b):
+            first, second = sorted((i, j))
+            raise InvalidArgument(
+                f"{what}: ranges {first} and {second} overlap ({a} and {b}); list each block once"
+            )
+    return RangeList(tuple(r for r, _ in checked))
 
 
 class IntervalSet:

@@ -120,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}memplugd: cannot start: {exc}", file=sys.stderr)
         return 1
     while not stop.wait(0.2):
-        if daemon.handed_over.is_set():
-            return 0  # a new memplugd serves every region now
+        if daemon.handed_over.is_set():  # a new memplugd serves every region now
+            if args.after_handover == "exit":
+                return 0
+            # A restarted container would take the regions back: stay, idle, till SIGTERM.
+            logging.getLogger("memplug.server").info("handed over: idle until SIGTERM")
+            stop.wait()
+            return 0
         if reload.is_set():
             reload.clear()
             daemon.reload()

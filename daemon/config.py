@@ -43,6 +43,11 @@ class Switches:
     # MEMPLUG_TAKEOVER_EXIT_AFTER_FDS=1: `memplugd --takeover` exits (status 3) once
     # every fd has come, before it restores: the new daemon dying mid-way.
     takeover_exit_after_fds: bool = False
+    # MEMPLUG_TAKEOVER_KILL_AFTER_COMMITTED=1: `memplugd --takeover` sends itself
+    # SIGKILL right after the old daemon said `committed`, before it serves: the
+    # new daemon dying once the old one has let go of everything (as PID 1 of a
+    # container, which its own SIGKILL spares, it exits 137 instead).
+    takeover_kill_after_committed: bool = False
 
 
 def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
@@ -57,6 +62,7 @@ def environment_switches(environ: Mapping[str, str] = os.environ) -> Switches:
         memcg_check=environ.get("MEMPLUG_MEMCG_CHECK", "1") != "0",
         takeover_timeout=takeover_timeout,
         takeover_exit_after_fds=environ.get("MEMPLUG_TAKEOVER_EXIT_AFTER_FDS") == "1",
+        takeover_kill_after_committed=(environ.get("MEMPLUG_TAKEOVER_KILL_AFTER_COMMITTED") == "1"),
     )
 
 
@@ -323,10 +329,23 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--takeover",
-        action="store_true",
+        nargs="?",
+        const="must",
+        default="no",
+        choices=["must", "auto"],
         help="take every region over from the memplugd running on this --state-dir (an "
         "upgrade or restart without systemd): it hands over and exits, this one serves on "
-        "the same sockets",
+        "the same sockets; --takeover=auto takes over if one runs and starts normally if "
+        "none does (a container or DaemonSet entrypoint)",
+    )
+    p.add_argument(
+        "--after-handover",
+        dest="after_handover",
+        choices=["exit", "wait"],
+        default="exit",
+        help="what this daemon does once it has handed over to a new one: exit 0 (default), "
+        "or wait idle for SIGTERM (under a supervisor that restarts a container that exits, "
+        "such as a Kubernetes DaemonSet)",
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p

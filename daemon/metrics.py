@@ -87,10 +87,18 @@ class EngineCollector(Collector):
             "1 for each region whose memory is charged to a cgroup other than the daemon's",
             labels=["region", "cgroup"],
         )
+        waiting = GaugeMetricFamily(
+            "memplug_region_awaiting_first_attacher",
+            "1 for each region charged to its first attacher (charge_to_peer) that nobody has "
+            "attached yet: it cannot be plugged until then",
+            labels=["region"],
+        )
         for info in self.engine.list_regions():
             if info.options.charge_cgroup:
                 charged.add_metric([info.name, info.options.charge_cgroup], 1)
-        yield charged
+            if info.options.awaiting_peer:
+                waiting.add_metric([info.name], 1)
+        yield from (charged, waiting)
         quota = GaugeMetricFamily("memplug_quota_bytes", "The --max-bytes quota (0: none)")
         quota.add_metric([], self.engine.max_bytes or 0)
         yield quota

@@ -4,24 +4,30 @@ Start: fds systemd handed back -> lock the state dir -> state store -> engine
 restores regions -> fd socket -> gRPC socket -> metrics -> READY=1. Stop: refuse
 new calls -> cancel running operations (they roll back) -> close sockets.
 With --takeover the fds and the lock come from the running daemon instead
-(takeover.py), and the sockets are claimed once it has let go.
+(takeover.py), and the sockets are claimed once it has let go; --takeover=auto
+does that when a daemon holds the state dir's lock and starts normally when
+none does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import grp
 import logging
 import os
 import pwd
 import resource
+import signal
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,7 +55,13 @@ from memplug.daemon.systemd import (
     watchdog_interval,
     write_reload_result,
 )
-from memplug.daemon.takeover import Taken, TakeoverListener, socket_path, take_over
+from memplug.daemon.takeover import (
+    NoDaemonToTakeOver,
+    Taken,
+    TakeoverListener,
+    socket_path,
+    take_over,
+)
 from memplug.daemon.transport.fdlimits import FdLimits
 from memplug.daemon.transport.fdserver import FdServer
 from memplug.daemon.transport.interceptors import MetricsInterceptor
@@ -83,6 +95,9 @@ RESTART_ONLY = (
 HANDOVER_GRACE = 10.0
 # `memplugd --takeover` with MEMPLUG_TAKEOVER_EXIT_AFTER_FDS=1 exits with this.
 EXIT_AFTER_FDS = 3
+# --takeover: no (start normally), must (take over or fail), auto (take over if one runs).
+TakeoverMode = Literal["no", "must", "auto"]
+SD_LISTEN_FDS_START = 3
 
 
 class FdStore:
@@ -164,6 +179,45 @@ def raise_nofile_limit() -> int:
     return target
 
 
+def without_takeover(argv: list[str]) -> list[str]:
+    """argv with every --takeover[=MODE] / --takeover MODE taken out."""
+    out: list[str] = []
+    skip_mode = False
+    for arg in argv:
+        if skip_mode and arg in ("must", "auto"):
+            skip_mode = False
+            continue
+        skip_mode = arg == "--takeover"
+        if skip_mode or arg.startswith("--takeover="):
+            continue
+        out.append(arg)
+    return out
+
+
+def reexec_with_fds(regions: dict[str, int]) -> None:
+    """Replace this process by a fresh memplugd (same argv less --takeover, same pid)
+    that finds regions as systemd passes its fd store: fds 3.., LISTEN_FDS, LISTEN_FDNAMES.
+
+    Returns only if the exec failed.
+    """
+    names = list(regions)
+    # Out of the way of 3..3+n first: a region fd may sit where another must go.
+    floor = SD_LISTEN_FDS_START + len(names) + 16
+    high = [fcntl.fcntl(regions[name], fcntl.F_DUPFD_CLOEXEC, floor) for name in names]
+    for slot, fd in enumerate(high, start=SD_LISTEN_FDS_START):
+        os.dup2(fd, slot, inheritable=True)
+        os.close(fd)
+    env = dict(os.environ)
+    env.update(
+        LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(names)), LISTEN_FDNAMES=":".join(names)
+    )
+    argv = [sys.executable, *without_takeover(sys.orig_argv[1:])]
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError as exc:
+        log.critical("cannot re-execute %s: %s", sys.executable, exc)
+
+
 def split_inherited(fds: list[tuple[int, str]]) -> tuple[int | None, dict[str, int]]:
     """Sockets (the activated fd socket) apart from memfds (regions, by name)."""
     listen: int | None = None
@@ -185,7 +239,7 @@ class Daemon:
         config: Config,
         reload_config: Callable[[], Config] | None = None,
         *,
-        takeover: bool = False,
+        takeover: TakeoverMode = "no",
     ) -> None:
         self.config = config
         self._takeover = takeover
@@ -215,20 +269,28 @@ class Daemon:
         make_own_dir(config.state_dir, 0o700, "--state-dir DIR (or set XDG_STATE_HOME)")
         switches = environment_switches()
         taken: Taken | None = None
-        if self._takeover:
+        if self._takeover == "must":
             taken = self._take_over(
                 adopted,
                 nofile,
                 switches.takeover_timeout,
                 exit_after_fds=switches.takeover_exit_after_fds,
             )
-        else:
+        elif self._takeover == "auto":
+            taken = self._take_over_if_running(
+                adopted,
+                nofile,
+                switches.takeover_timeout,
+                exit_after_fds=switches.takeover_exit_after_fds,
+            )
+        if taken is None:
             # Before anything else is touched: a second daemon on this state must
             # change nothing (no socket, no pool, no store write), only refuse.
-            try:
-                self._state_lock = StateDirLock(config.state_dir)
-            except StateDirBusy as exc:
-                raise StartupError(str(exc)) from None
+            if self._state_lock is None:
+                try:
+                    self._state_lock = StateDirLock(config.state_dir)
+                except StateDirBusy as exc:
+                    raise StartupError(str(exc)) from None
             make_own_dir(config.socket.parent, 0o755, "--socket PATH (or set XDG_RUNTIME_DIR)")
             claim_socket_path(config.socket)
         apply_hugetlb_pools(config.hugetlb_pools)
@@ -264,6 +326,9 @@ class Daemon:
         if taken is not None:
             # Every region is ours now: the old daemon closes its copies and exits.
             taken.confirm(switches.takeover_timeout)
+            if switches.takeover_kill_after_committed:
+                os.kill(os.getpid(), signal.SIGKILL)
+                os._exit(128 + signal.SIGKILL)  # PID 1 of a container ignores its own SIGKILL
             assert self._state_lock is not None
             self._state_lock.claim()
             make_own_dir(config.socket.parent, 0o755, "--socket PATH (or set XDG_RUNTIME_DIR)")
@@ -282,6 +347,8 @@ class Daemon:
             self._takeover_listener.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {self._takeover_listener.path}: {exc}") from exc
+        if taken is not None:
+            taken.serving()  # the old daemon drops its copies of the regions and exits
         if self.notifier.enabled:
             log.info(
                 "memfd regions are kept in systemd's fd store across restarts; systemd "
@@ -299,6 +366,40 @@ class Daemon:
             target=self._health_loop, name="memplug-health", daemon=True
         )
         self._health.start()
+
+    def _take_over_if_running(
+        self, adopted: dict[str, int], nofile: int, timeout: float, *, exit_after_fds: bool
+    ) -> Taken | None:
+        """--takeover=auto: the state-dir lock says whether a daemon runs.
+
+        Free: none does (a dead one's sockets are stale), start normally holding
+        it. Held: take over from its holder. Of two starters at once the lock
+        lets one start; the other finds it held and takes over from the first
+        once that one listens, or is refused.
+        """
+        state_dir = self.config.state_dir
+        try:
+            self._state_lock = StateDirLock(state_dir)
+        except StateDirBusy:
+            pass
+        else:
+            log.info("--takeover=auto: no memplugd runs on %s: starting afresh", state_dir)
+            return None
+        try:
+            return self._take_over(adopted, nofile, timeout, exit_after_fds=exit_after_fds)
+        except NoDaemonToTakeOver:
+            pass
+        # The holder may have ended between the two steps: then the lock is free now.
+        try:
+            self._state_lock = StateDirLock(state_dir)
+        except StateDirBusy as exc:
+            raise StartupError(
+                f"the state dir {state_dir} is held by memplugd pid {exc.holder}, which does "
+                f"not take a take-over now (it is starting, or handing over to another "
+                f"memplugd): try again in a moment"
+            ) from None
+        log.info("--takeover=auto: the memplugd on %s ended meanwhile: starting afresh", state_dir)
+        return None
 
     def _take_over(
         self, adopted: dict[str, int], nofile: int, timeout: float, *, exit_after_fds: bool
@@ -441,15 +542,23 @@ class Daemon:
         log.warning("serving again: the take-over failed (%s)", why)
 
     def commit(self) -> None:
-        """A new daemon serves every region now: close our copies, let the process exit."""
+        """A new daemon owns the state now: close the engine, the store and our lock."""
         self._stopped.set()
         self.engine.shutdown(timeout=HANDOVER_GRACE)
         if self._store is not None:
             self._store.close()
         if self._state_lock is not None:
             self._state_lock.release()  # the new daemon's copy of the lock stays held
+
+    def finish(self) -> None:
+        """A new daemon serves every region: let the process exit 0."""
         log.info("handed over: exiting")
         self.handed_over.set()
+
+    def revive(self, regions: dict[str, int]) -> None:
+        """The new daemon died between commit() and serving: this process starts
+        afresh on the store with the region fds it kept (returns if it cannot)."""
+        reexec_with_fds(regions)
 
     # ------------------------------------------------------------------ running
 

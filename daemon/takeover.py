@@ -17,7 +17,10 @@ SCM_RIGHTS):
                  (new: shares the lock, restores from the store with the fds)
     new -> old   ready
     old -> new   committed
-                 (old: closes its copies and exits 0; new: serves on the sockets)
+                 (old: closes its take-over socket, engine, store and lock, but
+                  keeps a copy of every region fd; new: serves on the sockets)
+    new -> old   serving
+                 (old: closes its copies and exits 0)
 
 Until the old daemon reads `ready` nothing is given up: the fds sent are
 copies (the old daemon keeps its own), the lock is shared (flock belongs to the
@@ -25,9 +28,17 @@ open file description, which both now hold), and the store is only read and
 reconciled by the new one to what the old one holds. If the new daemon dies,
 says abort, or is not ready within the timeout, the old one closes the
 connection and serves again on new sockets; the new one, finding no
-`committed`, exits without serving. The schemas are compared in the hello and
-the offer, before anything moves; one take-over runs at a time, others are
-refused.
+`committed`, exits without serving.
+
+Between `committed` and `serving` the new daemon owns the store and may already
+change it, so the old one cannot simply serve again from what it knew. If the
+new one dies there (the connection ends without `serving`), the old process
+starts afresh on the store with the copies it kept: it re-executes itself with
+them as fds 3.. and LISTEN_FDS/LISTEN_FDNAMES, as systemd hands its fd store
+to a restarted service (same pid, so a container's PID 1 stays), and restores
+as after any restart. Once `serving` is read the regions live in the new daemon
+alone. The schemas are compared in the hello and the offer, before anything
+moves; one take-over runs at a time, others are refused.
 """
 
 from __future__ import annotations
@@ -61,6 +72,10 @@ DEFAULT_TIMEOUT: Final = 30.0
 
 class TakeoverError(StartupError):
     """A take-over that did not happen; the running daemon keeps serving."""
+
+
+class NoDaemonToTakeOver(TakeoverError):
+    """Nothing listens on the take-over socket: no daemon runs, or none is ready to hand over."""
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -123,7 +138,16 @@ class Handover(Protocol):
         ...
 
     def commit(self) -> None:
-        """The new daemon serves now: close everything and let the process exit 0."""
+        """The new daemon owns the state now: close the engine, the store and the lock."""
+        ...
+
+    def finish(self) -> None:
+        """The new daemon serves: let the process exit 0."""
+        ...
+
+    def revive(self, regions: dict[str, int]) -> None:
+        """The new daemon died after commit(): start this process afresh with these
+        fds (it re-executes itself; returns only if it could not)."""
         ...
 
 
@@ -147,6 +171,7 @@ class TakeoverListener:
         self._busy = threading.Lock()
         self._taker_pid = 0
         self._listener: socket.socket | None = None
+        self._inode = 0  # of the socket we bound: stop() never unlinks a successor's
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -162,6 +187,7 @@ class TakeoverListener:
             listener.bind(str(self.path))
         finally:
             os.umask(old_umask)
+        self._inode = os.lstat(self.path).st_ino
         listener.listen(4)
         self._listener = listener
         self._thread = threading.Thread(
@@ -179,7 +205,8 @@ class TakeoverListener:
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                if os.lstat(self.path).st_ino == self._inode:
+                    os.unlink(self.path)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -281,20 +308,54 @@ class TakeoverListener:
             _send(conn, {"op": "sent", "count": len(names)})
             ready, _ = _recv(conn)
             _expect(ready, "ready")
-            _send(conn, {"op": "committed"})
+            # Copies that outlive commit() (which closes the engine's fds) until
+            # the new daemon serves: if it dies before, this process restarts on them.
+            kept = {name: os.dup(fd) for name, fd in regions.items()}
+            try:
+                _send(conn, {"op": "committed"})
+            except BaseException:
+                for fd in kept.values():
+                    os.close(fd)
+                raise
         except (OSError, TakeoverError) as exc:
             why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
             log.error("take-over by pid %d failed (%s): serving again", pid, why)
             self._handover.resume(why)
             return
         log.info(
-            "handed %d regions over to memplugd pid %d in %.0f ms: exiting",
+            "handed %d regions over to memplugd pid %d in %.0f ms: waiting until it serves",
             len(regions),
             pid,
             (time.monotonic() - started) * 1000,
         )
         self.stop()
         self._handover.commit()
+        try:
+            serving, _ = _recv(conn)
+            _expect(serving, "serving")
+        except TimeoutError:
+            # Alive but slow: it holds the lock and the regions; a restart here
+            # would only be refused the state dir.
+            log.error(
+                "memplugd pid %d did not say it serves within %.0f s: leaving the regions to it",
+                pid,
+                self._timeout,
+            )
+        except (OSError, TakeoverError) as exc:
+            log.critical(
+                "memplugd pid %d ended before it served (%s): starting this one again on the "
+                "state with every region",
+                pid,
+                exc,
+            )
+            self._handover.revive(kept)
+            log.critical("could not start again: the regions are lost")
+        else:
+            log.info("memplugd pid %d serves: exiting", pid)
+        for fd in kept.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._handover.finish()
 
 
 # --------------------------------------------------------------------------- the new daemon
@@ -317,17 +378,26 @@ class Taken:
         self.regions.clear()
 
     def confirm(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Tell the old daemon we are ready; return once it has let go (it exits)."""
+        """Tell the old daemon we are ready; return once it has let go of the state
+        (it keeps copies of the region fds until serving() says we serve)."""
         self.conn.settimeout(timeout)
         try:
             _send(self.conn, {"op": "ready"})
             committed, _ = _recv(self.conn)
             _expect(committed, "committed")
         except (OSError, TakeoverError) as exc:
+            self.conn.close()
             raise TakeoverError(
                 f"the old memplugd (pid {self.old_pid}) did not let go ({exc}): it serves on; "
                 "this one exits without serving"
             ) from exc
+
+    def serving(self) -> None:
+        """Tell the old daemon we serve: it drops its copies and exits."""
+        try:
+            _send(self.conn, {"op": "serving"})
+        except OSError as exc:  # it gave up waiting: the regions are ours alone anyway
+            log.warning("could not tell the old memplugd (pid %d) we serve: %s", self.old_pid, exc)
         finally:
             self.conn.close()
 
@@ -352,9 +422,10 @@ def take_over(
         conn.connect(str(path))
     except OSError as exc:
         conn.close()
-        raise TakeoverError(
+        raise NoDaemonToTakeOver(
             f"no running memplugd to take over at {path} ({exc.strerror or exc}): is one "
-            "running with this --state-dir? start without --takeover if none is"
+            "running with this --state-dir? start without --takeover (or with "
+            "--takeover=auto) if none is"
         ) from None
     lock_fd = -1
     regions: dict[str, int] = {}

@@ -234,6 +234,62 @@ def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
     return daemon_factory()
 
 
+# --------------------------------------------------------------------------- take-over
+
+# Every taker a test starts; a test's fixture kills those still running (kill_takers).
+TAKERS: list[subprocess.Popen[bytes]] = []
+
+
+def start_taker(
+    old: DaemonProcess, name: str, env: dict[str, str] | None = None, mode: str = "must"
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`memplugd --takeover=MODE` on the old daemon's sockets and state, logging to its own file."""
+    log_path = old.log_path.with_name(f"{name}.log")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*old.args, f"--takeover={mode}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    TAKERS.append(proc)
+    return proc, log_path
+
+
+def serving(proc: subprocess.Popen[bytes], log_path: Path, sock: Path) -> DaemonProcess:
+    """Wait until proc (a taker, or a daemon started afresh) serves on sock; it as a
+    DaemonProcess."""
+    channel = grpc.insecure_channel(f"unix:{sock}", options=FAST_RECONNECT)
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the taker exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=0.2, wait_for_ready=True)
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, log_path.read_text()
+    assert isinstance(proc.args, list)
+    args = [str(a) for a in proc.args]
+    return DaemonProcess(
+        proc, sock, sock.with_name("fd.sock"), log_path, channel, pb_grpc.MemplugStub(channel), args
+    )
+
+
+def state_dir(d: DaemonProcess) -> Path:
+    return Path(d.args[d.args.index("--state-dir") + 1])
+
+
+def kill_takers(*others: subprocess.Popen[bytes]) -> None:
+    """Kill the given processes and every taker still running (a test's teardown)."""
+    for proc in [*others, *TAKERS]:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    TAKERS.clear()
+
+
 # --------------------------------------------------------------------------- machine state
 
 

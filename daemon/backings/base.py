@@ -89,8 +89,8 @@ class Backing(ABC):
     def map_span(self, span: Range) -> SpanMapping:
         """One mapping of span for populating its chunks (close it, or use `with`)."""
         if span.length > MAX_SPAN:  # beyond any address space: one mapping per chunk
-            return SpanMapping(self, span, None)
-        return SpanMapping(self, span, self._mapped(span.offset, span.length))
+            return SpanMapping(self, None, 0)
+        return SpanMapping(self, self._mapped(span.offset, span.length), span.offset)
 
     def populate(self, offset: int, length: int, *, write: bool) -> None:
         """MADV_POPULATE_WRITE/READ of [offset, offset+length) through its own mapping."""
@@ -201,11 +201,15 @@ class SpanMapping:
     is mapped per chunk instead.
     """
 
-    def __init__(self, backing: Backing, span: Range, mapping: ops.Mapping | None) -> None:
+    def __init__(
+        self, backing: Backing, mapping: ops.Mapping | None, offset: int, *, owned: bool = True
+    ) -> None:
+        """mapping maps the file from offset on (None: map per chunk); owned: close() unmaps it."""
         self._backing = backing
         self._mapping = mapping
-        # address of byte 0 of the file, were all of it mapped like span
-        self._base = 0 if self._mapping is None else self._mapping.address - span.offset
+        self._owned = owned
+        # address of byte 0 of the file, were all of it mapped like this
+        self._base = 0 if self._mapping is None else self._mapping.address - offset
 
     def populate_write(self, offset: int, length: int) -> None:
         """MADV_POPULATE_WRITE: allocates and zeroes [offset, offset+length)."""
@@ -222,7 +226,7 @@ class SpanMapping:
             memory.populate(self._base + offset, length, write=False)
 
     def close(self) -> None:
-        if self._mapping is not None:
+        if self._mapping is not None and self._owned:
             self._mapping.close()
 
     def __enter__(self) -> SpanMapping:

@@ -30,7 +30,7 @@ from memplug.daemon.backings import (
     HugetlbBacking,
     ShmemBacking,
 )
-from memplug.daemon.engine.charging import checked_path
+from memplug.daemon.engine.charging import checked_path, checked_peer_charging
 from memplug.daemon.engine.placement import mem_policy
 from memplug.daemon.engine.region import RegionOptions, RegionSpec
 from memplug.daemon.engine.warmpool import WarmPool
@@ -118,7 +118,13 @@ def _from_pool(
     Pool memfds were made with huge pages as their spec says (the same as the
     request's, or no match) and no NUMA policy (a request with one never matches).
     """
-    if options.placement.active or options.lock or options.charge_cgroup or spec.backing is None:
+    if (
+        options.placement.active
+        or options.lock
+        or options.charge_cgroup
+        or options.charge_to_peer
+        or spec.backing is None
+    ):
         # (A pool memfd's memory is charged to the daemon's cgroup, not the requested one.)
         return None
     if block_size != max(DEFAULT_BLOCK_SIZE, page_size):
@@ -136,6 +142,9 @@ def _from_pool(
 
 def _options(spec: RegionSpec) -> RegionOptions:
     options = _memory_options(spec)
+    if spec.charge_to_peer:
+        checked_peer_charging(spec.charge_cgroup)
+        return dataclasses.replace(options, charge_to_peer=True)
     charge_cgroup = checked_path(spec.charge_cgroup)
     return dataclasses.replace(options, charge_cgroup=charge_cgroup) if charge_cgroup else options
 

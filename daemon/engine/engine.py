@@ -17,8 +17,9 @@ the quota is returned.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,7 @@ from memplug.common.errors import FailedPrecondition, MemplugError, PermissionDe
 from memplug.common.ranges import Range
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking
+from memplug.daemon.engine.charging import FirstAttacher, bind_first_attacher
 from memplug.daemon.engine.creation import creation_error, make_backing
 from memplug.daemon.engine.holds import Holds
 from memplug.daemon.engine.hugegrowth import Budget, HugePoolGrower, PoolReport
@@ -110,6 +112,8 @@ class RegionEngine:
         self._runner = Runner(threads)
         self._table = RegionTable()
         self._tickets = TicketBook(ticket_ttl)
+        # One first attacher per charge_to_peer region, whoever serves the fd socket.
+        self._first_attach = threading.Lock()
         self._store: StateStore = store if store is not None else MemoryStore()
         self._listener = listener
         self._quota = Quota(max_bytes)
@@ -319,17 +323,29 @@ class RegionEngine:
         """A one-time ticket for the region's fd, to redeem on the fd socket."""
         return self._tickets.issue(self._get(name).name, access)
 
-    def redeem(self, value: str, peer: Peer) -> Handoff:
+    def redeem(
+        self, value: str, peer: Peer, first_attacher: FirstAttacher | None = None
+    ) -> Handoff:
         """Trade a ticket for a fresh fd, if the peer passes the region's ACL.
 
         The ticket is used up whatever the outcome, so it cannot be retried
         from another process.
         """
         ticket = self._tickets.redeem(value)
-        return self.open_fd(ticket.region, ticket.access, peer)
+        return self.open_fd(ticket.region, ticket.access, peer, first_attacher)
 
-    def open_fd(self, name: str, access: Access, peer: Peer) -> Handoff:
-        """A fresh fd of the region for a peer that passes its ACL (no ticket needed)."""
+    def open_fd(
+        self,
+        name: str,
+        access: Access,
+        peer: Peer,
+        first_attacher: FirstAttacher | None = None,
+    ) -> Handoff:
+        """A fresh fd of the region for a peer that passes its ACL (no ticket needed).
+
+        first_attacher reads the peer's cgroups: a charge_to_peer region not yet
+        attached is charged to them from now on (recorded before the fd goes out).
+        """
         # Counted as an operation, so the region cannot be deleted (and its fd
         # closed) between the lookup and the reopen.
         with self._table.operation(name, CancelToken()) as region:
@@ -357,6 +373,10 @@ class RegionEngine:
                     region=region.name,
                 )
             self._usable(region, "attach")
+            if first_attacher is not None and region.options.awaiting_peer:
+                with self._first_attach:
+                    if region.options.awaiting_peer:
+                        self._charge_first_attacher(region, first_attacher, peer)
             fd = backing.reopen(writable=access is Access.READ_WRITE)
             with region.mutex:
                 plugged_bytes = region.plugged.total
@@ -371,6 +391,26 @@ class RegionEngine:
             seals=backing.seals(),
             plugged_bytes=plugged_bytes,
         )
+
+    def _charge_first_attacher(
+        self, region: Region, first_attacher: FirstAttacher, peer: Peer
+    ) -> None:
+        options = bind_first_attacher(region, first_attacher)
+        try:
+            self._store.put_options(region.name, options)
+        except MemplugError as exc:
+            raise type(exc)(
+                f"region {region.name!r} was not attached: its charge cgroup, the "
+                f"attacher's, could not be recorded: {exc.message}",
+                region=region.name,
+            ) from exc
+        region.options = options
+        log.info(
+            "region %s is charged to its first attacher (pid %d uid %d): memory cgroup %s%s",
+            region.name, peer.pid, peer.uid, options.charge_cgroup,
+            f", hugetlb cgroup {options.charge_hugetlb_cgroup}"
+            if options.charge_hugetlb_cgroup else "",
+        )  # fmt: skip
 
     def hold_region(self, name: str, holder: str, reason: str, ttl: float) -> HoldRecord:
         """Refuse Unplug, Discard and Delete of the region until released or expired."""
@@ -395,18 +435,23 @@ class RegionEngine:
         offset: int,
         length: int,
         *,
+        ranges: Sequence[tuple[int, int]] = (),
         requested: Strategy = Strategy.AUTO,
         threads: int = 0,
         token: CancelToken | None = None,
         progress: ProgressCallback | None = None,
     ) -> OpResult:
-        """Back every byte of the range (see operations.py for the strategy's syscall)."""
+        """Back every byte of the range (see operations.py for the strategy's syscall).
+
+        ranges: (offset, length) pairs plugged as one (offset and length then 0).
+        """
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             return self._ops.plug(
                 self._usable(region, "plug"),
                 offset,
                 length,
+                ranges=ranges,
                 requested=requested,
                 threads=threads,
                 token=token,
@@ -438,23 +483,35 @@ class RegionEngine:
             )
 
     def unplug(
-        self, name: str, offset: int, length: int, *, token: CancelToken | None = None
+        self,
+        name: str,
+        offset: int,
+        length: int,
+        *,
+        ranges: Sequence[tuple[int, int]] = (),
+        token: CancelToken | None = None,
     ) -> RangeOutcome:
-        """Punch the range and mark it unplugged."""
+        """Punch the range (or the list of ranges) and mark it unplugged."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             self._inspect(region)  # a damaged region may still give memory back
             self._holds.check(region.name, "unplug")
-            return self._ops.unplug(region, offset, length, token)
+            return self._ops.unplug(region, offset, length, token, ranges)
 
     def discard(
-        self, name: str, offset: int, length: int, *, token: CancelToken | None = None
+        self,
+        name: str,
+        offset: int,
+        length: int,
+        *,
+        ranges: Sequence[tuple[int, int]] = (),
+        token: CancelToken | None = None,
     ) -> RangeOutcome:
-        """Zero plugged blocks and keep them backed."""
+        """Zero plugged blocks (of the range or the list of ranges) and keep them backed."""
         token = token or CancelToken()
         with self._table.operation(name, token) as region:
             self._holds.check(region.name, "discard")
-            return self._ops.discard(self._usable(region, "discard"), offset, length, token)
+            return self._ops.discard(self._usable(region, "discard"), offset, length, token, ranges)
 
     def record_pending(self) -> None:
         """Retry closing the intents whose closing write failed (called periodically)."""

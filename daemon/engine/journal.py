@@ -13,7 +13,7 @@ import logging
 import threading
 
 from memplug.common.errors import MemplugError
-from memplug.common.ranges import Range
+from memplug.common.ranges import Range, RangeList
 from memplug.daemon.engine.region import Region
 from memplug.daemon.state.store import StateStore
 
@@ -27,9 +27,17 @@ class Journal:
         # Intents of finished operations whose closing write failed, by region.
         self._unrecorded: dict[str, set[int]] = {}
 
-    def begin(self, region: Region, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
-        """Record the intent durably before memory is touched (crash recovery)."""
+    def begin(
+        self, region: Region, op: str, r: Range | RangeList, keep: tuple[Range, ...] = ()
+    ) -> int:
+        """Record the intent durably before memory is touched (crash recovery).
+
+        A list of ranges is one intent holding every range of it.
+        """
         try:
+            if isinstance(r, RangeList):
+                parts = r.ranges if len(r) > 1 else ()
+                return self._store.begin(region.name, op, r.span, keep, parts)
             return self._store.begin(region.name, op, r, keep)
         except MemplugError as exc:
             raise type(exc)(
@@ -64,7 +72,7 @@ class Journal:
                 raise
             log.warning("region %s: its state could not be recorded: %s", region.name, exc)
 
-    def finish_done(self, region: Region, intent: int, op: str, r: Range) -> None:
+    def finish_done(self, region: Region, intent: int, op: str, r: Range | RangeList) -> None:
         """Record an unplug or discard that is done and cannot be undone (memory punched)."""
         try:
             self.finish(region, intent)

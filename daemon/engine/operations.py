@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from memplug.common.cancel import CancelToken
 from memplug.common.errors import FailedPrecondition, Internal, MemplugError, ResourceExhausted
-from memplug.common.ranges import Range, subtract
+from memplug.common.ranges import Range, RangeList, subtract
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine import charging, rollback
@@ -101,12 +101,14 @@ class Operations:
         offset: int,
         length: int,
         *,
+        ranges: Sequence[tuple[int, int]] = (),
         requested: Strategy,
         threads: int,
         token: CancelToken,
         progress: ProgressCallback | None,
     ) -> OpResult:
-        r = region.range_of(offset, length, "plug")
+        """Plug [offset, offset+length), or every range of a list as one plug of their union."""
+        r = region.ranges_of(offset, length, ranges, "plug")
         backing = region.backing
         strategy = plug_strategy(
             hugetlb=backing.kind is BackingKind.HUGETLB,
@@ -114,9 +116,9 @@ class Operations:
             has_populate=self._madv_populate,
             thp=region.options.thp,
         )
-        with region.locks.hold(r, token):
+        with region.locks.hold_all(r, token):
             with region.mutex:
-                gaps = region.plugged.gaps(r)
+                gaps = [g for part in r for g in region.plugged.gaps(part)]
                 warm = [w for g in gaps for w in region.prebacked.intersection(g)]
             new = sum(g.length for g in gaps)
             if not new:
@@ -224,8 +226,8 @@ class Operations:
     def _thread_count(self, requested: int) -> int:
         """Threads for one operation: as asked (0: all), at most the daemon's workers.
 
-        The plan holds one slice per thread, so an uncapped request (uint32) would
-        cost memory in proportion to the range instead of to the workers.
+        The runner queues one pull loop per thread of the plan, so an uncapped
+        request (uint32) would cost memory in proportion to it, not to the workers.
         """
         return min(requested or self._threads, self._threads)
 
@@ -291,7 +293,7 @@ class Operations:
             unlock_ranges(region, warm)
             raise
 
-    def _memcg_room(self, region: Region, r: Range, new: int) -> memcg.Headroom | None:
+    def _memcg_room(self, region: Region, r: Range | RangeList, new: int) -> memcg.Headroom | None:
         """The cgroup headroom a plug is charged against (None: no limit); refuse misfits.
 
         hugetlb pages are not charged to memcg (unless the cgroup v2 hierarchy
@@ -372,19 +374,27 @@ class Operations:
 
     # ------------------------------------------------------------------ unplug and discard
 
-    def unplug(self, region: Region, offset: int, length: int, token: CancelToken) -> RangeOutcome:
-        """Punch the range and mark it unplugged, one chunk at a time.
+    def unplug(
+        self,
+        region: Region,
+        offset: int,
+        length: int,
+        token: CancelToken,
+        ranges: Sequence[tuple[int, int]] = (),
+    ) -> RangeOutcome:
+        """Punch the range (or each range of a list) and mark it unplugged, a chunk at a time.
 
         State is updated after each chunk, so whatever stops this midway
         leaves the record true: punched blocks are unplugged, the rest stay.
         """
-        r = region.range_of(offset, length, "unplug")
-        with region.locks.hold(r, token):
+        r = region.ranges_of(offset, length, ranges, "unplug")
+        with region.locks.hold_all(r, token):
             started = time.monotonic()
             released = 0
             intent = self._journal.begin(region, "unplug", r)
+            chunks = [c for part in r for c in iter_chunks(part.offset, part.length, CHUNK_BYTES)]
             try:
-                for start, n in iter_chunks(r.offset, r.length, CHUNK_BYTES):
+                for start, n in chunks:
                     piece = Range(start, n)
                     unlock_ranges(region, [piece])
                     try:
@@ -416,16 +426,25 @@ class Operations:
         self._release_quota(was + warm)
         return was
 
-    def discard(self, region: Region, offset: int, length: int, token: CancelToken) -> RangeOutcome:
+    def discard(
+        self,
+        region: Region,
+        offset: int,
+        length: int,
+        token: CancelToken,
+        ranges: Sequence[tuple[int, int]] = (),
+    ) -> RangeOutcome:
         """Zero plugged blocks and keep them backed: punch, then allocate again.
 
         Between the two calls another process could take the freed memory; a
         block that cannot be backed again is marked unplugged and reported, so
         no access to a "plugged" block can ever SIGBUS. The window is one block.
+        A list of ranges is checked whole (every block plugged) before any is zeroed.
         """
-        r = region.range_of(offset, length, "discard")
-        with region.locks.hold(r, token):
-            self._require_plugged(region, "discard", r)
+        r = region.ranges_of(offset, length, ranges, "discard")
+        with region.locks.hold_all(r, token):
+            for part in r:
+                self._require_plugged(region, "discard", part)
             started = time.monotonic()
             intent = self._journal.begin(region, "discard", r)
             try:
@@ -434,10 +453,15 @@ class Operations:
                     charging.allocator(region, "discard", r) as allocate,
                     self._hugepages.holding(region, region.block_size),
                 ):
-                    lost, cause = self._zero_blocks(region, r, allocate)
+                    lost: list[Range] = []
+                    cause: MemplugError | None = None
+                    for part in r:
+                        lost_here, cause_here = self._zero_blocks(region, part, allocate)
+                        lost += lost_here
+                        cause = cause or cause_here
                 if region.lock_map is not None:
                     with region.mutex:
-                        relock = region.plugged.intersection(r)
+                        relock = [p for part in r for p in region.plugged.intersection(part)]
                     lock_ranges(region, relock)
             except BaseException:
                 self._journal.finish(region, intent, quiet=True)
@@ -452,7 +476,7 @@ class Operations:
                     f"those blocks are now unplugged, first at {lost[0]}: plug them again",
                     region=region.name,
                 )
-        return RangeOutcome(r.length, seconds, region.info(in_call=True))
+        return RangeOutcome(r.total, seconds, region.info(in_call=True))
 
     def _zero_blocks(
         self, region: Region, r: Range, allocate: Work

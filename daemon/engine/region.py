@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from memplug.common.errors import InvalidArgument, OutOfRange
-from memplug.common.ranges import IntervalSet, Range, check_range
+from memplug.common.ranges import IntervalSet, Range, RangeList, check_range, check_ranges
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind
 from memplug.daemon.engine.rangelock import RangeLock
@@ -78,6 +78,7 @@ class RegionSpec:
     placement: Placement = field(default_factory=Placement)
     lock: bool = False
     charge_cgroup: str = ""  # "": the daemon's own memory cgroup
+    charge_to_peer: bool = False  # charged to the cgroups of its first attacher
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,24 @@ class Region:
                 )
             length = self.size - offset
         return check_range(offset, length, size=self.size, align=self.block_size, what=what)
+
+    def ranges_of(
+        self, offset: int, length: int, pairs: Sequence[tuple[int, int]], op: str
+    ) -> RangeList:
+        """The request's ranges: offset and length (see range_of), or a list of them.
+
+        A list replaces offset and length, which must then be 0: a request that
+        sets both is ambiguous, and guessing would plug memory nobody asked for.
+        """
+        if not pairs:
+            return RangeList((self.range_of(offset, length, op),))
+        what = f"{op} of {self.name!r}"
+        if offset or length:
+            raise InvalidArgument(
+                f"{what}: give either offset and length or a list of ranges, not both "
+                f"(offset {offset:#x}, length {length:#x} and {len(pairs)} ranges)"
+            )
+        return check_ranges(pairs, size=self.size, align=self.block_size, what=what)
 
     def detect_damage(self) -> int:
         """Compare the backing with the region; mark the region damaged if it changed.

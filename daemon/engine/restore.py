@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memplug.common.errors import MemplugError
-from memplug.common.ranges import IntervalSet, Range, subtract
+from memplug.common.ranges import IntervalSet, Range, RangeList, subtract
 from memplug.common.sizes import format_size
 from memplug.daemon.backings import Backing, BackingKind, FileBacking, HugetlbBacking, ShmemBacking
 from memplug.daemon.engine.placement import apply_region_options, mem_policy
@@ -121,20 +121,24 @@ def _open_backing(
 
 
 def _replay(region: Region, intent: Intent, report: RestoreReport) -> None:
-    backing, r = region.backing, intent.range
+    """Undo or complete one interrupted operation over every range it recorded."""
+    backing, parts = region.backing, intent.parts
+    what = RangeList(parts)
     if intent.op == "plug":
-        undo = subtract(region.plugged.gaps(r), intent.keep)
+        undo = subtract([g for r in parts for g in region.plugged.gaps(r)], intent.keep)
         for piece in undo:
             backing.release(piece.offset, piece.length)
-        report.repaired.append(f"{region.name}: rolled back an interrupted plug of {r}")
+        report.repaired.append(f"{region.name}: rolled back an interrupted plug of {what}")
     elif intent.op == "unplug":
-        backing.release(r.offset, r.length)
-        region.plugged.remove(r)
-        report.repaired.append(f"{region.name}: completed an interrupted unplug of {r}")
+        for r in parts:
+            backing.release(r.offset, r.length)
+            region.plugged.remove(r)
+        report.repaired.append(f"{region.name}: completed an interrupted unplug of {what}")
     elif intent.op == "discard":
-        for inside in region.plugged.intersection(r):
-            backing.release(inside.offset, inside.length)
-        report.repaired.append(f"{region.name}: completed an interrupted discard of {r}")
+        for r in parts:
+            for inside in region.plugged.intersection(r):
+                backing.release(inside.offset, inside.length)
+        report.repaired.append(f"{region.name}: completed an interrupted discard of {what}")
     else:
         log.error("region %s: unknown intent %r ignored", region.name, intent.op)
 

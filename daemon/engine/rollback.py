@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from memplug.common.errors import Cancelled, DeadlineExceeded, Internal, MemplugError
-from memplug.common.ranges import Range
+from memplug.common.ranges import Range, RangeList
 from memplug.daemon.engine.region import Region
 
 log = logging.getLogger("memplug.engine")
@@ -24,7 +24,9 @@ def release_ranges(region: Region, ranges: list[Range]) -> None:
             log.exception("region %s: rollback of %s failed", region.name, r)
 
 
-def failure(region: Region, op: str, r: Range, exc: BaseException, *, missing: int) -> MemplugError:
+def failure(
+    region: Region, op: str, r: Range | RangeList, exc: BaseException, *, missing: int
+) -> MemplugError:
     """The error a failed, rolled-back operation raises, with what was done about it."""
     if isinstance(exc, Cancelled | DeadlineExceeded):
         return type(exc)(

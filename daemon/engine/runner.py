@@ -8,9 +8,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from memplug.common.cancel import CancelToken
 from memplug.common.errors import Cancelled, DeadlineExceeded
-from memplug.common.ranges import Range
 from memplug.daemon.engine.strategy import Plan
-from memplug.daemon.kernel.ops import iter_chunks
 
 Work = Callable[[int, int], None]  # (offset, length) -> None; raises on failure
 ProgressCallback = Callable[[int, int], None]  # (done_bytes, total_bytes)
@@ -41,12 +39,15 @@ class Runner:
     ) -> None:
         """Run work over every chunk of the plan; raise the first real error.
 
-        On any failure the other slices stop at their next chunk boundary and
-        every worker has returned before this raises, so the caller can roll
-        back without racing its own workers.
+        plan.threads workers pull the chunks from one queue, in the plan's
+        order: a worker the scheduler holds back delays the end by at most the
+        chunk it holds, where a fixed share per thread would wait for its
+        whole share. On any failure the other workers stop before their next
+        chunk and every worker has returned before this raises, so the caller
+        can roll back without racing its own workers.
         """
-        if len(plan.slices) == 1:
-            # One slice (every fallocate plug, any small plug): run it right here,
+        if plan.threads == 1:
+            # One thread (every fallocate plug, any small plug): run it right here,
             # on the operation's own thread; the pool hop would only add latency
             # and make small plugs queue behind each other.
             self._run_inline(plan, work, token, progress)
@@ -55,6 +56,12 @@ class Runner:
         done = 0
         total = plan.total
         lock = threading.Lock()
+        chunks = plan.chunks()
+
+        def take() -> tuple[int, int] | None:
+            """The next chunk, under the lock that also orders progress reports."""
+            with lock:
+                return next(chunks, None)
 
         def advance(n: int) -> None:
             nonlocal done
@@ -63,16 +70,16 @@ class Runner:
                 if progress is not None:
                     progress(done, total)
 
-        def run_slice(pieces: tuple[Range, ...]) -> None:
-            for piece in pieces:
-                for offset, length in iter_chunks(piece.offset, piece.length, plan.chunk):
-                    if stop.is_set():
-                        return
-                    token.check()
-                    work(offset, length)
-                    advance(length)
+        def pull() -> None:
+            while not stop.is_set():
+                token.check()
+                item = take()
+                if item is None:
+                    return
+                work(*item)
+                advance(item[1])
 
-        futures: list[Future[None]] = [self._pool.submit(run_slice, s) for s in plan.slices]
+        futures: list[Future[None]] = [self._pool.submit(pull) for _ in range(plan.threads)]
         try:
             pending = set(futures)
             while pending:
@@ -88,7 +95,7 @@ class Runner:
             wait(futures)
         errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
         # A real failure (pool empty, disk full) explains more than the
-        # cancellation it caused in the sibling slices.
+        # cancellation it caused in the sibling workers.
         errors.sort(key=lambda e: isinstance(e, Cancelled | DeadlineExceeded))
         if errors:
             raise errors[0]  # type: ignore[misc]
@@ -99,11 +106,10 @@ class Runner:
         plan: Plan, work: Work, token: CancelToken, progress: ProgressCallback | None
     ) -> None:
         done, total = 0, plan.total
-        for piece in plan.slices[0]:
-            for offset, length in iter_chunks(piece.offset, piece.length, plan.chunk):
-                token.check()
-                work(offset, length)
-                done += length
-                if progress is not None:
-                    progress(done, total)
+        for offset, length in plan.chunks():
+            token.check()
+            work(offset, length)
+            done += length
+            if progress is not None:
+                progress(done, total)
         token.check()

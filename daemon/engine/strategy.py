@@ -9,17 +9,22 @@ Rules, from measurements on a 2-vCPU VM (1 GiB, steady state; see docs/strategie
 - shmem with transparent huge pages: MADV_POPULATE_WRITE on 2 MiB-aligned
   MADV_HUGEPAGE mappings, in parallel: it reaches memory bandwidth.
 - Threads as QEMU's touch_all_pages counts them: no more than one per 64 MiB.
+- The threads pull CHUNK_BYTES chunks, in address order, from one queue instead
+  of each taking a fixed contiguous share: a thread that the scheduler (or the
+  hypervisor) holds back costs one chunk, not half the plug.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from memplug.common.errors import FailedPrecondition, InvalidArgument
 from memplug.common.ranges import Range
 from memplug.common.sizes import MiB
+from memplug.daemon.kernel.ops import iter_chunks
 
 MIN_BYTES_PER_THREAD = 64 * MiB
 CHUNK_BYTES = 64 * MiB  # granularity of progress reports and cancellation
@@ -46,17 +51,21 @@ PLUG_REQUESTS: Final = (Strategy.AUTO, Strategy.FALLOCATE, Strategy.POPULATE_WRI
 
 @dataclass(frozen=True)
 class Plan:
-    strategy: Strategy
-    slices: tuple[tuple[Range, ...], ...]  # one tuple of pieces per worker thread
-    chunk: int
+    """The work of one operation: pieces cut into chunks that `threads` workers pull."""
 
-    @property
-    def threads(self) -> int:
-        return len(self.slices)
+    strategy: Strategy
+    pieces: tuple[Range, ...]  # in the order the chunks are handed out
+    threads: int
+    chunk: int  # the unit a worker takes, reports progress for and checks cancel at
 
     @property
     def total(self) -> int:
-        return sum(r.length for s in self.slices for r in s)
+        return sum(r.length for r in self.pieces)
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) of every chunk, in the order the workers take them."""
+        for piece in self.pieces:
+            yield from iter_chunks(piece.offset, piece.length, self.chunk)
 
 
 def plug_strategy(
@@ -97,28 +106,14 @@ def thread_count(strategy: Strategy, total: int, max_threads: int) -> int:
 
 
 def make_plan(strategy: Strategy, work: list[Range], *, max_threads: int, align: int) -> Plan:
-    """Split work into contiguous per-thread slices of near-equal size, cut at align."""
+    """The work in address order, cut into chunks of whole blocks, and the threads to pull them.
+
+    No thread gets a fixed share: each takes the next chunk when it is done
+    with its last one, so threads slowed by other load do less and the plug
+    ends when the work does (see docs/strategies.md for the measurements).
+    """
     total = sum(r.length for r in work)
     blocks = total // align
     threads = max(1, min(thread_count(strategy, total, max_threads), blocks))
-    # Whole blocks per thread, the remainder one each to the first threads.
-    base, extra = divmod(blocks, threads)
-    quotas = [(base + (1 if i < extra else 0)) * align for i in range(threads)]
-    slices: list[tuple[Range, ...]] = []
-    current: list[Range] = []
-    pieces = iter(work)
-    r = next(pieces, None)
-    offset, length = (r.offset, r.length) if r else (0, 0)
-    for quota in quotas:
-        room = quota
-        while room:
-            if not length:
-                r = next(pieces)
-                offset, length = r.offset, r.length
-            take = min(length, room)
-            current.append(Range(offset, take))
-            offset, length, room = offset + take, length - take, room - take
-        slices.append(tuple(current))
-        current = []
     chunk = max(align, CHUNK_BYTES // align * align)
-    return Plan(strategy, tuple(slices), chunk)
+    return Plan(strategy, tuple(r for r in work if r.length), threads, chunk)

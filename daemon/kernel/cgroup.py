@@ -133,8 +133,12 @@ def directory(ctrl: Controller, path: str) -> Path:
     return real
 
 
-def target(path: str) -> ChargeTarget:
-    """Where a helper must go to charge `path`; raises CgroupError saying why it cannot."""
+def target(path: str, hugetlb_path: str = "") -> ChargeTarget:
+    """Where a helper must go to charge `path`; raises CgroupError saying why it cannot.
+
+    hugetlb_path: the hugetlb cgroup when it is not `path` (a process's own
+    cgroups differ per controller in a hybrid v1/v2 layout); "": `path`.
+    """
     path = check_path(path)  # a malformed path is the caller's, whatever the machine
     memory = controller("memory")
     if memory is None:
@@ -147,7 +151,7 @@ def target(path: str) -> ChargeTarget:
     hugetlb_dir = None
     if hugetlb is not None:
         try:
-            hugetlb_dir = directory(hugetlb, path)
+            hugetlb_dir = directory(hugetlb, hugetlb_path or path)
         except CgroupError:
             hugetlb_dir = None  # charged to the memory cgroup only, as documented
     return ChargeTarget(path, memory, memory_dir, hugetlb, hugetlb_dir)
@@ -168,3 +172,72 @@ def hugetlb_headroom(t: ChargeTarget, page_size: int) -> memcg.Headroom | None:
     else:
         limit, usage = f"hugetlb.{size}.limit_in_bytes", f"hugetlb.{size}.usage_in_bytes"
     return memcg.files_headroom(t.hugetlb.mount, t.hugetlb_dir, limit, usage, kind="hugetlb")
+
+
+@dataclass(frozen=True)
+class ProcessCgroups:
+    """The cgroups a process is in, per controller, as /proc/PID/cgroup names them."""
+
+    pid: int  # in the daemon's pid namespace
+    memory: str
+    hugetlb: str  # "": no hugetlb controller is mounted
+
+
+class ProcessGone(CgroupError):
+    """The process exited (its pid may already be someone else's) before it was read."""
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to in this pid namespace: -1 once it exited, 0 if not visible."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise CgroupError("this kernel's pidfds do not say their pid (no Pid: in fdinfo)")
+
+
+def _controller_path(lines: list[str], ctrl: Controller) -> str:
+    """The process's cgroup under `ctrl`, from the lines of /proc/PID/cgroup."""
+    for line in lines:
+        ident, _, rest = line.partition(":")
+        names, _, where = rest.partition(":")
+        if ctrl.version == 2 and ident == "0" and names == "":
+            return where
+        if ctrl.version == 1 and ctrl.name in names.split(","):
+            return where
+    raise CgroupError(f"the process's /proc/PID/cgroup has no line for {ctrl.name}")
+
+
+def of_pidfd(pidfd: int) -> ProcessCgroups:
+    """The memory and hugetlb cgroups of the process a pidfd refers to.
+
+    /proc/PID/cgroup is read by pid, and a pid can be reused once its process
+    exits: the pidfd is checked to refer to that same pid before and after the
+    read, so what was read is that process's, not a newcomer's.
+    """
+    pid = _pidfd_pid(pidfd)
+    if pid == 0:
+        raise CgroupError(
+            "the process is in a pid namespace the daemon cannot see into (a container's "
+            "own, seen from a daemon inside another): its cgroups cannot be read"
+        )
+    if pid < 0:
+        raise ProcessGone("the process exited before its cgroups were read")
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError as exc:
+        raise ProcessGone(f"the process (pid {pid}) exited before its cgroups were read") from exc
+    if _pidfd_pid(pidfd) != pid:
+        raise ProcessGone(f"the process (pid {pid}) exited while its cgroups were read")
+    memory = controller("memory")
+    if memory is None:
+        raise CgroupError(
+            "no memory cgroup controller is mounted (neither a cgroup v1 'memory' "
+            "hierarchy nor a cgroup2 mount offering 'memory')"
+        )
+    hugetlb = controller("hugetlb")
+    return ProcessCgroups(
+        pid=pid,
+        memory=check_path(_controller_path(lines, memory)),
+        hugetlb="" if hugetlb is None else check_path(_controller_path(lines, hugetlb)),
+    )

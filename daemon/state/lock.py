@@ -22,6 +22,10 @@ LOCK_NAME: Final = "memplugd.lock"
 class StateDirBusy(Exception):
     """Another live process holds the state dir's lock."""
 
+    def __init__(self, message: str, holder: str = "unknown") -> None:
+        super().__init__(message)
+        self.holder = holder  # the pid written in the lock file, as text
+
 
 class StateDirLock:
     def __init__(self, state_dir: Path) -> None:
@@ -34,7 +38,8 @@ class StateDirLock:
             os.close(fd)
             raise StateDirBusy(
                 f"the state dir {state_dir} is in use by another memplugd (pid {holder}, "
-                f"lock {self.path}): stop it first, or give this one its own --state-dir"
+                f"lock {self.path}): stop it first, or give this one its own --state-dir",
+                holder,
             ) from None
         except BaseException:
             os.close(fd)

@@ -8,7 +8,8 @@ format and must stay readable by every later memplugd:
     acl:     {"owner_uid": [uid], "allowed_uids": [...], "allowed_gids": [...],
               "read_only_uids": [...], "read_only_gids": [...]}   (ids ascending)
     options: {"thp": bool, "numa_policy": str, "numa_nodes": [...], "lock": bool,
-              "from_warm_pool": bool, "charge_cgroup": str}
+              "from_warm_pool": bool, "charge_cgroup": str, "charge_to_peer": bool,
+              "charge_hugetlb_cgroup": str}
 
 A key missing on reading takes its default (older stores wrote fewer keys); a
 value of the wrong shape raises ValueError, saying which.
@@ -97,6 +98,17 @@ class RegionOptions:
     lock: bool = False
     from_warm_pool: bool = False
     charge_cgroup: str = ""  # memory cgroup its pages are charged to; "": the daemon's
+    # Charged to the cgroups of the first process to attach it: charge_cgroup
+    # stays "" until then, and is filled in (with the next field) at that attach.
+    charge_to_peer: bool = False
+    # The hugetlb cgroup, when it is not the path of charge_cgroup (a hybrid
+    # layout puts a process in different cgroups per controller); "": the same.
+    charge_hugetlb_cgroup: str = ""
+
+    @property
+    def awaiting_peer(self) -> bool:
+        """Charged to its first attacher, who has not come yet."""
+        return self.charge_to_peer and not self.charge_cgroup
 
 
 @dataclass(frozen=True)
@@ -163,22 +175,32 @@ def options_to_json(options: RegionOptions) -> str:
             "lock": options.lock,
             "from_warm_pool": options.from_warm_pool,
             "charge_cgroup": options.charge_cgroup,
+            "charge_to_peer": options.charge_to_peer,
+            "charge_hugetlb_cgroup": options.charge_hugetlb_cgroup,
         }
     )
 
 
 def options_from_json(text: str) -> RegionOptions:
     o = _object("options", text)
-    charge_cgroup = o.get("charge_cgroup", "")
-    if not isinstance(charge_cgroup, str):
-        raise ValueError(f"charge_cgroup: expected a string, got {charge_cgroup!r}")
+    charge_cgroup = _string(o, "charge_cgroup")
+    charge_hugetlb_cgroup = _string(o, "charge_hugetlb_cgroup")
     return RegionOptions(
         thp=bool(o.get("thp", False)),
         placement=Placement(str(o.get("numa_policy", "default")), tuple(_ids(o, "numa_nodes"))),
         lock=bool(o.get("lock", False)),
         from_warm_pool=bool(o.get("from_warm_pool", False)),
         charge_cgroup=charge_cgroup,
+        charge_to_peer=bool(o.get("charge_to_peer", False)),
+        charge_hugetlb_cgroup=charge_hugetlb_cgroup,
     )
+
+
+def _string(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    return value
 
 
 def _object(column: str, text: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """SQLite state store (stdlib sqlite3, WAL, synchronous=NORMAL).
 
-Schema, version 3:
+Schema, version 5:
 
     meta(key TEXT PRIMARY KEY, value TEXT)             schema_version
     regions(name TEXT PRIMARY KEY, size INTEGER, backing TEXT, page_size INTEGER,
@@ -11,7 +11,9 @@ Schema, version 3:
             options TEXT (JSON object, see records.py),
             finished_intent INTEGER (v2: the intent the last finish() closed))
     intents(id INTEGER PRIMARY KEY, region TEXT, op TEXT, offset INTEGER,
-            length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL)
+            length INTEGER, keep TEXT (JSON [[offset, length], ...]), started REAL,
+            ranges TEXT (v5: JSON [[offset, length], ...], the list of a multi-range
+            call, offset and length then its span; '[]': offset and length alone))
     trigger finish_intent (v2): setting regions.finished_intent deletes that intent
     hugetlb_added(page_size INTEGER, node INTEGER (-1: the kernel-wide pool),
             pages INTEGER) (v3): huge pages the daemon added to a pool (--hugetlb-budget)
@@ -48,6 +50,7 @@ from memplug.common.ranges import Range
 from memplug.daemon.state.records import (
     Acl,
     HoldRecord,
+    RegionOptions,
     acl_from_json,
     acl_to_json,
     options_from_json,
@@ -55,7 +58,7 @@ from memplug.daemon.state.records import (
 )
 from memplug.daemon.state.store import Intent, PoolKey, RegionRecord
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 SQLITE_FULL: Final = 13  # primary result code: "database or disk is full"
 
 
@@ -120,7 +123,18 @@ def _v4(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite3.Connection) -> None:
+    # Plug, Unplug and Discard take a list of ranges in one call, under one
+    # intent: a restart must replay exactly those ranges, not the span between
+    # them (an unplug of the span would drop blocks the call never named).
+    db.executescript(
+        """
+        ALTER TABLE intents ADD COLUMN ranges TEXT NOT NULL DEFAULT '[]';
+        """
+    )
+
+
+MIGRATIONS: Final[list[Callable[[sqlite3.Connection], None]]] = [_v1, _v2, _v3, _v4, _v5]
 KERNEL_WIDE_NODE: Final = -1  # hugetlb_added.node of the kernel-wide pool
 
 
@@ -255,7 +269,7 @@ class SqliteStore:
                 "created_at, plugged, gone, options FROM regions ORDER BY name"
             ).fetchall()
             intent_rows = self._db.execute(
-                "SELECT id, region, op, offset, length, keep FROM intents ORDER BY id"
+                "SELECT id, region, op, offset, length, keep, ranges FROM intents ORDER BY id"
             ).fetchall()
         regions: dict[str, RegionRecord] = {}
         for row in rows:
@@ -274,6 +288,7 @@ class SqliteStore:
                         _typed("op", row[2], str),
                         Range(_typed("offset", row[3], int), _typed("length", row[4], int)),
                         _ranges(row[5]),
+                        _ranges(row[6]),
                     )
                 )
             except (ValueError, TypeError) as exc:
@@ -304,6 +319,9 @@ class SqliteStore:
             options_to_json(record.options),
         )
 
+    def put_options(self, name: str, options: RegionOptions) -> None:
+        self._write("UPDATE regions SET options = ? WHERE name = ?", options_to_json(options), name)
+
     def delete_region(self, name: str) -> None:
         with self._writing():
             self._db.execute("BEGIN IMMEDIATE")
@@ -319,14 +337,21 @@ class SqliteStore:
             self._db.execute("DELETE FROM intents WHERE region = ?", (name,))
             self._db.execute("COMMIT")
 
-    def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
+    def begin(
+        self,
+        region: str,
+        op: str,
+        r: Range,
+        keep: tuple[Range, ...] = (),
+        ranges: tuple[Range, ...] = (),
+    ) -> int:
         # One statement, so its own transaction (autocommit): no BEGIN and
         # COMMIT round trips, each of which let other threads take the GIL.
         with self._writing():
             cur = self._db.execute(
-                "INSERT INTO intents (region, op, offset, length, keep, started) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (region, op, r.offset, r.length, _dump(keep), time.time()),
+                "INSERT INTO intents (region, op, offset, length, keep, started, ranges) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (region, op, r.offset, r.length, _dump(keep), time.time(), _dump(ranges)),
             )
             return int(cur.lastrowid or 0)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from memplug.common.ranges import Range
-from memplug.daemon.state.records import HoldRecord, RegionRecord
+from memplug.daemon.state.records import HoldRecord, RegionOptions, RegionRecord
 
 __all__ = ["HoldRecord", "Intent", "MemoryStore", "PoolKey", "RegionRecord", "StateStore"]
 
@@ -31,8 +31,14 @@ class Intent:
     id: int
     region: str
     op: str
-    range: Range
+    range: Range  # one call's range; for a list, from its first byte to its last
     keep: tuple[Range, ...] = field(default=())  # plug: data that predates it
+    ranges: tuple[Range, ...] = field(default=())  # a call's list of ranges; (): range alone
+
+    @property
+    def parts(self) -> tuple[Range, ...]:
+        """The ranges the operation works on (a list's gaps are not part of it)."""
+        return self.ranges or (self.range,)
 
 
 class StateStore(Protocol):
@@ -42,12 +48,23 @@ class StateStore(Protocol):
 
     def delete_region(self, name: str) -> None: ...
 
+    def put_options(self, name: str, options: RegionOptions) -> None:
+        """Replace a region's options (charge_to_peer's cgroups, found at its first attach)."""
+        ...
+
     def mark_gone(self, name: str, reason: str) -> None:
         """Keep the record, flagged as lost, and drop its intents."""
         ...
 
-    def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
-        """Record an intent; returns its id."""
+    def begin(
+        self,
+        region: str,
+        op: str,
+        r: Range,
+        keep: tuple[Range, ...] = (),
+        ranges: tuple[Range, ...] = (),
+    ) -> int:
+        """Record an intent; returns its id. ranges: the list of a multi-range call, r its span."""
         ...
 
     def finish(self, intent: int | None, region: str, plugged: tuple[Range, ...]) -> None:
@@ -87,6 +104,10 @@ class MemoryStore:
     def put_region(self, record: RegionRecord) -> None:
         self._regions[record.name] = record
 
+    def put_options(self, name: str, options: RegionOptions) -> None:
+        if name in self._regions:
+            self._regions[name] = dataclasses.replace(self._regions[name], options=options)
+
     def delete_region(self, name: str) -> None:
         self._regions.pop(name, None)
         for key in [k for k in self._holds if k[0] == name]:
@@ -100,9 +121,16 @@ class MemoryStore:
         for i in [i for i, it in self._intents.items() if it.region == name]:
             del self._intents[i]
 
-    def begin(self, region: str, op: str, r: Range, keep: tuple[Range, ...] = ()) -> int:
+    def begin(
+        self,
+        region: str,
+        op: str,
+        r: Range,
+        keep: tuple[Range, ...] = (),
+        ranges: tuple[Range, ...] = (),
+    ) -> int:
         ident, self._next = self._next, self._next + 1
-        self._intents[ident] = Intent(ident, region, op, r, keep)
+        self._intents[ident] = Intent(ident, region, op, r, keep, ranges)
         return ident
 
     def finish(self, intent: int | None, region: str, plugged: tuple[Range, ...]) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Final
 
 from memplug.common.errors import InvalidArgument
-from memplug.common.ranges import Range
+from memplug.common.ranges import Range, check_count
 from memplug.daemon.backings import BackingKind
 from memplug.daemon.engine.engine import EngineStatus, OpResult, RangeOutcome
 from memplug.daemon.engine.region import Access, Acl, Placement, RegionInfo, RegionSpec
@@ -56,6 +57,15 @@ def range_to_proto(r: Range) -> pb.Range:
     return pb.Range(offset=r.offset, length=r.length)
 
 
+def ranges_from_proto(ranges: Sequence[pb.Range], *, what: str) -> list[tuple[int, int]]:
+    """A request's list of ranges as (offset, length) pairs; the engine checks them.
+
+    Too long a list is refused before it is copied: a refusal costs next to nothing.
+    """
+    check_count(len(ranges), what=what)
+    return [(r.offset, r.length) for r in ranges]
+
+
 def region_to_proto(info: RegionInfo) -> pb.Region:
     return pb.Region(
         name=info.name,
@@ -83,6 +93,7 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         damage=info.damage,
         allocated_outside_plugged_bytes=info.allocated_outside_plugged,
         charge_cgroup=info.options.charge_cgroup,
+        charge_to_peer=info.options.charge_to_peer,
     )
 
 
@@ -113,6 +124,7 @@ def spec_from_proto(request: pb.CreateRegionRequest) -> RegionSpec:
         placement=Placement(policy_from_proto(request.numa_policy), tuple(request.numa_nodes)),
         lock=request.lock,
         charge_cgroup=request.charge_cgroup,
+        charge_to_peer=request.charge_to_peer,
     )
 
 

@@ -53,6 +53,7 @@ from memplug.daemon import metrics
 from memplug.daemon.engine.engine import RegionEngine
 from memplug.daemon.engine.region import Access
 from memplug.daemon.engine.tickets import Peer
+from memplug.daemon.kernel import cgroup
 from memplug.daemon.ratelog import RateLimitedLog
 from memplug.daemon.transport.fdlimits import (
     ACCEPT_BACKOFF,
@@ -71,7 +72,7 @@ from memplug.daemon.transport.fdwire import (
     hidden_refusal,
     ok_line,
 )
-from memplug.daemon.transport.peercred import peer_cred, peer_of
+from memplug.daemon.transport.peercred import peer_cgroups, peer_cred, peer_of
 from memplug.daemon.transport.unixsock import claim_socket_path
 
 log = logging.getLogger("memplug.fdserver")
@@ -371,11 +372,17 @@ class FdServer:
             )
             return
         try:
+            # Read only if the region is charged to its first attacher and has none yet.
+            def first_attacher() -> cgroup.ProcessCgroups:
+                return peer_cgroups(conn.sock)
+
             if attach is not None:
-                handoff = self._engine.redeem(attach.group(1), peer)
+                handoff = self._engine.redeem(attach.group(1), peer, first_attacher)
             else:
                 assert open_ is not None
-                handoff = self._engine.open_fd(open_.group(1), Access(open_.group(2)), peer)
+                handoff = self._engine.open_fd(
+                    open_.group(1), Access(open_.group(2)), peer, first_attacher
+                )
         except MemplugError as exc:
             metrics.ATTACHES.labels("refused").inc()
             self._log_refusal(peer, exc)  # the full reason stays in the daemon's log

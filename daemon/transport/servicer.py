@@ -104,14 +104,16 @@ class MemplugServicer(pb_grpc.MemplugServicer):
     @translate("Plug", streaming=True)
     def Plug(self, request: pb.PlugRequest, context: grpc.ServicerContext) -> Iterator[pb.Progress]:
         requested = convert.strategy_from_proto(request.strategy)
+        ranges = convert.ranges_from_proto(request.ranges, what=f"plug of {request.name!r}")
         yield from self._stream(
             "plug",
             context,
-            request.length,
+            sum(n for _, n in ranges) if ranges else request.length,
             lambda token, progress: self._engine.plug(
                 request.name,
                 request.offset,
                 request.length,
+                ranges=ranges,
                 requested=requested,
                 threads=request.threads,
                 token=token,
@@ -165,13 +167,21 @@ class MemplugServicer(pb_grpc.MemplugServicer):
     @translate("Unplug")
     def Unplug(self, request: pb.RangeRequest, context: grpc.ServicerContext) -> pb.RangeResult:
         outcome = self._engine.unplug(
-            request.name, request.offset, request.length, token=token_for(context)
+            request.name,
+            request.offset,
+            request.length,
+            ranges=convert.ranges_from_proto(request.ranges, what=f"unplug of {request.name!r}"),
+            token=token_for(context),
         )
         return convert.outcome_to_proto(outcome)
 
     @translate("Discard")
     def Discard(self, request: pb.RangeRequest, context: grpc.ServicerContext) -> pb.RangeResult:
         outcome = self._engine.discard(
-            request.name, request.offset, request.length, token=token_for(context)
+            request.name,
+            request.offset,
+            request.length,
+            ranges=convert.ranges_from_proto(request.ranges, what=f"discard of {request.name!r}"),
+            token=token_for(context),
         )
         return convert.outcome_to_proto(outcome)

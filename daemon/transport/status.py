@@ -51,6 +51,9 @@ def _fields(rpc: str, request: Any, code: str, t0: float) -> dict[str, object]:
         value = getattr(request, attr, None)
         if value not in (None, ""):
             fields[key] = value
+    ranges = getattr(request, "ranges", None)
+    if ranges:  # a multi-range call: its count, not the list (up to 4096 ranges)
+        fields["ranges"] = len(ranges)
     fields["status"] = code
     fields["duration_ms"] = round((time.monotonic() - t0) * 1e3, 3)
     return fields

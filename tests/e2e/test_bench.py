@@ -7,12 +7,16 @@ here: no assertion below looks at how fast anything was.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import MiB, require, require_root
 
 ROOT = Path(__file__).resolve().parents[2]  # bench/ is not installed: run it from here
 TIME = re.compile(r"\| \d[\d,.]* (ms|s) \|")
@@ -74,3 +78,75 @@ def test_unknown_section_is_refused() -> None:
         check=False,
     )
     assert proc.returncode == 2 and "unknown sections" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_liveupdate_section_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The hand-over beside a migration to a file: every byte written out, no QEMU left."""
+    require_root("hugetlb regions and the pool the section sizes")
+    require(shutil.which("qemu-system-x86_64") is not None, "needs qemu-system-x86_64")
+    raw = tmp_path / "bench.json"
+    # The benchmark's work dir, named by every QEMU it starts; short, for the QMP sockets' paths.
+    tmpdir = Path(tempfile.mkdtemp(prefix="mpb-"))
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable, "-m", "bench", "--quick", "--reps", "1",
+                "--sections", "liveupdate", "--output", "-", "--json", str(raw),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "TMPDIR": str(tmpdir)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )  # fmt: skip
+        leftovers = [
+            entry.name
+            for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and _cmdline_mentions(entry, str(tmpdir).encode())
+        ]
+        assert leftovers == [], "QEMU or cat processes of the benchmark outlived it"
+        assert list(tmpdir.iterdir()) == [], "the work dir was not removed"
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    document = json.loads(raw.read_text())
+    section = document["sections"]["liveupdate"]
+    assert section["error"] is None
+    # Both targets per backing got a verdict (the quick sizes stand in for 1 and 4 GiB).
+    assert len(section["targets"]) == 4, section["targets"]
+    results = section["results"]
+    for kind in ("shmem", "hugetlb"):
+        for mib in (128, 256):
+            tag = f"liveupdate.{kind}.{mib}M"
+            # The random fill leaves no zero page: the file holds all of guest RAM.
+            assert results[f"{tag}.to-file.bytes"]["median"] >= mib * MiB * 0.99
+            assert results[f"{tag}.to-file.switch"]["median"] > 0
+            # The hand-over's new QEMU maps only what the guest touched.
+            assert results[f"{tag}.handover.resident"]["median"] <= 4 * MiB
+            assert results[f"{tag}.handover.switch"]["median"] > 0
+            # One round after the discarded one: 3 hand-overs, then 1 migration to a file.
+            assert results[f"{tag}.handover.command"]["n"] == 3
+            assert results[f"{tag}.to-file.switch"]["n"] == 1
+
+
+def _cmdline_mentions(proc_dir: Path, text: bytes) -> bool:
+    try:
+        return text in (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_liveupdate_without_qemu_says_so() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--sections", "liveupdate", "--output", "-"],
+        cwd=ROOT,
+        env={**os.environ, "PATH": "/nonexistent"},  # no qemu-system-x86_64 to find
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "**Not measured:** qemu-system-x86_64 is not on PATH" in proc.stdout, proc.stdout

@@ -468,6 +468,10 @@ def invocations() -> st.SearchStrategy[list[str]]:
                 st.tuples(st.just("--strategy"), st.sampled_from(["auto", "fallocate", "x"])),
                 st.tuples(st.just("--mode"), st.sampled_from(["read", "write", ""])),
                 st.tuples(st.just("--json")),
+                st.tuples(
+                    st.just("--range"),
+                    st.tuples(sizes(), sizes()).map(":".join) | st.text(max_size=8),
+                ),
             ),
             max_size=2,
         ),

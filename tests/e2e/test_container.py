@@ -21,6 +21,7 @@ both given in a CONTAINERS_CONF file of the test's own.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -465,3 +466,69 @@ def test_client_attach_through_a_bind_mount(podman: Podman, image: str, tmp_path
                     mem.view[:5] = b"hello"
         finally:
             stop_cleanly(podman, cid, sockdir)
+
+
+def region_sums(client: Client, sockdir: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of each region's whole contents, read through a read-only hand-off."""
+    out = {}
+    for name in names:
+        ticket = client.ticket(name, "ro")
+        fd, info = redeem(str(sockdir / "fd.sock"), ticket.ticket)
+        with Attachment(fd, info, plugged=ticket.region.plugged) as mem:
+            assert mem.view is not None
+            out[name] = hashlib.sha256(mem.view).hexdigest()
+    return out
+
+
+def test_sidecar_upgrade_takes_the_regions_over(
+    podman: Podman, image: str, tmp_path: Path, hugetlb_pool: Callable[[int], None]
+) -> None:
+    """A new container with `memplugd --takeover=auto` on the same socket and state
+    volumes takes every region over from the running one, which exits 0."""
+    sockdir, state = tmp_path / "run", tmp_path / "state"
+    sockdir.mkdir(mode=0o700)
+    state.mkdir(mode=0o700)
+    (info,) = json.loads(podman("image", "inspect", image).stdout)
+    cmd = [*info["Config"]["Cmd"], "--takeover=auto"]  # the image's flags, plus auto
+    run_args = ["-v", f"{state}:/var/lib/memplug"]
+    pool = memory.huge_pool(HUGE_2M)
+    hugetlb_pool(pool.total - pool.free + 4)  # 4 free pages, whatever others hold
+    with daemon_container(podman, image, sockdir, run_args, cmd) as old:
+        assert "no memplugd runs" in logs(podman, old)  # the first one starts afresh
+        with Client(sockdir / "memplug.sock") as c:
+            c.create_region("up-shm", 16 * MiB)
+            c.create_region("up-huge", 4 * MiB, "hugetlb", page_size=HUGE_2M)
+            for name in ("up-shm", "up-huge"):
+                c.plug(name)
+                map_and_check(c, sockdir, name)
+            before = c.list_regions()
+            sums = region_sums(c, sockdir, ["up-shm", "up-huge"])
+        # A taker that dies once the old daemon has let go: the old one, PID 1 of its
+        # container, re-executes itself on the fds it kept and serves every region.
+        killed = podman(
+            "run", "-d", "--network=none", "--health-interval=disable",
+            "--env", "MEMPLUG_TAKEOVER_KILL_AFTER_COMMITTED=1",
+            "-v", f"{sockdir}:/run/memplug", *run_args, image, *cmd,
+        ).stdout.strip()  # fmt: skip
+        try:
+            code = podman("wait", killed, timeout=60).stdout.strip()
+            assert code == "137", logs(podman, killed)
+        finally:
+            podman("rm", "-f", "-t", "0", killed, check=False, timeout=60)
+        wait_serving(podman, old, sockdir / "memplug.sock")
+        assert "ended before it served" in logs(podman, old), logs(podman, old)
+        with Client(sockdir / "memplug.sock") as c:
+            assert c.list_regions() == before
+            assert region_sums(c, sockdir, ["up-shm", "up-huge"]) == sums
+        with daemon_container(podman, image, sockdir, run_args, cmd) as new:
+            code = podman("wait", old, timeout=60).stdout.strip()
+            assert code == "0", logs(podman, old)
+            assert "handed 2 regions over" in logs(podman, old), logs(podman, old)
+            wait_serving(podman, new, sockdir / "memplug.sock")
+            assert "took 2 region fds over" in logs(podman, new), logs(podman, new)
+            with Client(sockdir / "memplug.sock") as c:
+                assert c.list_regions() == before
+                assert region_sums(c, sockdir, ["up-shm", "up-huge"]) == sums
+                c.delete_region("up-huge")
+                c.delete_region("up-shm")
+            stop_cleanly(podman, new, sockdir)

@@ -22,6 +22,8 @@ import pytest
 import yaml
 from kubernetes.client import models
 
+from memplug.daemon.config import parser
+
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 COMPOSE = ROOT / "examples" / "compose.yaml"
@@ -249,11 +251,44 @@ def test_daemonset() -> None:
     limits, requests = ctr.resources.limits, ctr.resources.requests
     assert limits["hugepages-2Mi"] == requests["hugepages-2Mi"]  # the API requires it
     assert "memory" in limits or "cpu" in limits  # ... and hugepages need one of these
-    for probe in (ctr.startup_probe, ctr.liveness_probe, ctr.readiness_probe):
-        assert probe is not None
-        # The exec action is var_exec in pydantic models (kubernetes >= 35), _exec before.
-        action = getattr(probe, "var_exec", None) or getattr(probe, "_exec", None)
-        assert action is not None and action.command == HEALTH
+    # The node's daemon answers on the shared socket: live.
+    probe = ctr.liveness_probe
+    assert probe is not None
+    # The exec action is var_exec in pydantic models (kubernetes >= 35), _exec before.
+    action = getattr(probe, "var_exec", None) or getattr(probe, "_exec", None)
+    assert action is not None and action.command == HEALTH
+
+
+def test_daemonset_rolling_update_takes_the_regions_over() -> None:
+    """The new pod starts beside the old one and takes its regions over."""
+    (doc,) = by_kind("DaemonSet")
+    ds = validate(doc)
+    rolling = ds.spec.update_strategy.rolling_update
+    assert ds.spec.update_strategy.type == "RollingUpdate"
+    assert (rolling.max_surge, rolling.max_unavailable) == (1, 0)
+    pod = ds.spec.template.spec
+    (ctr,) = pod.containers
+    args = ctr.args
+    assert "--takeover=auto" in args
+    assert args[args.index("--after-handover") + 1] == "wait"
+    # Both pods share the socket directory and the state dir on the node, as one uid.
+    volumes = _volumes(pod)
+    mounts = {m.mount_path: volumes[m.name] for m in ctr.volume_mounts}
+    state = args[args.index("--state-dir") + 1]
+    assert mounts[SOCKET_DIR].host_path.path == SOCKET_DIR
+    assert mounts[state].host_path.path == state
+    assert ctr.security_context.run_as_user == 0
+    # Ready only once this pod's own daemon serves, on its own metrics port: the
+    # shared socket answers for the old daemon while the take-over is pending.
+    port = next(p for p in ctr.ports if p.name == "metrics")
+    metrics = args[args.index("--metrics") + 1]
+    assert metrics.endswith(f":{port.container_port}")
+    for probe in (ctr.startup_probe, ctr.readiness_probe):
+        assert probe is not None and probe.http_get is not None
+        assert (probe.http_get.path, probe.http_get.port) == ("/metrics", "metrics")
+    # Every flag the container passes is one memplugd accepts.
+    parsed = parser().parse_args(args)
+    assert (parsed.takeover, parsed.after_handover) == ("auto", "wait")
 
 
 def test_app_pod_reaches_the_daemon() -> None:

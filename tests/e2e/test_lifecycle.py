@@ -133,6 +133,13 @@ class Systemd:
 
 @pytest.fixture
 def systemd(tmp_path: Path) -> Iterator[Systemd]:
+    with systemd_harness(tmp_path) as harness:
+        yield harness
+
+
+@contextlib.contextmanager
+def systemd_harness(tmp_path: Path) -> Iterator[Systemd]:
+    """A Systemd on tmp_path; its daemons must be alive at the end and exit 0 on SIGTERM."""
     sd = FakeSystemd(tmp_path / "sd")
     harness = Systemd(sd, tmp_path / "run")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -18,26 +19,26 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from conftest import (
-    FAST_RECONNECT,
     HUGE_2M,
     DaemonProcess,
     MiB,
     Ranges,
     checksum,
     huge_free,
+    kill_takers,
     scribble,
+    serving,
     start_daemon,
+    start_taker,
+    state_dir,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memplug.client import Client
 from memplug.client.attach import Attachment
 from memplug.common import memory
 from memplug.common.errors import MemplugError
-from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 # Partly plugged regions: attached sparse, touched only in their plugged ranges.
 LAYOUT: dict[str, Ranges] = {
@@ -45,50 +46,6 @@ LAYOUT: dict[str, Ranges] = {
     "vm-huge": [(0, 4 * MiB), (8 * MiB, 2 * MiB)],
     "vm-file": [(2 * MiB, 4 * MiB)],
 }
-
-
-# Every taker a test starts, killed at the end of the test if it still runs.
-_TAKERS: list[subprocess.Popen[bytes]] = []
-
-
-def start_taker(
-    old: DaemonProcess, name: str, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[bytes], Path]:
-    """`memplugd --takeover` on the old daemon's sockets and state, logging to its own file."""
-    log_path = old.log_path.with_name(f"{name}.log")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*old.args, "--takeover"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-    _TAKERS.append(proc)
-    return proc, log_path
-
-
-def serving(proc: subprocess.Popen[bytes], log_path: Path, sock: Path) -> DaemonProcess:
-    """Wait until the taker serves on sock; it as a DaemonProcess."""
-    channel = grpc.insecure_channel(f"unix:{sock}", options=FAST_RECONNECT)
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the taker exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            health.Check(health_pb2.HealthCheckRequest(), timeout=0.2, wait_for_ready=True)
-            break
-        except grpc.RpcError:
-            assert time.monotonic() < deadline, log_path.read_text()
-    assert isinstance(proc.args, list)
-    args = [str(a) for a in proc.args]
-    return DaemonProcess(
-        proc, sock, sock.with_name("fd.sock"), log_path, channel, pb_grpc.MemplugStub(channel), args
-    )
-
-
-def state_dir(d: DaemonProcess) -> Path:
-    return Path(d.args[d.args.index("--state-dir") + 1])
 
 
 def populated(d: DaemonProcess, tmp_path: Path, hugetlb_pool: Callable[[int], None]) -> None:
@@ -119,11 +76,7 @@ def old(tmp_path: Path, hugetlb_pool: Callable[[int], None]) -> Iterator[DaemonP
         populated(d, tmp_path, hugetlb_pool)
         yield d
     finally:
-        for proc in [d.proc, *_TAKERS]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        _TAKERS.clear()
+        kill_takers(d.proc)
 
 
 def test_takeover_keeps_every_region_and_its_data(old: DaemonProcess) -> None:
@@ -335,3 +288,175 @@ def test_plug_running_at_the_takeover_is_rolled_back(old: DaemonProcess) -> None
         region = c.get_region("big")
         assert region.plugged == [] and region.allocated_bytes == 0, region
     assert new.stop() == 0
+
+
+# --------------------------------------------------------------------------- the taker dying late
+
+
+def test_taker_killed_after_committed_leaves_the_old_one_serving_every_region(
+    old: DaemonProcess,
+) -> None:
+    """SIGKILL of the taker once the old daemon has let go of its state, before it serves:
+    the old process starts afresh (same pid) on the store with the fds it kept."""
+    held: dict[str, Attachment] = {}
+    with Client(old.socket) as c:
+        for name, ranges in LAYOUT.items():
+            held[name] = c.attach(name, sparse=True)
+            scribble(held[name], ranges)
+        before = c.list_regions()
+        checksums = sums(c)
+    try:
+        proc, log_path = start_taker(
+            old, "killed", env={"MEMPLUG_TAKEOVER_KILL_AFTER_COMMITTED": "1"}
+        )
+        assert proc.wait(30) == -signal.SIGKILL, log_path.read_text()
+        revived = serving(old.proc, old.log_path, old.socket)
+        assert "ended before it served" in old.log(), old.log()
+        with Client(revived.socket) as c:
+            assert c.list_regions() == before
+            assert sums(c) == checksums
+            for name, ranges in LAYOUT.items():  # the same memory, not a copy
+                view = held[name].view
+                assert view is not None
+                marker = os.urandom(4096)
+                at = ranges[0][0]
+                view[at : at + 4096] = marker
+                with c.attach(name, sparse=True) as fresh:
+                    assert fresh.view is not None
+                    assert bytes(fresh.view[at : at + 4096]) == marker, name
+            c.plug("vm-shm", 24 * MiB, 2 * MiB)
+            checksums = sums(c)
+        # It listens for a take-over again, and that one succeeds.
+        proc, log_path = start_taker(old, "new")
+        assert old.proc.wait(30) == 0, old.log()
+        new = serving(proc, log_path, old.socket)
+        with Client(new.socket) as c:
+            assert sums(c) == checksums
+        assert "Traceback" not in old.log(), old.log()
+        assert new.stop() == 0
+    finally:
+        for att in held.values():
+            att.close()
+
+
+# --------------------------------------------------------------------------- --takeover=auto
+
+
+def test_auto_takes_over_when_a_daemon_runs(old: DaemonProcess) -> None:
+    with Client(old.socket) as c:
+        before = c.list_regions()
+        checksums = sums(c)
+    proc, log_path = start_taker(old, "auto", mode="auto")
+    assert old.proc.wait(30) == 0, old.log()
+    new = serving(proc, log_path, old.socket)
+    assert "took 2 region fds over" in new.log(), new.log()
+    with Client(new.socket) as c:
+        assert c.list_regions() == before
+        assert sums(c) == checksums
+    assert new.stop() == 0
+
+
+def test_auto_starts_afresh_over_a_dead_daemons_sockets(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            c.create_region("gone", 4 * MiB)
+        assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+        left = [state_dir(d) / "takeover.sock", d.socket, d.fd_socket]
+        assert all(stat.S_ISSOCK(os.lstat(p).st_mode) for p in left), "stale sockets stay"
+        proc, log_path = start_taker(d, "auto", mode="auto")
+        new = serving(proc, log_path, d.socket)
+        assert "no memplugd runs" in new.log(), new.log()
+        with Client(new.socket) as c:
+            c.create_region("fresh", 4 * MiB)
+            c.plug("fresh")
+        # It takes take-overs itself: the next auto start takes over from it.
+        proc, log_path = start_taker(new, "next", mode="auto")
+        assert new.proc.wait(30) == 0, new.log()
+        last = serving(proc, log_path, d.socket)
+        with Client(last.socket) as c:
+            assert c.get_region("fresh").plugged_bytes == 4 * MiB
+        assert last.stop() == 0
+    finally:
+        kill_takers(d.proc)
+
+
+def test_two_auto_starters_at_once_one_serves_the_other_refuses_cleanly(tmp_path: Path) -> None:
+    """No daemon runs; two start together: the state-dir lock lets one start, the other
+    takes over from it once it listens or is refused with one line, never both serve."""
+    sock = tmp_path / "memplug.sock"
+    args = [
+        sys.executable,
+        "-m",
+        "memplug.daemon",
+        "--socket",
+        str(sock),
+        "--fd-socket",
+        str(tmp_path / "fd.sock"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--takeover=auto",
+    ]
+    logs = [tmp_path / f"starter{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for log in logs:
+            with log.open("wb") as out:
+                procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 60
+        pairs = list(zip(procs, logs, strict=True))
+        while sum(p.poll() is None for p in procs) > 1 or not any(
+            p.poll() is None and "serving on" in log.read_text() for p, log in pairs
+        ):
+            assert time.monotonic() < deadline, [log.read_text() for log in logs]
+            time.sleep(0.05)
+        (winner, winner_log), (loser, loser_log) = sorted(
+            pairs, key=lambda t: t[0].poll() is not None
+        )
+        said = loser_log.read_text()
+        # Refused while the first started, or it took over from the first (which
+        # then handed over and exited 0) and the first is the loser here.
+        assert (loser.returncode == 1 and "try again in a moment" in said) or (
+            loser.returncode == 0 and "handed 0 regions over" in said
+        ), (loser.returncode, said)
+        if loser.returncode == 1:
+            assert said.strip().splitlines()[-1].startswith("memplugd: cannot start:"), said
+        new = serving(winner, winner_log, sock)
+        with Client(new.socket) as c:
+            assert c.status().regions == 0
+        assert new.stop() == 0
+        assert not any("Traceback" in log.read_text() for log in logs)
+    finally:
+        kill_takers(*procs)
+
+
+def test_after_handover_wait_stays_idle_till_sigterm_and_touches_nothing(
+    tmp_path: Path,
+) -> None:
+    """--after-handover wait (a DaemonSet's old pod): the old process stays after the
+    hand-over, and its SIGTERM later leaves the new daemon's regions alone."""
+    d = start_daemon(tmp_path, "--after-handover", "wait")
+    try:
+        with Client(d.socket) as c:
+            c.create_region("vm", 8 * MiB)
+            c.plug("vm")
+            with c.attach("vm") as att:
+                scribble(att, [(0, 8 * MiB)])
+                before = checksum(att, [(0, 8 * MiB)])
+        proc, log_path = start_taker(d, "new", mode="auto")
+        new = serving(proc, log_path, d.socket)
+        deadline = time.monotonic() + 30
+        while "idle until SIGTERM" not in d.log():
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        assert d.alive()
+        assert d.stop() == 0
+        with Client(new.socket) as c:
+            assert c.get_region("vm").plugged_bytes == 8 * MiB
+            with c.attach("vm") as att:
+                assert checksum(att, [(0, 8 * MiB)]) == before
+            c.plug("vm")  # it still writes the store
+        assert "stopping" not in d.log().split("idle until SIGTERM")[1], d.log()
+        assert new.stop() == 0
+    finally:
+        kill_takers(d.proc)

@@ -10,9 +10,11 @@ leaves the old one running with its RAM intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, MiB, require
+from test_lifecycle import Systemd, systemd_harness
 from test_qemu import XP_RE
 
-from memplug.client import Client
+from memplug.client import Client, FailedPrecondition
 from memplug.client.qmp import Qmp
 
 MEMPLUG = Path(sys.executable).parent / "memplug"
@@ -61,11 +64,15 @@ def write(client: Client, address: int, words: tuple[int, ...]) -> None:
         att.view[address : address + 16] = struct.pack("<4I", *words)
 
 
+def vm_update_argv(old: Path, new_argv: list[str]) -> list[str]:
+    return [str(MEMPLUG), "vm-update", "--json", "--qmp", str(old), "-r", "vm0", "--", *new_argv]
+
+
 def vm_update(
     daemon: DaemonProcess, old: Path, new_argv: list[str]
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(MEMPLUG), "vm-update", "--json", "--qmp", str(old), "-r", "vm0", "--", *new_argv],
+        vm_update_argv(old, new_argv),
         env={**os.environ, "MEMPLUG_SOCKET": str(daemon.socket)},
         capture_output=True,
         text=True,
@@ -98,17 +105,17 @@ class OldVm:
         return Qmp.connect(str(self.socket), 20)
 
 
-@pytest.fixture
-def old_vm(daemon: DaemonProcess, tmp_path: Path) -> Iterator[OldVm]:
+@contextlib.contextmanager
+def running_vm(socket_of_daemon: Path, tmp_path: Path) -> Iterator[OldVm]:
     """A running VM on region vm0 (started by `memplug exec`), the pattern in its RAM."""
     require(shutil.which(QEMU) is not None, f"needs {QEMU}")
-    client = Client(daemon.socket)
+    client = Client(socket_of_daemon)
     client.create_region("vm0", RAM)
     client.plug("vm0")
     socket = tmp_path / "old.qmp"
     proc = subprocess.Popen(
         [str(MEMPLUG), "exec", "-r", "vm0", "--", *qemu_argv(socket)],
-        env={**os.environ, "MEMPLUG_SOCKET": str(daemon.socket)},
+        env={**os.environ, "MEMPLUG_SOCKET": str(socket_of_daemon)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -125,6 +132,12 @@ def old_vm(daemon: DaemonProcess, tmp_path: Path) -> Iterator[OldVm]:
             proc.kill()
         proc.wait(timeout=20)
         client.close()
+
+
+@pytest.fixture
+def old_vm(daemon: DaemonProcess, tmp_path: Path) -> Iterator[OldVm]:
+    with running_vm(daemon.socket, tmp_path) as vm:
+        yield vm
 
 
 def test_vm_update_hands_the_running_vm_to_a_new_qemu(
@@ -200,3 +213,72 @@ def test_a_failed_migration_leaves_the_old_vm_running(
         assert xp(qmp, PATTERN_AT) == PATTERN
     assert pids_with(str(new_socket)) == []
     assert old_vm.client.unplug("vm0", SPARE, 2 * MiB).bytes == 2 * MiB
+
+
+@pytest.fixture
+def under_systemd(tmp_path: Path) -> Iterator[Systemd]:
+    """memplugd started as systemd starts it (tests/sdharness.py): its fd store, restarts."""
+    with systemd_harness(tmp_path) as harness:
+        yield harness
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "crash"])
+def test_a_daemon_restarted_in_the_middle_of_a_hand_over_keeps_the_hold(
+    under_systemd: Systemd, tmp_path: Path, sig: int
+) -> None:
+    """memplugd under systemd (its fd store) restarts while the new QEMU is starting.
+
+    The new QEMU's command line waits for the test between the hold and the
+    migration; meanwhile the daemon is stopped (SIGTERM, or killed) and
+    started again. The restarted daemon still refuses to unplug or delete the
+    region, naming the hold; the region's memory is the one both QEMUs map;
+    the hand-over then completes and its release reaches the new daemon.
+    """
+    first = under_systemd.start()
+    with running_vm(first.socket, tmp_path) as old_vm:
+        new_socket = tmp_path / "new.qmp"
+        ready, go = tmp_path / "ready", tmp_path / "go"
+        wrapper = f'touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done; exec "$@"'
+        tool = subprocess.Popen(
+            vm_update_argv(old_vm.socket, ["sh", "-c", wrapper, "sh", *qemu_argv(new_socket)]),
+            env={**os.environ, "MEMPLUG_SOCKET": str(first.socket)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        new_pid = 0
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists():
+                assert tool.poll() is None, tool.communicate()
+                assert time.monotonic() < deadline, "the new QEMU's command never ran"
+                time.sleep(0.02)
+            second = under_systemd.restart(first, sig)
+            with Client(second.socket) as c:
+                with pytest.raises(FailedPrecondition, match="held by 'memplug vm-update pid"):
+                    c.unplug("vm0", SPARE, 2 * MiB)
+                with pytest.raises(FailedPrecondition, match="cannot delete region 'vm0'"):
+                    c.delete_region("vm0")
+                with c.attach("vm0") as att:
+                    assert att.view is not None
+                    at = PATTERN_AT
+                    assert struct.unpack("<4I", att.view[at : at + 16]) == PATTERN
+            go.touch()
+            out, err = tool.communicate(timeout=120)
+            assert tool.returncode == 0, err
+            new_pid = json.loads(out)["new_pid"]
+            assert old_vm.proc.wait(timeout=20) == 0
+            with Qmp.connect(str(new_socket)) as new:
+                assert new.status() == "running"
+                assert xp(new, PATTERN_AT) == PATTERN
+                with Client(second.socket) as c:
+                    write(c, PATTERN_AT, AFTER)
+                    assert xp(new, PATTERN_AT) == AFTER, "the new QEMU does not map the region"
+                    # The tool released its hold on the restarted daemon.
+                    assert c.unplug("vm0", SPARE, 2 * MiB).bytes == 2 * MiB
+        finally:
+            if tool.poll() is None:
+                tool.kill()
+                tool.communicate()
+            if new_pid:
+                os.kill(new_pid, signal.SIGKILL)

@@ -9,7 +9,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from memplug.common.errors import InvalidArgument, OutOfRange
-from memplug.common.ranges import IntervalSet, Range, check_range, subtract
+from memplug.common.ranges import (
+    MAX_RANGES,
+    IntervalSet,
+    Range,
+    RangeList,
+    check_range,
+    check_ranges,
+    subtract,
+)
 from memplug.common.sizes import GiB, KiB, MiB, format_size, parse_size
 
 TiB = 1 << 40
@@ -292,3 +300,66 @@ def test_interval_set_examples() -> None:
     assert s.covers(Range(3 * MiB, 3 * MiB))
     assert not s.covers(Range(0, 2 * MiB))
     assert s.total == 4 * MiB
+
+
+# --------------------------------------------------------------------------- lists of ranges
+
+
+def in_region(pairs: list[tuple[int, int]], size: int = 64 * MiB) -> RangeList:
+    """check_ranges for a region of size with 2 MiB blocks."""
+    return check_ranges(pairs, size=size, align=2 * MiB, what="plug of 'vm0'")
+
+
+def test_check_ranges_sorts_the_list_and_lets_ranges_touch() -> None:
+    got = in_region([(8 * MiB, 2 * MiB), (0, 2 * MiB), (2 * MiB, 4 * MiB)])
+    assert got == RangeList((Range(0, 2 * MiB), Range(2 * MiB, 4 * MiB), Range(8 * MiB, 2 * MiB)))
+    assert got.total == 8 * MiB and got.span == Range(0, 10 * MiB)
+    assert str(got) == "3 ranges of 8 MiB in [0x0, +10 MiB)"
+    assert str(RangeList((Range(0, 2 * MiB),))) == str(Range(0, 2 * MiB))
+
+
+@pytest.mark.parametrize(
+    ("pairs", "error", "says"),
+    [
+        ([(0, 4 * MiB), (8 * MiB, 2 * MiB), (2 * MiB, 2 * MiB)], InvalidArgument, "ranges 0 and 2"),
+        ([(4 * MiB, 2 * MiB), (4 * MiB, 2 * MiB)], InvalidArgument, "ranges 0 and 1 overlap"),
+        ([(0, 2 * MiB), (3 * MiB, 2 * MiB)], InvalidArgument, "range 1: offset"),
+        ([(0, 2 * MiB), (2 * MiB, 0)], InvalidArgument, "range 1: length must be > 0"),
+        ([(0, 2 * MiB), (2 * MiB, 2 * MiB), (64 * MiB, 2 * MiB)], OutOfRange, "range 2: range"),
+        ([], InvalidArgument, "the list of ranges is empty"),
+    ],
+)
+def test_check_ranges_names_the_bad_range(
+    pairs: list[tuple[int, int]], error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error, match=says):
+        in_region(pairs)
+
+
+def test_check_ranges_caps_the_count() -> None:
+    pairs = [(i * 2 * MiB, 2 * MiB) for i in range(MAX_RANGES + 1)]
+    size = (MAX_RANGES + 1) * 2 * MiB
+    assert len(in_region(pairs[:MAX_RANGES], size)) == MAX_RANGES
+    with pytest.raises(InvalidArgument, match=f"at most {MAX_RANGES}"):
+        in_region(pairs, size)
+
+
+@settings(deadline=None)  # a loaded machine stalls single examples
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 8)), min_size=1, max_size=12))
+def test_check_ranges_accepts_exactly_the_lists_of_disjoint_blocks(
+    blocks: list[tuple[int, int]],
+) -> None:
+    pairs = [(start * 2 * MiB, n * 2 * MiB) for start, n in blocks]
+    covered = [b for start, n in blocks for b in range(start, start + n)]
+    disjoint = len(covered) == len(set(covered))
+    inside = all(start + n <= 32 for start, n in blocks)
+    try:
+        got = in_region(pairs)
+    except OutOfRange:
+        assert not inside
+        return
+    except InvalidArgument:
+        assert inside and not disjoint
+        return
+    assert inside and disjoint
+    assert list(got) == sorted(Range(o, n) for o, n in pairs)

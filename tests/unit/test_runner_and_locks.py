@@ -1,9 +1,10 @@
-"""Runner (slices on worker threads), CancelToken and RangeLock, with fake work."""
+"""Runner (chunks pulled by worker threads), CancelToken and RangeLock, with fake work."""
 
 from __future__ import annotations
 
 import errno
 import itertools
+import random
 import sys
 import threading
 import time
@@ -28,15 +29,12 @@ def runner() -> Iterator[Runner]:
     r.shutdown()
 
 
-def plan_of(*slices: tuple[Range, ...], chunk: int) -> Plan:
-    return Plan(Strategy.POPULATE_WRITE, tuple(slices), chunk)
+def plan_of(*pieces: Range, threads: int, chunk: int) -> Plan:
+    return Plan(Strategy.POPULATE_WRITE, pieces, threads, chunk)
 
 
 def even_plan(threads: int, per_thread: int, chunk: int) -> Plan:
-    return plan_of(
-        *((Range(i * per_thread, per_thread),) for i in range(threads)),
-        chunk=chunk,
-    )
+    return plan_of(Range(0, threads * per_thread), threads=threads, chunk=chunk)
 
 
 class Recorder:
@@ -61,10 +59,7 @@ class Recorder:
 
 def test_runner_runs_every_chunk_once(runner: Runner) -> None:
     plan = plan_of(
-        (Range(0, 100), Range(200, 30)),
-        (Range(300, 25),),
-        (Range(1000, 10),),
-        chunk=10,
+        Range(0, 100), Range(200, 30), Range(300, 25), Range(1000, 10), threads=3, chunk=10
     )
     work = Recorder(delay=0.001)
     runner.run(plan, work, CancelToken())
@@ -76,7 +71,28 @@ def test_runner_runs_every_chunk_once(runner: Runner) -> None:
     )
     assert sorted(work.chunks) == sorted(expected)
     assert len(work.chunks) == len(expected)
-    assert len(work.threads) > 1, "the slices did not run on several threads"
+    assert len(work.threads) > 1, "the chunks did not run on several threads"
+
+
+def test_runner_a_held_back_worker_leaves_its_chunks_to_the_others(runner: Runner) -> None:
+    # The worker that takes the first chunk is held back (as a thread whose CPU
+    # the scheduler gives to someone else): the other worker takes every other
+    # chunk meanwhile, instead of leaving a fixed share of them for it.
+    by_thread: dict[int, list[int]] = {}
+    lock = threading.Lock()
+
+    def work(offset: int, length: int) -> None:
+        if offset == 0:
+            time.sleep(0.5)
+        else:
+            time.sleep(0.001)
+        with lock:
+            by_thread.setdefault(threading.get_ident(), []).append(offset)
+
+    runner.run(plan_of(Range(0, 20), threads=2, chunk=1), work, CancelToken())
+    held = next(chunks for chunks in by_thread.values() if 0 in chunks)
+    assert held == [0], f"the held-back worker still had chunks of its own to do: {held}"
+    assert sorted(o for chunks in by_thread.values() for o in chunks) == list(range(20))
 
 
 def test_runner_progress_is_monotone_and_reaches_total(runner: Runner) -> None:
@@ -113,44 +129,44 @@ def test_runner_raises_the_real_error_not_the_cancellation_it_caused(runner: Run
 
     def work(offset: int, length: int) -> None:
         if offset == 0:
-            # Slice 0: gives up when it sees slice 1 fail (as a worker whose
-            # token was cancelled would), but only after a while.
+            # The first chunk: gives up when it sees the chunk at 100 fail (as a
+            # worker whose token was cancelled would), but only after a while.
             try:
                 assert failed.wait(WAIT)
                 time.sleep(0.3)
                 raise Cancelled("cancelled because a sibling failed")
             finally:
-                returned.append("slice 0")
+                returned.append("chunk 0")
         if offset == 100:
             failed.set()
             raise OSError(errno.ENOSPC, "fallocate: No space left on device")
         time.sleep(0.001)
 
-    plan = plan_of((Range(0, 100),), (Range(100, 100),), (Range(200, 1000),), chunk=10)
+    plan = plan_of(Range(0, 1200), threads=3, chunk=10)
     t0 = time.monotonic()
     with pytest.raises(OSError) as info:
         runner.run(plan, work, CancelToken())
     assert info.value.errno == errno.ENOSPC
-    # Slice 0 was still sleeping when slice 1 failed: run() waited for it.
-    assert returned == ["slice 0"]
+    # Chunk 0 was still sleeping when chunk 100 failed: run() waited for it.
+    assert returned == ["chunk 0"]
     assert time.monotonic() - t0 >= 0.3
 
 
-def test_runner_stops_the_other_slices_after_an_error(runner: Runner) -> None:
+def test_runner_stops_the_other_workers_after_an_error(runner: Runner) -> None:
     work = Recorder(delay=0.002)
 
     def failing(offset: int, length: int) -> None:
-        if offset == 1000 + 50:
+        if offset == 50:
             raise OSError(errno.EFAULT, "madvise: Bad address")
         work(offset, length)
 
-    plan = plan_of((Range(0, 1000),), (Range(1000, 1000),), chunk=1)
+    plan = plan_of(Range(0, 2000), threads=2, chunk=1)
     with pytest.raises(OSError, match="Bad address"):
         runner.run(plan, failing, CancelToken())
     done = len(work.chunks)
     time.sleep(0.05)
     assert len(work.chunks) == done, "a worker still ran after run() raised"
-    assert done < 1000, "slice 0 ran to its end although slice 1 had failed"
+    assert done < 1000, "the other worker ran on long after a chunk had failed"
 
 
 def test_runner_cancel(runner: Runner) -> None:
@@ -275,6 +291,59 @@ def test_range_lock_disjoint_ranges_are_held_together(
     _, got3, _ = holder(lock, Range(100, 10), CancelToken(), release_all())
     assert got2.wait(WAIT) and got3.wait(WAIT)
     assert lock.busy
+
+
+def test_range_lock_takes_a_list_whole_or_waits(
+    release_all: Callable[[], threading.Event],
+) -> None:
+    """A list is taken in one go once no range of it is held: never some of it while
+    waiting for the rest, so two holders of interleaved lists cannot deadlock."""
+    lock = RangeLock()
+    release1 = release_all()
+    t1, got1, _ = holder(lock, Range(50, 10), CancelToken(), release1)
+    assert got1.wait(WAIT)
+    got_list = threading.Event()
+    release_list = release_all()
+
+    def take_list() -> None:
+        with lock.hold_all([Range(0, 10), Range(55, 10), Range(100, 10)], CancelToken()):
+            got_list.set()
+            release_list.wait(WAIT)
+
+    threading.Thread(target=take_list, daemon=True).start()
+    assert not got_list.wait(0.2), "a list was taken while one of its ranges was held"
+    # Waiting, the list holds none of its ranges: the first one is free to others.
+    _, got_first, _ = holder(lock, Range(0, 10), CancelToken(), release_first := release_all())
+    assert got_first.wait(WAIT), "a waiting list held its other ranges"
+    release1.set()
+    t1.join(WAIT)
+    release_first.set()
+    assert got_list.wait(WAIT), "the list was not taken once all its ranges were free"
+    _, got_gap, _ = holder(lock, Range(20, 10), CancelToken(), release_all())
+    assert got_gap.wait(WAIT), "the gaps between a list's ranges were locked too"
+    release_list.set()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_range_lock_admits_two_lists_exactly_when_they_share_no_byte(seed: int) -> None:
+    rng = random.Random(seed)
+    blocks = rng.sample(range(64), 24)
+    first = [Range(b * 10, 10) for b in blocks[:12]]
+    second = [Range(b * 10, 10) for b in blocks[12:]]
+    if seed % 2:  # make them share part of one block
+        second.append(Range(first[0].offset + 5, 10))
+    shared = any(a.overlaps(b) for a in first for b in second)
+    assert shared == bool(seed % 2)
+    lock = RangeLock()
+    token = CancelToken(deadline=time.monotonic() + 0.2)
+    with lock.hold_all(first, CancelToken()):
+        if shared:
+            with pytest.raises(DeadlineExceeded), lock.hold_all(second, token):
+                pass
+        else:
+            with lock.hold_all(reversed(second), token):
+                assert lock.busy
+    assert not lock.busy
 
 
 def test_range_lock_is_released_when_the_body_raises() -> None:

@@ -82,6 +82,18 @@ def test_a_region_reads_back_as_written_and_is_replaced_by_name(store: StateStor
     assert intents == []
 
 
+def test_an_intent_keeps_every_range_of_a_list(store: StateStore) -> None:
+    parts = (Range(0, 2 * MiB), Range(8 * MiB, 4 * MiB), Range(60 * MiB, 2 * MiB))
+    store.put_region(record())
+    multi = store.begin("vm0", "unplug", Range(0, 62 * MiB), (), parts)
+    single = store.begin("vm0", "plug", Range(16 * MiB, 2 * MiB))
+    _, intents = store.load()
+    by_id = {i.id: i for i in intents}
+    assert by_id[multi].ranges == by_id[multi].parts == parts
+    assert by_id[multi].range == Range(0, 62 * MiB)
+    assert by_id[single].ranges == () and by_id[single].parts == (Range(16 * MiB, 2 * MiB),)
+
+
 def test_delete_region_drops_its_intents_only(store: StateStore) -> None:
     store.put_region(record())
     store.put_region(record("vm1"))
@@ -203,8 +215,30 @@ def test_acl_and_options_are_stored_in_the_json_layout_every_memplugd_reads(
         "lock": True,
         "from_warm_pool": True,
         "charge_cgroup": "/kubepods/pod1/ctr",
+        "charge_to_peer": False,
+        "charge_hugetlb_cgroup": "",
     }
     assert SqliteStore(db).load()[0] == [full]
+
+
+def test_the_cgroups_of_a_first_attacher_are_recorded_and_survive_reopening(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    waiting = dataclasses.replace(record(), options=RegionOptions(charge_to_peer=True))
+    store = SqliteStore(db)
+    store.put_region(waiting)
+    intent = store.begin("vm0", "unplug", Range(0, 2 * MiB))
+    assert store.load()[0][0].options.awaiting_peer
+    bound = RegionOptions(
+        charge_to_peer=True, charge_cgroup="/pod1/vmm", charge_hugetlb_cgroup="/pod1"
+    )
+    store.put_options("vm0", bound)
+    store.close()
+    (loaded,), intents = SqliteStore(db).load()
+    assert loaded == dataclasses.replace(waiting, options=bound)
+    assert not loaded.options.awaiting_peer
+    assert [i.id for i in intents] == [intent]  # the plugged set and intents are untouched
 
 
 def test_options_written_before_charge_cgroup_existed_load_with_the_daemons_cgroup(
@@ -338,3 +372,32 @@ def test_a_version_3_store_is_migrated_with_no_holds(tmp_path: Path) -> None:
     version = check.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     check.close()
     assert version == (str(SCHEMA_VERSION),)
+
+
+def test_a_version_4_store_is_migrated_with_its_open_intents_as_single_ranges(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db, isolation_level=None)
+    old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    for step in (store_mod._v1, store_mod._v2, store_mod._v3, store_mod._v4):
+        step(old)
+    old.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    old.execute(
+        "INSERT INTO intents (region, op, offset, length, keep, started) "
+        "VALUES ('vm0', 'unplug', ?, ?, '[]', 1.0)",
+        (4 * MiB, 2 * MiB),
+    )
+    old.close()
+    store = SqliteStore(db)
+    _, intents = store.load()
+    assert [(i.op, i.range, i.ranges, i.parts) for i in intents] == [
+        ("unplug", Range(4 * MiB, 2 * MiB), (), (Range(4 * MiB, 2 * MiB),))
+    ]
+    parts = (Range(0, 2 * MiB), Range(8 * MiB, 2 * MiB))
+    store.begin("vm0", "plug", Range(0, 10 * MiB), (), parts)
+    assert store.load()[1][-1].ranges == parts
+    check = sqlite3.connect(db)
+    version = check.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    check.close()
+    assert version == ("5",) == (str(SCHEMA_VERSION),)

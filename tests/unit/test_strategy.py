@@ -98,27 +98,28 @@ def work_lists(draw: st.DrawFn) -> tuple[int, list[Range]]:
     return align, work
 
 
+def merged(ranges: list[Range]) -> list[Range]:
+    out: list[Range] = []
+    for r in ranges:
+        if out and out[-1].end == r.offset:
+            out[-1] = Range(out[-1].offset, out[-1].length + r.length)
+        else:
+            out.append(r)
+    return out
+
+
 def check_plan(plan: Plan, work: list[Range], align: int) -> None:
-    # Every piece is aligned and nonempty, and each slice is contiguous in work order.
-    pieces = [p for s in plan.slices for p in s]
-    assert all(s for s in plan.slices), "a worker got an empty slice"
-    for p in pieces:
+    # Every piece is aligned and nonempty.
+    for p in plan.pieces:
         assert p.length > 0
         assert p.offset % align == 0 and p.length % align == 0, f"{p} not cut at {align}"
-    # The pieces, in order, are exactly the work: each byte once, nothing else.
-    merged: list[Range] = []
-    for p in pieces:
-        if merged and merged[-1].end == p.offset:
-            merged[-1] = Range(merged[-1].offset, merged[-1].length + p.length)
-        else:
-            merged.append(p)
-    expected: list[Range] = []
-    for r in work:
-        if expected and expected[-1].end == r.offset:
-            expected[-1] = Range(expected[-1].offset, expected[-1].length + r.length)
-        else:
-            expected.append(r)
-    assert merged == expected
+    # The chunks, in the order the workers take them, are exactly the work in
+    # address order: each byte once, nothing else, each chunk whole blocks.
+    chunks = [Range(o, n) for o, n in plan.chunks()]
+    for c in chunks:
+        assert 0 < c.length <= plan.chunk
+        assert c.offset % align == 0 and c.length % align == 0, f"chunk {c} not cut at {align}"
+    assert merged(chunks) == merged(work)
     assert plan.total == sum(r.length for r in work)
     # The chunk (progress and cancel granularity) is a multiple of align.
     assert plan.chunk >= align and plan.chunk % align == 0
@@ -141,11 +142,10 @@ def test_make_plan_populate_splits_over_threads(
     wanted = max(1, min(max_threads, total // MIN_BYTES_PER_THREAD, total // align))
     assert plan.threads == wanted, (
         f"{total // align} blocks of {align} over max {max_threads} threads: "
-        f"got {plan.threads} slices {[sum(p.length for p in s) // align for s in plan.slices]}"
+        f"got {plan.threads} threads"
     )
-    # Near-equal: slice sizes differ by at most one block.
-    sizes = [sum(p.length for p in s) for s in plan.slices]
-    assert max(sizes) - min(sizes) <= align
+    # Enough chunks that no thread is left without one.
+    assert len(list(plan.chunks())) >= plan.threads
 
 
 @pytest.mark.parametrize("strategy", [Strategy.FALLOCATE, Strategy.TOUCH_READ])
@@ -181,8 +181,18 @@ def test_make_plan_thread_count_examples(total: int, max_threads: int, threads: 
     check_plan(plan, [Range(0, total)], 2 * MiB)
 
 
-def test_make_plan_splits_huge_page_blocks_evenly() -> None:
-    # 5 blocks of 1 GiB over 4 threads: 2+1+1+1, not 2+2+1 on three threads.
+def test_make_plan_cuts_huge_page_blocks_whole() -> None:
+    # 5 blocks of 1 GiB over 4 threads: 5 chunks of one block, pulled by 4 threads.
     plan = make_plan(Strategy.POPULATE_WRITE, [Range(0, 5 * GiB)], max_threads=4, align=GiB)
     assert plan.threads == 4
-    assert sorted(sum(p.length for p in s) for s in plan.slices) == [GiB, GiB, GiB, 2 * GiB]
+    assert list(plan.chunks()) == [(i * GiB, GiB) for i in range(5)]
+
+
+def test_make_plan_hands_out_chunks_in_address_order() -> None:
+    # Two gaps of a 1 GiB hugetlb region on 2 threads: 64 MiB chunks in address
+    # order, one queue for both threads (not one contiguous half per thread).
+    work = [Range(0, 512 * MiB), Range(640 * MiB, 384 * MiB)]
+    plan = make_plan(Strategy.POPULATE_WRITE, work, max_threads=2, align=2 * MiB)
+    assert plan.threads == 2
+    offsets = [o for o, _ in plan.chunks()]
+    assert offsets == [*range(0, 512 * MiB, 64 * MiB), *range(640 * MiB, GiB, 64 * MiB)]

@@ -249,6 +249,7 @@ class Region(_message.Message):
     DAMAGE_FIELD_NUMBER: _builtins.int
     ALLOCATED_OUTSIDE_PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
     CHARGE_CGROUP_FIELD_NUMBER: _builtins.int
+    CHARGE_TO_PEER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, 1-63 characters of [a-z0-9._-], starting with [a-z0-9]."""
     size: _builtins.int
@@ -314,7 +315,13 @@ class Region(_message.Message):
     charge_cgroup: _builtins.str
     """The memory cgroup the region's pages are charged to (a path as
     /proc/PID/cgroup prints it, e.g. /kubepods/pod1/ctr); empty: the daemon's
-    own. See CreateRegionRequest.charge_cgroup.
+    own. See CreateRegionRequest.charge_cgroup. For a region created with
+    charge_to_peer: empty until its first attach, then the memory cgroup of
+    the process that made it.
+    """
+    charge_to_peer: _builtins.bool
+    """Created with charge_to_peer: charge_cgroup (and the hugetlb cgroup) were,
+    or will be, taken from the process that first attaches the region.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -360,10 +367,11 @@ class Region(_message.Message):
         damage: _builtins.str = ...,
         allocated_outside_plugged_bytes: _builtins.int = ...,
         charge_cgroup: _builtins.str = ...,
+        charge_to_peer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "created_at", b"created_at", "damage", b"damage", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "charge_to_peer", b"charge_to_peer", "created_at", b"created_at", "damage", b"damage", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,6 +418,7 @@ class CreateRegionRequest(_message.Message):
     NUMA_NODES_FIELD_NUMBER: _builtins.int
     LOCK_FIELD_NUMBER: _builtins.int
     CHARGE_CGROUP_FIELD_NUMBER: _builtins.int
+    CHARGE_TO_PEER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """See Region.name."""
     size: _builtins.int
@@ -459,6 +468,17 @@ class CreateRegionRequest(_message.Message):
     no longer exists, with FAILED_PRECONDITION. Empty: the daemon's cgroup.
     Such a region never comes from the warm pool.
     """
+    charge_to_peer: _builtins.bool
+    """Charge the region's memory to the cgroups of the process that first
+    attaches it on the fd socket (its memory cgroup and, where the hugetlb
+    controller is mounted, its hugetlb cgroup), read from /proc/PID/cgroup of
+    the SO_PEERCRED peer while its connection is open. The peer cannot name
+    a cgroup: the kernel says which it is in. Until that attach, Plug,
+    Populate and Discard fail with FAILED_PRECONDITION (nothing is charged to
+    the daemon meanwhile); Unplug and DeleteRegion work. The cgroups found
+    are recorded (they survive restarts) and shown in Region.charge_cgroup.
+    Exclusive with charge_cgroup (INVALID_ARGUMENT). Never from the warm pool.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -491,10 +511,11 @@ class CreateRegionRequest(_message.Message):
         numa_nodes: _abc.Iterable[_builtins.int] | None = ...,
         lock: _builtins.bool = ...,
         charge_cgroup: _builtins.str = ...,
+        charge_to_peer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "_transparent_huge_pages", b"_transparent_huge_pages", "owner_uid", b"owner_uid", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "_transparent_huge_pages", b"_transparent_huge_pages", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid", "_transparent_huge_pages", b"_transparent_huge_pages", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "charge_to_peer", b"charge_to_peer", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__owner_uid: _TypeAlias = _typing.Literal["owner_uid"]  # noqa: Y015
     _WhichOneofArgType__owner_uid: _TypeAlias = _typing.Literal["_owner_uid", b"_owner_uid"]  # noqa: Y015
@@ -644,6 +665,7 @@ class PlugRequest(_message.Message):
     LENGTH_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The region's name."""
     offset: _builtins.int
@@ -658,6 +680,20 @@ class PlugRequest(_message.Message):
     """Most worker threads to use; default 0, the daemon's --threads; more than
     --threads is capped to it (the daemon has no more workers).
     """
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]:
+        """Several ranges plugged in one call, instead of offset and length (which
+        must then be 0, else INVALID_ARGUMENT). Each range follows the rules of a
+        single one (length > 0 here: no "to the end"; offset and length multiples
+        of the block size, else INVALID_ARGUMENT; inside the region, else
+        OUT_OF_RANGE), and the error names its index in this list. Ranges may come
+        in any order and may touch, but two that overlap (or one listed twice) are
+        INVALID_ARGUMENT; at most 4096 ranges (INVALID_ARGUMENT beyond). The call
+        is one plug of their union: one quota check for the total, all or nothing
+        (a failure in any range releases what the call allocated in all of them),
+        progress counted in bytes across all of them.
+        """
+
     def __init__(
         self,
         *,
@@ -666,10 +702,11 @@ class PlugRequest(_message.Message):
         length: _builtins.int = ...,
         strategy: Global___Strategy.ValueType = ...,
         threads: _builtins.int = ...,
+        ranges: _abc.Iterable[Global___Range] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset", "strategy", b"strategy", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset", "ranges", b"ranges", "strategy", b"strategy", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -684,22 +721,34 @@ class RangeRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The region's name."""
     offset: _builtins.int
     """First byte of the range; default 0, the start of the region."""
     length: _builtins.int
     """Bytes to unplug or discard; default 0, to the end of the region."""
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]:
+        """Several ranges in one call, instead of offset and length (which must then
+        be 0): the same rules as PlugRequest.ranges. Unplug punches them all; a
+        failure part-way (the kernel refusing a punch) says how much was
+        unplugged, and a restart after a crash completes the rest. Discard
+        requires every block of every range plugged (FAILED_PRECONDITION) before
+        it zeroes any.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
+        ranges: _abc.Iterable[Global___Range] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "name", b"name", "offset", b"offset", "ranges", b"ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
