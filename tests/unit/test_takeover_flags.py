@@ -7,7 +7,7 @@ import pytest
 
 from memplug.common.errors import MemplugError
 from memplug.daemon.config import load
-from memplug.daemon.server import without_takeover
+from memplug.daemon.startup import without_takeover
 
 
 @pytest.mark.parametrize(
