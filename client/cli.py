@@ -338,7 +338,8 @@ def charged_to(r: Region) -> str:
         return "its first attacher's cgroup (not attached yet: plug waits for it)"
     if r.charge_cgroup:
         whose = " (its first attacher's)" if r.charge_to_peer else ""
-        return f"memory cgroup {r.charge_cgroup}{whose}"
+        hugetlb = f", hugetlb cgroup {r.charge_hugetlb_cgroup}" if r.charge_hugetlb_cgroup else ""
+        return f"memory cgroup {r.charge_cgroup}{hugetlb}{whose}"
     return "the daemon"
 
 

@@ -75,6 +75,7 @@ def region(m: pb.Region) -> Region:
         allocated_outside_plugged_bytes=m.allocated_outside_plugged_bytes,
         charge_cgroup=m.charge_cgroup,
         charge_to_peer=m.charge_to_peer,
+        charge_hugetlb_cgroup=m.charge_hugetlb_cgroup,
     )
 
 

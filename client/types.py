@@ -35,6 +35,8 @@ class Region:
     charge_cgroup: str = ""  # memory cgroup billed for its pages; "": the daemon's
     # billed to its first attacher's cgroups (charge_cgroup "" until it attaches)
     charge_to_peer: bool = False
+    # hugetlb cgroup billed for its huge pages where it differs from charge_cgroup's path
+    charge_hugetlb_cgroup: str = ""
 
 
 @dataclass(frozen=True)

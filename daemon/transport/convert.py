@@ -94,6 +94,11 @@ def region_to_proto(info: RegionInfo) -> pb.Region:
         allocated_outside_plugged_bytes=info.allocated_outside_plugged,
         charge_cgroup=info.options.charge_cgroup,
         charge_to_peer=info.options.charge_to_peer,
+        # Only huge pages are charged to a hugetlb cgroup: on another backing
+        # the recorded path (the first attacher's) bills nothing.
+        charge_hugetlb_cgroup=(
+            info.options.charge_hugetlb_cgroup if info.backing is BackingKind.HUGETLB else ""
+        ),
     )
 
 

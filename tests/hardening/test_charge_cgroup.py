@@ -526,7 +526,13 @@ def test_a_hugetlb_region_is_charged_to_its_first_attachers_hugetlb_cgroup(
         create(d, "huge", 2 * limit, pb.BACKING_HUGETLB, page_size=HUGE_2M, charge_to_peer=True)
         with consumer_process(d, [consumer.path, huge.path], "open:huge") as answers:
             assert answers == ["attached huge"], answers
-            assert get(d, "huge").charge_cgroup == path
+            region = get(d, "huge")
+            assert region.charge_cgroup == path
+            # Where the two paths differ, the API names the hugetlb one too.
+            assert region.charge_hugetlb_cgroup == ("" if huge.name == path else huge.name)
+            show = memplug_cli(d, "show", "huge")
+            if huge.name != path:
+                assert f"hugetlb cgroup {huge.name}" in show, show
             check_hugetlb_limit(d, huge, limit)
 
 

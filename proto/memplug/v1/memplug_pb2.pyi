@@ -250,6 +250,7 @@ class Region(_message.Message):
     ALLOCATED_OUTSIDE_PLUGGED_BYTES_FIELD_NUMBER: _builtins.int
     CHARGE_CGROUP_FIELD_NUMBER: _builtins.int
     CHARGE_TO_PEER_FIELD_NUMBER: _builtins.int
+    CHARGE_HUGETLB_CGROUP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, 1-63 characters of [a-z0-9._-], starting with [a-z0-9]."""
     size: _builtins.int
@@ -323,6 +324,12 @@ class Region(_message.Message):
     """Created with charge_to_peer: charge_cgroup (and the hugetlb cgroup) were,
     or will be, taken from the process that first attaches the region.
     """
+    charge_hugetlb_cgroup: _builtins.str
+    """HUGETLB regions: the hugetlb cgroup its pages are charged to, where its path
+    differs from charge_cgroup's (a hybrid host: memory on cgroup v1, hugetlb
+    on cgroup2, and a first attacher in different cgroups on each); empty:
+    the same path as charge_cgroup.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -368,10 +375,11 @@ class Region(_message.Message):
         allocated_outside_plugged_bytes: _builtins.int = ...,
         charge_cgroup: _builtins.str = ...,
         charge_to_peer: _builtins.bool = ...,
+        charge_hugetlb_cgroup: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "charge_to_peer", b"charge_to_peer", "created_at", b"created_at", "damage", b"damage", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_outside_plugged_bytes", b"allocated_outside_plugged_bytes", "allowed_gids", b"allowed_gids", "allowed_uids", b"allowed_uids", "backing", b"backing", "block_size", b"block_size", "charge_cgroup", b"charge_cgroup", "charge_hugetlb_cgroup", b"charge_hugetlb_cgroup", "charge_to_peer", b"charge_to_peer", "created_at", b"created_at", "damage", b"damage", "from_warm_pool", b"from_warm_pool", "labels", b"labels", "lock", b"lock", "name", b"name", "numa_nodes", b"numa_nodes", "numa_policy", b"numa_policy", "operations_running", b"operations_running", "owner_uid", b"owner_uid", "page_size", b"page_size", "path", b"path", "plugged", b"plugged", "plugged_bytes", b"plugged_bytes", "read_only_gids", b"read_only_gids", "read_only_uids", b"read_only_uids", "size", b"size", "transparent_huge_pages", b"transparent_huge_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
