@@ -67,6 +67,18 @@ def _check_uints(values: list[int] | None, bits: int, what: str) -> list[int]:
     return [_check_uint(v, bits, what) for v in values or []]
 
 
+def _range_request(
+    name: str, offset: int, length: int | None, ranges: Iterable[tuple[int, int]] | None
+) -> pb.RangeRequest:
+    """Unplug's and Discard's request: one range, or a list of them."""
+    return pb.RangeRequest(
+        name=name,
+        offset=_check_uint(offset, 64, "offset"),
+        length=_check_uint(length or 0, 64, "length"),
+        ranges=_ranges_to_proto(ranges),
+    )
+
+
 def _ranges_to_proto(ranges: Iterable[tuple[int, int]] | None) -> list[pb.Range]:
     """A list of (offset, length) for a multi-range call; the daemon checks the rest."""
     return [
@@ -342,12 +354,7 @@ class Client:
     ) -> RangeResult:
         """Unplug [offset, offset+length) (default: to the end), or every range of
         `ranges` ([(offset, length), ...]) in one call."""
-        request = pb.RangeRequest(
-            name=name,
-            offset=_check_uint(offset, 64, "offset"),
-            length=_check_uint(length or 0, 64, "length"),
-            ranges=_ranges_to_proto(ranges),
-        )
+        request = _range_request(name, offset, length, ranges)
         return convert.range_result(self._unary(self._stub.Unplug, request))
 
     def discard(
@@ -360,12 +367,7 @@ class Client:
     ) -> RangeResult:
         """Zero [offset, offset+length) (default: to the end), or every range of
         `ranges`, in one call; the blocks stay plugged."""
-        request = pb.RangeRequest(
-            name=name,
-            offset=_check_uint(offset, 64, "offset"),
-            length=_check_uint(length or 0, 64, "length"),
-            ranges=_ranges_to_proto(ranges),
-        )
+        request = _range_request(name, offset, length, ranges)
         return convert.range_result(self._unary(self._stub.Discard, request))
 
     # ------------------------------------------------------------------ hand-off
