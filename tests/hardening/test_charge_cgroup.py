@@ -127,19 +127,10 @@ def test_plugged_memory_is_charged_to_the_named_cgroup_not_the_daemons(
 
         text = scrape(port)
         assert f'memplug_region_charge_cgroup{{cgroup="{path}",region="vm"}} 1.0' in text, text
-        env = {"MEMPLUG_SOCKET": str(d.socket), "PATH": "/usr/bin:/bin"}
-        show = subprocess.run(
-            [str(MEMPLUG), "show", "vm"], env=env, capture_output=True, text=True, check=True
-        )
-        assert f"memory cgroup {path}" in show.stdout, show.stdout
-        made = subprocess.run(
-            [str(MEMPLUG), "create", "cli", "64M", "--charge-cgroup", path, "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        assert f'"charge_cgroup": "{path}"' in made.stdout, made.stdout
+        show = memplug_cli(d, "show", "vm")
+        assert f"memory cgroup {path}" in show, show
+        made = memplug_cli(d, "create", "cli", "64M", "--charge-cgroup", path, "--json")
+        assert f'"charge_cgroup": "{path}"' in made, made
 
 
 def test_a_plug_beyond_the_cgroups_limit_is_refused_and_leaves_nothing(
