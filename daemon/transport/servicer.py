@@ -47,7 +47,7 @@ class MemplugServicer(pb_grpc.MemplugServicer):
         self._fd_socket = fd_socket
         self._started = time.monotonic()
 
-    @translate("GetStatus")
+    @translate("GetStatus", read=True)
     def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
     ) -> pb.DaemonStatus:
@@ -65,11 +65,11 @@ class MemplugServicer(pb_grpc.MemplugServicer):
     ) -> pb.Region:
         return convert.region_to_proto(self._engine.create_region(convert.spec_from_proto(request)))
 
-    @translate("GetRegion")
+    @translate("GetRegion", read=True)
     def GetRegion(self, request: pb.GetRegionRequest, context: grpc.ServicerContext) -> pb.Region:
         return convert.region_to_proto(self._engine.get_region(request.name))
 
-    @translate("ListRegions")
+    @translate("ListRegions", read=True)
     def ListRegions(
         self, request: pb.ListRegionsRequest, context: grpc.ServicerContext
     ) -> pb.ListRegionsResponse:

@@ -398,6 +398,7 @@ def exercise(d: DaemonProcess) -> None:
     """A few calls that succeed and one that fails, then a clean stop."""
     d.stub.CreateRegion(pb.CreateRegionRequest(name="log0", size=4 * MiB, backing=pb.BACKING_SHMEM))
     d.plug("log0", 0, 4 * MiB)
+    d.stub.GetRegion(pb.GetRegionRequest(name="log0"))
     with pytest.raises(grpc.RpcError):
         d.stub.GetRegion(pb.GetRegionRequest(name="missing"))
     assert d.stop() == 0, d.log()
@@ -443,7 +444,20 @@ def test_json_logs(daemon_factory: Factory) -> None:
     assert failed["status"] == "NOT_FOUND"
     assert "missing" in failed["error"]
     assert isinstance(failed["duration_ms"], float | int)
+    # A read that succeeds changes nothing: DEBUG (the tests' daemons log at DEBUG).
+    assert by_call[("GetRegion", "log0")]["level"] == "debug"
     assert any(e["msg"] == "stopped" for e in events)
+
+
+@pytest.mark.usefixtures("no_journal")
+def test_info_log_keeps_changes_and_failures_not_reads(daemon_factory: Factory) -> None:
+    d = daemon_factory("--log-format", "json", "--log-level", "info")
+    exercise(d)
+    by_call = {(e["rpc"], e.get("region")): e for e in json_lines(d.log()) if "rpc" in e}
+    assert by_call[("CreateRegion", "log0")]["level"] == "info"
+    assert by_call[("Plug", "log0")]["level"] == "info"
+    assert by_call[("GetRegion", "missing")]["level"] == "warning"
+    assert ("GetRegion", "log0") not in by_call
 
 
 PRIORITY = re.compile(r"<[0-7]>")
@@ -472,7 +486,7 @@ def test_text_logs(daemon_factory: Factory) -> None:
     exercise(d)
     lines = d.log().splitlines()
     assert lines and all(TIMESTAMP.match(line) for line in lines), lines
-    failed = [line for line in lines if "rpc=GetRegion" in line]
+    failed = [line for line in lines if "rpc=GetRegion region=missing" in line]
     assert len(failed) == 1
     assert "level=WARNING" in failed[0] and "status=NOT_FOUND" in failed[0]
     assert "region=missing" in failed[0] and "duration_ms=" in failed[0]
