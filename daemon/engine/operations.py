@@ -144,7 +144,7 @@ class Operations:
                 region.name,
                 fresh,
                 make_room=self._make_room,
-                outside_plugged=self._allocated_outside_plugged(),
+                outside_plugged=self._allocated_outside_plugged,
             )
             with region.mutex:
                 region.reserved += fresh

@@ -43,29 +43,33 @@ class Quota:
         nbytes: int,
         *,
         make_room: Callable[[int], object],
-        outside_plugged: int = 0,
+        outside_plugged: Callable[[], int] = lambda: 0,
     ) -> None:
         """Take nbytes for a plug of region, or raise QuotaExceeded.
 
-        outside_plugged: bytes holders of regions' fds allocated outside plugged
-        blocks; memory like plugged memory, so it counts against the limit too.
+        outside_plugged() gives the bytes holders of regions' fds allocated outside
+        plugged blocks; memory like plugged memory, so it counts against the limit
+        too. It is asked only where a limit is set: it costs an fstat per region.
         make_room(short) frees at least short bytes of pool memory if it can;
         shed and reserve happen under one hold of the lock, or the pool's
         refill thread would take the room back in between.
         """
         with self._lock:
             limit = self._max_bytes
-            if limit is not None:
-                short = self._used + outside_plugged + nbytes - limit
-                if short > 0:
-                    make_room(short)
-            if limit is not None and self._used + outside_plugged + nbytes > limit:
-                left = max(0, limit - self._used - outside_plugged)
+            if limit is None:
+                self._used += nbytes
+                return
+            outside = outside_plugged()
+            short = self._used + outside + nbytes - limit
+            if short > 0:
+                make_room(short)
+            if self._used + outside + nbytes > limit:
+                left = max(0, limit - self._used - outside)
                 stray = (
-                    f"; {format_size(outside_plugged)} of it is memory that holders of "
+                    f"; {format_size(outside)} of it is memory that holders of "
                     "regions' fds allocated outside plugged blocks (memplug status shows "
                     "which regions; an unplug of their unplugged blocks frees it)"
-                    if outside_plugged
+                    if outside
                     else ""
                 )
                 raise QuotaExceeded(

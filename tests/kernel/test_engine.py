@@ -198,6 +198,29 @@ def test_quota(make_engine: EngineFactory) -> None:
         engine.plug("b", 4 * MiB, 2 * MiB)
 
 
+def test_plug_without_quota_reads_no_other_region(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quota's count of stray memory costs an fstat per region: asked only under a quota."""
+    from memplug.daemon.engine.region import Region
+
+    asked: list[str] = []
+    real = Region.allocated_outside_plugged
+
+    def counted(self: Region, allocated: int | None = None) -> int:
+        asked.append(self.name)
+        return real(self, allocated)
+
+    monkeypatch.setattr(Region, "allocated_outside_plugged", counted)
+    for max_bytes, others in ((None, 0), (64 * MiB, 19)):
+        engine = make_engine(max_bytes=max_bytes)
+        for i in range(20):
+            engine.create_region(shmem(f"r{i}", 4 * MiB))
+        asked.clear()
+        engine.plug("r0", 0, 2 * MiB)
+        assert len([name for name in asked if name != "r0"]) == others, (max_bytes, asked)
+
+
 def test_delete_returns_quota(make_engine: EngineFactory) -> None:
     engine = make_engine(max_bytes=16 * MiB)
     engine.create_region(shmem("a", 16 * MiB))
