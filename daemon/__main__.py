@@ -37,6 +37,20 @@ class JsonFormatter(logging.Formatter):
 class KeyValueFormatter(logging.Formatter):
     """level=... logger=... message k=v ...; the fields go after the message."""
 
+    def __init__(self, fmt: str | None = None) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        # strftime once a second, not once a line: a busy fd socket logs hundreds.
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._stamp, self._second = super().formatTime(record, datefmt)[:19], second
+        return f"{self._stamp},{int(record.msecs):03d}"
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = getattr(record, "fields", {})

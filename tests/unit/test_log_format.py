@@ -45,3 +45,11 @@ def test_json_keeps_the_fields_typed() -> None:
         "length": 4096,
         "region": "a b",
     }
+
+
+def test_key_value_time_matches_the_standard_formatter_across_seconds() -> None:
+    ours, stock = KeyValueFormatter("%(asctime)s"), logging.Formatter("%(asctime)s")
+    for created in (1796692183.0, 1796692183.999, 1796692184.0005, 1796692184.5, 1796692250.25):
+        rec = record()
+        rec.created, rec.msecs = created, (created - int(created)) * 1000
+        assert ours.format(rec) == stock.format(rec)
