@@ -54,12 +54,14 @@ class Quota:
         shed and reserve happen under one hold of the lock, or the pool's
         refill thread would take the room back in between.
         """
+        # Counted before the lock is taken: it takes each region's mutex, and
+        # a delete holds its region's mutex while it returns quota here.
+        outside = outside_plugged() if self._max_bytes is not None else 0
         with self._lock:
             limit = self._max_bytes
             if limit is None:
                 self._used += nbytes
                 return
-            outside = outside_plugged()
             short = self._used + outside + nbytes - limit
             if short > 0:
                 make_room(short)

@@ -221,6 +221,43 @@ def test_plug_without_quota_reads_no_other_region(
         assert len([name for name in asked if name != "r0"]) == others, (max_bytes, asked)
 
 
+def test_plugs_and_deletes_under_a_quota_do_not_deadlock(make_engine: EngineFactory) -> None:
+    """A plug counts every region's stray memory (their mutexes) while a delete,
+    holding its region's mutex, returns quota: neither may wait for the other."""
+    engine = make_engine(max_bytes=256 * MiB)
+    engine.create_region(shmem("steady", 8 * MiB))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def plugs() -> None:
+        try:
+            while not stop.is_set():
+                engine.plug("steady", 0, 2 * MiB)
+                engine.unplug("steady", 0, 2 * MiB)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def deletes() -> None:
+        try:
+            for i in range(300):
+                engine.create_region(shmem(f"brief{i}", 2 * MiB))
+                engine.plug(f"brief{i}", 0, 2 * MiB)
+                engine.delete_region(f"brief{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=plugs, daemon=True) for _ in range(2)]
+    deleter = threading.Thread(target=deletes, daemon=True)
+    for t in [*workers, deleter]:
+        t.start()
+    deleter.join(60)
+    stop.set()
+    for t in workers:
+        t.join(10)
+    assert not deleter.is_alive() and not any(t.is_alive() for t in workers), "deadlocked"
+    assert not errors, errors
+
+
 def test_delete_returns_quota(make_engine: EngineFactory) -> None:
     engine = make_engine(max_bytes=16 * MiB)
     engine.create_region(shmem("a", 16 * MiB))
