@@ -88,9 +88,11 @@ class GrpcEcho:
 def start(socket: Path, timeout: float = 60.0) -> GrpcEcho:
     """Spawn the server on `socket` and wait until its GetRegion answers."""
     socket = socket.resolve()
-    # bench/ is not installed: run it from the directory that holds it.
+    # bench/ is not installed: run it from the directory that holds it. Its stdout
+    # would land in the markdown the benchmark prints; its stderr (a traceback) stays.
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "bench.grpcecho", str(socket)], cwd=root)
+    command = [sys.executable, "-m", "bench.grpcecho", str(socket)]
+    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL)
     server = GrpcEcho(proc, socket)
     try:
         _wait_serving(server, timeout)
