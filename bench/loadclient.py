@@ -10,6 +10,9 @@ warm-up round, prints "ready"; then for every "go N" line it runs its steps
 N times and prints {step: [seconds, ...]} as JSON; "exit" (or EOF) ends it.
 
     python -m bench.loadclient WORKLOAD SOCKET ECHO REGION
+
+SOCKET is memplugd's gRPC socket, or bench.grpcecho's for the grpcio-alone
+workloads.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from bench import echo
 from bench.report import MiB
 from memplug.client import Client
 from memplug.client.attach import open_region, redeem
+from memplug.client.client import _CHANNEL_OPTIONS
 from memplug.daemon.kernel import ops
+from memplug.v1 import memplug_pb2 as pb
+from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 BLOCK = 2 * MiB  # the small operations work on one 2 MiB block
 
@@ -46,7 +52,12 @@ WORKLOADS = (
     "plug",  # Plug then Unplug of one block
     "attach",  # the fd socket's OPEN alone, then Client.attach (OPEN and GetRegion)
     "ticket",  # gRPC Attach for a ticket, then its redeem on the fd socket
+    # grpcio alone, against bench.grpcecho (no memplug code in the server):
+    "grpc-unary",  # GetRegion answered with an empty Region
+    "grpc-stream",  # Plug answered with a stream of one Progress
 )
+# The workloads whose SOCKET is bench.grpcecho's rather than memplugd's.
+GRPC_ALONE = ("grpc-unary", "grpc-stream")
 
 
 class _Setup:
@@ -64,6 +75,12 @@ class _Setup:
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service="")
         return lambda: stub.Check(request, timeout=30)
+
+    def _grpc_alone(self, socket: Path) -> pb_grpc.MemplugStub:
+        # memplug's client's channel options: its Plug stream is read on the calling thread.
+        channel = grpc.insecure_channel(f"unix:{socket}", options=_CHANNEL_OPTIONS)
+        self.closers.append(channel.close)
+        return pb_grpc.MemplugStub(channel)
 
     def _memfd(self) -> int:
         fd = ops.memfd_create("memplug-bench-client", ops.MFD_CLOEXEC)
@@ -105,6 +122,13 @@ class _Setup:
                 ("gRPC no-op + raw fallocate", then(lambda: ops.fallocate(fd, 0, BLOCK))),
                 ("gRPC no-op + raw punch", then(lambda: ops.punch_hole(fd, 0, BLOCK))),
             ]
+        if workload == "grpc-unary":
+            stub, get = self._grpc_alone(socket), pb.GetRegionRequest(name=region)
+            return [("grpcio unary no-op", lambda: stub.GetRegion(get, timeout=30))]
+        if workload == "grpc-stream":
+            stub, plug = self._grpc_alone(socket), pb.PlugRequest(name=region, length=BLOCK)
+            # Read to the end of the stream, as Client.plug does.
+            return [("grpcio one-message stream", lambda: list(stub.Plug(plug, timeout=30)))]
         c = self._client(socket)
         if workload == "status":
             return [("GetStatus", c.status)]

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import echo, memplugd
+from bench import echo, grpcecho, memplugd
 from bench import qemu as qemu_mod
 from bench.charge import charge_section
 from bench.context import Bench
 from bench.hugepool import hugepool_section
 from bench.liveupdate import live_update_section
-from bench.loadclient import BLOCK
+from bench.loadclient import BLOCK, GRPC_ALONE
 from bench.machine import HUGE_2M
 from bench.multirange import multirange_section
 from bench.raw import Kind, RawMemory
@@ -574,6 +574,10 @@ SMALL_OPS: tuple[SmallOp, ...] = (
             "rpc+kernel", "1 gRPC + fallocate", rate=False),
     SmallOp("floor: gRPC no-op, then raw punch 2 MiB", "gRPC no-op + raw punch",
             "rpc+kernel", "1 gRPC + punch", rate=False),
+    SmallOp("floor: grpcio alone, unary no-op (bench server, no memplug code)",
+            "grpcio unary no-op", "grpc-unary", "1 gRPC"),
+    SmallOp("floor: grpcio alone, server stream of one message (Plug's shape)",
+            "grpcio one-message stream", "grpc-stream", "1 gRPC stream"),
     SmallOp("GetStatus", "GetStatus", "status", "1 gRPC", ("gRPC health Check",)),
     SmallOp("GetRegion", "GetRegion", "get", "1 gRPC", ("gRPC health Check",),
             margin=ONE_CLIENT_MARGIN),
@@ -605,21 +609,28 @@ def small_section(b: Bench) -> Section:
     server = echo.EchoServer(b.workdir / "echo.sock")
     judged: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     attach_p50: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    stream_shape: list[str] = []
+    grpc_alone: grpcecho.GrpcEcho | None = None
     try:
+        grpc_alone = grpcecho.start(b.workdir / "grpcecho.sock")
         workloads = list(dict.fromkeys(op.load for op in SMALL_OPS))
         for clients in b.options.small_clients:
             b.log(f"small ops: {len(workloads)} workloads in turns, {clients_label(clients)} each")
             procs: dict[str, ClientProcesses] = {}
             try:
                 for name in workloads:
-                    procs[name] = ClientProcesses(name, clients, daemon.socket, server.path)
+                    socket = grpc_alone.socket if name in GRPC_ALONE else daemon.socket
+                    procs[name] = ClientProcesses(name, clients, socket, server.path)
                 loads = run_loads(procs, b.options.small_iterations, b.options.reps)
             finally:
                 for started in procs.values():
                     started.close()
             table = _small_table(s, loads, clients, judged, attach_p50)
             s.tables.append(table)
+            stream_shape.append(_stream_shape(loads, clients))
     finally:
+        if grpc_alone is not None:
+            grpc_alone.stop()
         server.close()
         for i in range(top):
             c.delete_region(f"small-{i}")
@@ -653,8 +664,33 @@ def small_section(b: Bench) -> Section:
         "clients, daemon threads and kernel work then share the cores.",
         "Plug and Unplug alternate on one block of a 64 MiB shmem region per client; the "
         "ops/s of that pair is given on the Plug+Unplug row.",
+        "The grpcio-alone floors call a gRPC server with no memplug code in it "
+        "(`bench.grpcecho`, its own process, built as memplugd builds its server: "
+        "the same thread pool and options, no interceptor) serving memplug's service with "
+        "two no-op methods: a unary one answers an empty Region, Plug streams one Progress "
+        "and ends; the client "
+        "opens its channel as `memplug.client` does and reads the stream to its end. The "
+        "difference between the two is what a streamed call costs beyond a unary one in "
+        "grpcio's threaded server and client, before any memplug code runs. They are not "
+        "judged: the Plug 2 MiB row's floor stays a unary no-op plus fallocate.",
+        f"Plug's floor with the stream shape (one-message stream p50 + raw fallocate "
+        f"2 MiB p50, this run): {'; '.join(stream_shape)}.",
     ]
     return s
+
+
+def _stream_shape(loads: dict[str, Load], clients: int) -> str:
+    """Plug's floor counted with its RPC's shape, a server stream, beside Plug's p50."""
+
+    def p50(load: str, step: str) -> float:
+        return Result("", loads[load].latencies[step]).p50
+
+    floor = p50("grpc-stream", "grpcio one-message stream") + p50("kernel", "raw fallocate 2 MiB")
+    plug = p50("plug", "Plug 2 MiB")
+    return (
+        f"{fmt_time(floor)} with {clients_label(clients)} "
+        f"(Plug 2 MiB p50 {fmt_time(plug)}, {_fmt_excess(plug - floor)})"
+    )
 
 
 def _small_targets(label: str, margin: float, got: list[tuple[int, float, float]]) -> list[Target]:

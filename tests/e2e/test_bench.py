@@ -15,8 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import grpc
 import pytest
 from conftest import MiB, require, require_root
+
+from bench import grpcecho
+from memplug.v1 import memplug_pb2 as pb
+from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]  # bench/ is not installed: run it from here
 TIME = re.compile(r"\| \d[\d,.]* (ms|s) \|")
@@ -66,6 +71,41 @@ def test_quick_small_and_rss_sections(tmp_path: Path) -> None:
     assert len(results["rss.exec-to-serving"]["samples"]) == document["options"]["reps"]
     latencies = results["small.1.gRPC-health-Check"]
     assert latencies["n"] > 0 and latencies["median"] > 0
+
+    # The grpcio-alone floors: shown beside the others at both concurrencies, not judged
+    # (the 15 targets above), and Plug's floor counted with the stream's shape in a note.
+    for label in (
+        "floor: grpcio alone, unary no-op (bench server, no memplug code)",
+        "floor: grpcio alone, server stream of one message (Plug's shape)",
+    ):
+        got = [line for line in small.splitlines() if line.startswith(f"| {label} |")]
+        assert len(got) == 2 and all(TIME.search(row) for row in got), small
+    for clients in (1, 4):
+        for step in ("grpcio-unary-no-op", "grpcio-one-message-stream"):
+            assert results[f"small.{clients}.{step}"]["median"] > 0
+    assert re.search(
+        r"Plug's floor with the stream shape [^:]*: \d[\d.]* ms with 1 client "
+        r"\(Plug 2 MiB p50 \d[\d.]* ms, [+-]\d[\d.]* ms\); \d[\d.]* ms with 4 clients",
+        small,
+    ), small
+
+
+def test_grpcecho_serves_memplug_shapes_and_stops_cleanly(tmp_path: Path) -> None:
+    """The grpcio-alone floor's server: GetRegion and a one-message Plug, then SIGTERM."""
+    server = grpcecho.start(tmp_path / "grpcecho.sock")
+    try:
+        with grpc.insecure_channel(f"unix:{server.socket}") as channel:
+            stub = pb_grpc.MemplugStub(channel)
+            assert stub.GetRegion(pb.GetRegionRequest(name="r0"), timeout=10) == pb.Region()
+            progress = list(stub.Plug(pb.PlugRequest(name="r0"), timeout=10))
+            assert progress == [pb.Progress(done_bytes=1, total_bytes=1)]
+            with pytest.raises(grpc.RpcError) as err:  # no memplug code behind the rest
+                stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        returncode = server.stop()
+    assert returncode == 0
+    assert not server.socket.exists()
 
 
 def test_unknown_section_is_refused() -> None:
