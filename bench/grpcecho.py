@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.memplugd import FAST_RECONNECT
+from bench.memplugd import FAST_RECONNECT, terminate
 from memplug.daemon.server import RPC_THREADS
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
@@ -75,14 +75,7 @@ class GrpcEcho:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait; the exit status (0 when it stopped cleanly)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
 
 def start(socket: Path, timeout: float = 60.0) -> GrpcEcho:

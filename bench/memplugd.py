@@ -24,6 +24,18 @@ FAST_RECONNECT = [
 ]
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM, wait up to timeout, then SIGKILL; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class Memplugd:
     proc: subprocess.Popen[bytes]
@@ -44,13 +56,7 @@ class Memplugd:
         raise RuntimeError("no VmRSS in /proc/PID/status")
 
     def stop(self, timeout: float = 60.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
 
     def tail(self, lines: int = 20) -> str:
         try:
