@@ -28,8 +28,8 @@ from pathlib import Path
 
 import grpc
 
-from bench.memplugd import FAST_RECONNECT, terminate
-from memplug.daemon.server import RPC_THREADS
+from bench.memplugd import terminate, wait_answering
+from memplug.daemon.server import GRPC_SERVER_OPTIONS, RPC_THREADS
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
 
@@ -52,7 +52,7 @@ def serve(socket: Path) -> None:
     # As memplugd's _start_grpc, less its interceptor and services.
     server = grpc.server(
         ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="grpcecho-rpc"),
-        options=[("grpc.max_receive_message_length", 1 << 20)],
+        options=GRPC_SERVER_OPTIONS,
     )
     # The generated add_ function, as memplugd registers its servicer. The stubs
     # declare every method abstract; at run time the base class answers the
@@ -88,31 +88,18 @@ def start(socket: Path, timeout: float = 60.0) -> GrpcEcho:
     proc = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL)
     server = GrpcEcho(proc, socket)
     try:
-        _wait_serving(server, timeout)
+        wait_answering(
+            proc,
+            socket,
+            lambda stub: stub.GetRegion(pb.GetRegionRequest(), timeout=0.2, wait_for_ready=True),
+            name="bench.grpcecho",
+            since=time.perf_counter(),
+            timeout=timeout,
+        )
     except BaseException:
         server.stop()
         raise
     return server
-
-
-def _wait_serving(server: GrpcEcho, timeout: float) -> None:
-    deadline = time.perf_counter() + timeout
-    with grpc.insecure_channel(f"unix:{server.socket}", options=FAST_RECONNECT) as channel:
-        stub = pb_grpc.MemplugStub(channel)
-        while True:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"bench.grpcecho exited with {server.proc.returncode}")
-            try:
-                stub.GetRegion(pb.GetRegionRequest(), timeout=0.2, wait_for_ready=True)
-                return
-            except grpc.RpcError as exc:
-                if exc.code() not in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ):
-                    raise
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"bench.grpcecho did not serve in {timeout:g} s")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from bench import echo
 from bench.report import MiB
 from memplug.client import Client
 from memplug.client.attach import open_region, redeem
-from memplug.client.client import _CHANNEL_OPTIONS
+from memplug.client.client import CHANNEL_OPTIONS
 from memplug.daemon.kernel import ops
 from memplug.v1 import memplug_pb2 as pb
 from memplug.v1 import memplug_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ class _Setup:
 
     def _grpc_alone(self, socket: Path) -> pb_grpc.MemplugStub:
         # memplug's client's channel options: its Plug stream is read on the calling thread.
-        channel = grpc.insecure_channel(f"unix:{socket}", options=_CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(f"unix:{socket}", options=CHANNEL_OPTIONS)
         self.closers.append(channel.close)
         return pb_grpc.MemplugStub(channel)
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,20 +88,45 @@ def start(directory: Path, *extra: str, timeout: float = 60.0) -> Memplugd:
 
 
 def _wait_serving(daemon: Memplugd, started: float, timeout: float) -> float:
-    deadline = started + timeout
-    with grpc.insecure_channel(f"unix:{daemon.socket}", options=FAST_RECONNECT) as channel:
+    wait_answering(
+        daemon.proc,
+        daemon.socket,
+        lambda stub: stub.GetStatus(pb.GetStatusRequest(), timeout=0.2, wait_for_ready=True),
+        name="memplugd",
+        since=started,
+        timeout=timeout,
+        tail=lambda: ":\n" + daemon.tail(),
+    )
+    return time.perf_counter() - started
+
+
+def wait_answering(
+    proc: subprocess.Popen[bytes],
+    socket: Path,
+    ask: Callable[[pb_grpc.MemplugStub], object],
+    *,
+    name: str,
+    since: float,
+    timeout: float,
+    tail: Callable[[], str] = str,
+) -> None:
+    """Call ask(stub) on `socket` until it answers.
+
+    Raises if the process exits first, or `timeout` seconds after `since` (a
+    time.perf_counter() value); tail() is added to the error (the log's end).
+    """
+    deadline = since + timeout
+    with grpc.insecure_channel(f"unix:{socket}", options=FAST_RECONNECT) as channel:
         stub = pb_grpc.MemplugStub(channel)
         while True:
-            if daemon.proc.poll() is not None:
-                raise RuntimeError(
-                    f"memplugd exited with {daemon.proc.returncode}:\n{daemon.tail()}"
-                )
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}{tail()}")
             try:
-                stub.GetStatus(pb.GetStatusRequest(), timeout=0.2, wait_for_ready=True)
-                return time.perf_counter() - started
+                ask(stub)
+                return
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
             if time.perf_counter() > deadline:
-                raise TimeoutError(f"memplugd did not serve in {timeout:g} s:\n{daemon.tail()}")
+                raise TimeoutError(f"{name} did not serve in {timeout:g} s{tail()}")

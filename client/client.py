@@ -45,7 +45,7 @@ T = TypeVar("T")
 # over by the channel's spin thread: one thread switch less per message, which
 # is most of what a small plug costs beyond its unary floor. cancel() from
 # another thread still ends the call.
-_CHANNEL_OPTIONS = [(ChannelOptions.SingleThreadedUnaryStream, 1)]
+CHANNEL_OPTIONS = [(ChannelOptions.SingleThreadedUnaryStream, 1)]
 
 # A restart or take-over leaves the sockets unserved for a moment (a take-over:
 # the new daemon restoring its regions): calls that are safe to repeat are tried
@@ -116,7 +116,7 @@ class Client:
         self.fd_socket = Path(fd_socket) if fd_socket else Path(env_fd) if env_fd else None
         self.timeout = timeout
         self.retry_unavailable = retry_unavailable
-        self._channel = grpc.insecure_channel(f"unix:{self.socket}", options=_CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(f"unix:{self.socket}", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.MemplugStub(self._channel)
 
     def close(self) -> None:

@@ -78,6 +78,9 @@ log = logging.getLogger("memplug.server")
 # Each streaming Plug holds one while it runs; reads must still get through. The
 # streamer gets as many coordinator threads, so every running call has one.
 RPC_THREADS = 64
+# A request larger than this is refused before it is parsed; the longest list of
+# ranges a call may carry (4096) encodes in under 128 KiB.
+GRPC_SERVER_OPTIONS = [("grpc.max_receive_message_length", 1 << 20)]
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when no watchdog asks for more
 # Settings a SIGHUP cannot change: they are bound or running until a restart.
 RESTART_ONLY = (
@@ -313,7 +316,7 @@ class Daemon:
         server = grpc.server(
             ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="memplug-rpc"),
             interceptors=[MetricsInterceptor()],
-            options=[("grpc.max_receive_message_length", 1 << 20)],
+            options=GRPC_SERVER_OPTIONS,
         )
         streamer = OperationStreamer(coordinators=RPC_THREADS, inline_max_bytes=CHUNK_BYTES)
         servicer = MemplugServicer(
